@@ -1,0 +1,275 @@
+"""A small asyncio Redis client built for the request path.
+
+redis-py's asyncio pipeline costs ~200 µs of Python CPU per call (see PERF_NOTES.md). Here one TCP
+connection is shared by every concurrent request: each caller writes its commands straight onto the
+socket and gets a future; replies are parsed by hiredis and handed back in FIFO order. Concurrent
+callers therefore share round trips without any explicit batching step, and one caller's several
+commands (one per descriptor) always cost a single round trip.
+
+A timeout or a socket error poisons the connection (replies could no longer be matched to callers), so
+it is closed, every pending caller fails fast, and the next call reconnects, with a short back-off
+so a dead Redis costs callers a quick error instead of a connect timeout each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
+
+import hiredis
+
+Command = tuple[bytes | str | int | float, ...]
+
+
+class RedisError(Exception):
+    """Redis could not answer: unreachable, timed out, or replied with an error."""
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    host: str
+    port: int
+    db: int = 0
+    password: str | None = None
+    username: str | None = None
+    unix_path: str | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        if self.unix_path:
+            return f"unix://{auth}{self.unix_path}?db={self.db}"
+        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """Accept redis://[[user]:password@]host[:port][/db] and unix:///path?db=N; reject anything else."""
+    parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        if not parsed.path:
+            raise ValueError(f"redis url {url!r}: unix socket path is empty")
+        db = 0
+        for part in parsed.query.split("&"):
+            if part.startswith("db="):
+                db = _parse_db(url, part[3:])
+        return RedisAddress("", 0, db, parsed.password and unquote(parsed.password), None, parsed.path)
+    if parsed.scheme != "redis":
+        raise ValueError(f"redis url {url!r}: scheme must be redis:// or unix://")
+    if not parsed.hostname:
+        raise ValueError(f"redis url {url!r}: host is missing")
+    try:
+        port = parsed.port or 6379
+    except ValueError as exc:
+        raise ValueError(f"redis url {url!r}: invalid port") from exc
+    path = parsed.path.lstrip("/")
+    db = _parse_db(url, path) if path else 0
+    password = unquote(parsed.password) if parsed.password else None
+    username = unquote(parsed.username) if parsed.username else None
+    return RedisAddress(parsed.hostname, port, db, password, username)
+
+
+def _parse_db(url: str, text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"redis url {url!r}: database must be a number, got {text!r}")
+    return int(text)
+
+
+def encode_command(args: Command) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        else:
+            data = str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Batch:
+    __slots__ = ("future", "remaining", "replies")
+
+    def __init__(self, future: asyncio.Future[list[object]], count: int) -> None:
+        self.future = future
+        self.remaining = count
+        self.replies: list[object] = []
+
+
+class _RespProtocol(asyncio.Protocol):
+    def __init__(self, on_lost: callable) -> None:  # type: ignore[valid-type]
+        self.reader = hiredis.Reader()
+        self.pending: deque[_Batch] = deque()
+        self.transport: asyncio.Transport | None = None
+        self._on_lost = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        pending = self.pending
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                return
+            if not pending:  # a reply nobody waits for: the stream is out of sync
+                self._on_lost(RedisError("redis sent an unexpected reply"))
+                return
+            batch = pending[0]
+            batch.replies.append(reply)
+            batch.remaining -= 1
+            if batch.remaining == 0:
+                pending.popleft()
+                if not batch.future.done():
+                    batch.future.set_result(batch.replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost(RedisError(f"redis connection lost: {exc or 'closed by server'}"))
+
+    def fail_all(self, exc: Exception) -> None:
+        while self.pending:
+            batch = self.pending.popleft()
+            if not batch.future.done():
+                batch.future.set_exception(exc)
+
+
+class PipelinedRedis:
+    """One shared, self-healing, pipelined connection. Safe for any number of concurrent callers."""
+
+    def __init__(
+        self,
+        address: RedisAddress | str,
+        *,
+        timeout: float = 0.5,
+        connect_timeout: float = 0.5,
+        retry_backoff: float = 0.2,
+    ) -> None:
+        self.address = parse_redis_url(address) if isinstance(address, str) else address
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.retry_backoff = retry_backoff
+        self._protocol: _RespProtocol | None = None
+        self._connecting: asyncio.Future[_RespProtocol] | None = None
+        self._next_attempt = 0.0
+        self._last_error: Exception | None = None
+        self.errors = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None
+
+    async def _connect(self) -> _RespProtocol:
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        if now < self._next_attempt:
+            raise RedisError(f"redis at {self.address.url} unavailable (retrying): {self._last_error}")
+        protocol = _RespProtocol(self._lost)
+        try:
+            if self.address.unix_path:
+                coro = loop.create_unix_connection(lambda: protocol, self.address.unix_path)
+            else:
+                coro = loop.create_connection(lambda: protocol, self.address.host, self.address.port)
+            await asyncio.wait_for(coro, self.connect_timeout)
+            setup: list[Command] = []
+            if self.address.password:
+                if self.address.username:
+                    setup.append(("AUTH", self.address.username, self.address.password))
+                else:
+                    setup.append(("AUTH", self.address.password))
+            if self.address.db:
+                setup.append(("SELECT", self.address.db))
+            if setup:
+                replies = await self._send(protocol, setup, self.connect_timeout)
+                for reply in replies:
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise RedisError(f"redis setup failed: {reply}")
+        except (OSError, asyncio.TimeoutError, RedisError) as exc:
+            if protocol.transport is not None:
+                protocol.transport.abort()
+            self._last_error = exc if not isinstance(exc, asyncio.TimeoutError) else RedisError("connect timeout")
+            self._next_attempt = time.monotonic() + self.retry_backoff
+            self.errors += 1
+            raise RedisError(f"cannot connect to redis at {self.address.url}: {self._last_error}") from exc
+        self._protocol = protocol
+        return protocol
+
+    def _lost(self, exc: Exception) -> None:
+        protocol = self._protocol
+        self._protocol = None
+        if protocol is not None:
+            if protocol.transport is not None:
+                protocol.transport.abort()
+            protocol.fail_all(exc)
+
+    async def _get_protocol(self) -> _RespProtocol:
+        protocol = self._protocol
+        if protocol is not None:
+            return protocol
+        if self._connecting is None:
+            loop = asyncio.get_running_loop()
+            self._connecting = loop.create_future()
+            try:
+                protocol = await self._connect()
+                self._connecting.set_result(protocol)
+            except Exception as exc:
+                self._connecting.set_exception(exc)
+                self._connecting.exception()  # mark retrieved
+                raise
+            finally:
+                self._connecting = None
+            return protocol
+        return await asyncio.shield(self._connecting)
+
+    async def _send(self, protocol: _RespProtocol, commands: list[Command], timeout: float) -> list[object]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[object]] = loop.create_future()
+        protocol.pending.append(_Batch(future, len(commands)))
+        assert protocol.transport is not None
+        protocol.transport.write(b"".join(encode_command(c) for c in commands))
+        handle = loop.call_later(timeout, self._on_timeout, protocol, future)
+        try:
+            return await future
+        finally:
+            handle.cancel()
+
+    def _on_timeout(self, protocol: _RespProtocol, future: asyncio.Future[list[object]]) -> None:
+        if future.done():
+            return
+        self.errors += 1
+        error = RedisError(f"redis at {self.address.url} did not answer within {self.timeout * 1000:.0f} ms")
+        if self._protocol is protocol:
+            self._lost(error)
+        else:
+            protocol.fail_all(error)
+        if not future.done():
+            future.set_exception(error)
+
+    async def execute_many(self, commands: list[Command]) -> list[object]:
+        """Send all commands in one write and return their replies; Redis error replies are returned."""
+        protocol = await self._get_protocol()
+        try:
+            return await self._send(protocol, commands, self.timeout)
+        except RedisError:
+            self.errors += 1
+            raise
+
+    async def execute(self, *command: bytes | str | int | float) -> object:
+        reply = (await self.execute_many([command]))[0]
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisError(str(reply))
+        return reply
+
+    async def ping(self) -> bool:
+        try:
+            return await self.execute("PING") in (b"PONG", "PONG")
+        except RedisError:
+            return False
+
+    def close(self) -> None:
+        if self._protocol is not None:
+            self._lost(RedisError("connection closed by client"))

@@ -1,0 +1,187 @@
+"""Process plumbing shared by both services: flags with environment fallbacks, logging, event loop
+and `--workers N`.
+
+One Python process tops out near one core (see PERF_NOTES.md), so `--workers N` re-executes the same
+command N times; the children bind the same ports with SO_REUSEPORT and the kernel spreads
+connections. The parent only supervises: it forwards SIGTERM/SIGINT and exits non-zero if a worker dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'250ms', '2s', '1m', or a bare number of seconds, as upstream's Go durations mostly are."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 250ms, 2s, 1m)")
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (use true or false)")
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} out of range 1-65535")
+    return port
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+class EnvDefaults:
+    """Adds arguments whose default comes from an environment variable, parsed like the flag itself,
+    so a bad value in the environment is reported as clearly as a bad flag."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.env_errors: list[str] = []
+
+    def add(self, flag: str, env: str, *, default: Any, type: Callable[[str], Any] = str, help: str) -> None:
+        raw = os.environ.get(env)
+        value = default
+        if raw is not None and raw != "":
+            try:
+                value = type(raw)
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                self.env_errors.append(f"environment variable {env}={raw!r}: {exc}")
+        shown = f" (env {env}, default {default!r})" if default not in (None, "") else f" (env {env})"
+        self.parser.add_argument(flag, type=type, default=value, help=help + shown)
+
+    def parse(self, argv: list[str] | None) -> argparse.Namespace:
+        args = self.parser.parse_args(argv)
+        if self.env_errors:
+            self.parser.error("; ".join(self.env_errors))
+        return args
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        extra = getattr(record, "fields", None)
+        if extra:
+            entry.update(extra)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def add_common_flags(env: EnvDefaults) -> None:
+    env.add("--log-level", "LOG_LEVEL", default="info", type=_log_level, help="log level")
+    env.add("--log-format", "LOG_FORMAT", default="text", type=_log_format, help="text or json")
+    env.add("--workers", "WORKERS", default=1, type=positive_int, help="processes sharing the ports (SO_REUSEPORT)")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in ("DEBUG", "INFO", "WARN", "WARNING", "ERROR"):
+        raise argparse.ArgumentTypeError(f"invalid log level {text!r} (debug, info, warn, error)")
+    return "WARNING" if text.upper() == "WARN" else text.upper()
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"invalid log format {text!r} (text or json)")
+    return text
+
+
+def run_workers(n: int, argv: list[str]) -> int:
+    """Supervise n copies of this command (each with --workers 1); return the first failure code."""
+    env = dict(os.environ)
+    children = []
+    for index in range(n):
+        env["IGW_WORKER_INDEX"] = str(index)
+        children.append(subprocess.Popen([sys.executable, *argv, "--workers", "1"], env=dict(env)))
+
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    while children:
+        for child in list(children):
+            result = child.poll()
+            if result is None:
+                continue
+            children.remove(child)
+            if result != 0 and not stopping:
+                logging.getLogger("igw.workers").error("worker pid %d exited with %d; stopping", child.pid, result)
+                code = code or result
+                forward(signal.SIGTERM, None)
+        time.sleep(0.1)
+    return code
+
+
+def run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:
+    """Run main(stop_event) on uvloop; SIGTERM/SIGINT set the event for a clean shutdown."""
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        runner = asyncio.run
+
+    async def wrapper() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    return runner(wrapper())

@@ -1,0 +1,67 @@
+"""Find the limit that applies to one request descriptor: most specific match wins, as upstream.
+
+At each level the entry's exact `key_value` is tried first, then wildcard values (`foo*`, `a*b`) in
+config order, then the key-only default. A limit applies only if it sits at the descriptor's last
+entry. The walk also yields the two names a match needs: the stats key (config path, or the request's
+values for `detailed_metric` / `value_to_metric`) and the counter key, where `share_threshold` makes
+every value matching one wildcard share a single counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ratelimit_svc.config import Domain, RateLimit, RateLimitConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    limit: RateLimit
+    stats_key: str
+    counter_key: str  # "<domain>_<k1>_<v1>_<k2>_<v2>_" ; the window start is appended by the cache
+    entries: tuple[tuple[str, str], ...]
+
+
+def find_limit(config: RateLimitConfig, domain_name: str, entries: tuple[tuple[str, str], ...]) -> Match | None:
+    domain = config.domains.get(domain_name)
+    if domain is None or not entries:
+        return None
+    return find_in_domain(domain, entries)
+
+
+def find_in_domain(domain: Domain, entries: tuple[tuple[str, str], ...]) -> Match | None:
+    level = domain.root
+    found: RateLimit | None = None
+    counter_values: list[str] = []
+    stats_parts: list[str] = []  # config path, or request values where value_to_metric says so
+    detail_parts: list[str] = []  # request values everywhere (detailed_metric), patterns where shared
+    last = len(entries) - 1
+    for i, (key, value) in enumerate(entries):
+        node = level.children.get(f"{key}_{value}")
+        if node is None and level.wildcards:
+            node = level.match_wildcard(key, value)
+        if node is None:
+            node = level.children.get(key)
+        if node is None:
+            break
+        own = f"{key}_{value}" if value else key
+        if node.pattern and node.share_threshold:
+            counter_values.append(node.pattern)
+            stats_parts.append(node.segment)
+            detail_parts.append(node.segment)
+        else:
+            counter_values.append(value)
+            stats_parts.append(own if node.value_to_metric else node.segment)
+            detail_parts.append(own)
+        if i == last and node.limit is not None:
+            found = node.limit
+        if not node.children:
+            break
+        level = node
+    if found is None:
+        return None
+    stats_key = domain.name + "." + ".".join(detail_parts if found.detailed_metric else stats_parts)
+    counter_key = domain.name + "_" + "".join(
+        f"{k}_{v}_" for (k, _), v in zip(entries, counter_values, strict=False)
+    )
+    return Match(found, stats_key, counter_key, entries)

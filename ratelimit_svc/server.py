@@ -1,0 +1,116 @@
+"""gRPC and HTTP wiring of the rate-limit service: the servicer, health, Redis probe, config watcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from igw.http_admin import start_admin_server
+from igw.redis_conn import PipelinedRedis, RedisError
+from ratelimit_svc import metrics
+from ratelimit_svc.adaptive import AdaptiveLimits
+from ratelimit_svc.loader import ConfigHolder
+from ratelimit_svc.service import InvalidRequest, Limiter, NoConfig
+from ratelimit_svc.settings import Settings
+
+log = logging.getLogger("ratelimit_svc")
+
+SERVICE_NAME = "envoy.service.ratelimit.v3.RateLimitService"
+
+
+class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    async def ShouldRateLimit(  # noqa: N802 - gRPC method name
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
+        try:
+            return await self.limiter.should_rate_limit(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except NoConfig as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except RedisError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate limit backend unavailable: {exc}")
+        raise AssertionError("unreachable")
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> int:
+    holder = ConfigHolder(settings.config_dir, merge_domains=settings.merge_domains,
+                          ignore_dotfiles=settings.ignore_dotfiles)
+    holder.reload()
+    redis = PipelinedRedis(settings.redis_url, timeout=settings.redis_timeout,
+                           connect_timeout=settings.redis_timeout)
+    adaptive = AdaptiveLimits(settings.redis_url, max_age=settings.replica_max_age)
+    limiter = Limiter(settings, holder, redis, adaptive=adaptive)
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", 1000)])
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{settings.host}:{settings.grpc_port}"
+    if server.add_insecure_port(address) == 0:
+        log.error("cannot bind gRPC port %s", address)
+        return 1
+    await server.start()
+
+    redis_ok = False
+
+    async def health_state() -> tuple[bool, str]:
+        if holder.config is None:
+            return False, f"no config loaded: {holder.last_error}"
+        if not redis_ok:
+            return False, "redis unreachable"
+        return True, "OK"
+
+    try:
+        http = await start_admin_server(settings.host, settings.http_port, health_state)
+    except OSError as exc:
+        log.error("cannot bind HTTP port %s:%d: %s", settings.host, settings.http_port, exc)
+        await server.stop(0)
+        return 1
+
+    async def probe_redis() -> None:
+        nonlocal redis_ok
+        while not stop.is_set():
+            try:
+                redis_ok = await redis.ping()
+            except RedisError:
+                redis_ok = False
+            metrics.REDIS_UP.set(1 if redis_ok else 0)
+            serving = redis_ok and holder.config is not None
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    tasks = [
+        asyncio.create_task(holder.watch(settings.poll_interval, stop)),
+        asyncio.create_task(probe_redis()),
+        asyncio.create_task(adaptive.run(stop)),
+    ]
+    log.info(
+        "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s pid=%d",
+        address, settings.host, settings.http_port, settings.config_dir, redis.address.url, os.getpid(),
+    )
+    await stop.wait()
+    log.info("ratelimit_svc stopping")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(1.0)
+    http.close()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    redis.close()
+    adaptive.close()
+    return 0

@@ -1,0 +1,245 @@
+"""ShouldRateLimit: the decision for one request, with all its counters in one Redis round trip.
+
+The flow follows upstream: find a limit per descriptor, drop unlimited and replaced ones, count the rest
+in Redis, derive each status (shadow mode turns OVER_LIMIT into OK after counting), then the overall
+code (quota-mode descriptors only deny when all of them are over).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ratelimit.v3 import rls_pb2
+from google.protobuf import duration_pb2, struct_pb2
+
+from igw.redis_conn import PipelinedRedis, RedisError
+from ratelimit_svc import metrics
+from ratelimit_svc.adaptive import AdaptiveLimits
+from ratelimit_svc.config import RateLimit, RateLimitConfig
+from ratelimit_svc.loader import ConfigHolder
+from ratelimit_svc.lookup import Match, find_limit
+from ratelimit_svc.settings import Settings
+from ratelimit_svc.window import OK, OVER_LIMIT, outcome, seconds_until_reset, window_start
+
+log = logging.getLogger("ratelimit_svc")
+
+UINT32_MAX = 2**32 - 1
+Response = rls_pb2.RateLimitResponse
+DescriptorStatus = rls_pb2.RateLimitResponse.DescriptorStatus
+LimitProto = rls_pb2.RateLimitResponse.RateLimit
+
+
+class InvalidRequest(ValueError):
+    """The request is malformed; answered with INVALID_ARGUMENT."""
+
+
+class NoConfig(RuntimeError):
+    """No config has ever loaded; answered with UNAVAILABLE."""
+
+
+class Limiter:
+    def __init__(
+        self,
+        settings: Settings,
+        holder: ConfigHolder,
+        redis: PipelinedRedis,
+        clock: Callable[[], float] = time.time,
+        adaptive: AdaptiveLimits | None = None,
+    ) -> None:
+        self.settings = settings
+        self.holder = holder
+        self.redis = redis
+        self.clock = clock
+        self.adaptive = adaptive
+        self._jitter = settings.expiration_jitter_max_seconds
+        self._prefix = settings.cache_key_prefix
+
+    async def should_rate_limit(self, request: rls_pb2.RateLimitRequest) -> Response:
+        domain = request.domain
+        if not domain:
+            metrics.SERVICE_ERRORS.labels("empty_domain").inc()
+            raise InvalidRequest("rate limit domain must not be empty")
+        if not request.descriptors:
+            metrics.SERVICE_ERRORS.labels("empty_descriptors").inc()
+            raise InvalidRequest("rate limit descriptor list must not be empty")
+        config = self.holder.config  # one reference for the whole call: reloads never split a request
+        if config is None:
+            raise NoConfig("no rate limit configuration loaded")
+
+        request_hits = max(1, request.hits_addend)
+        count = len(request.descriptors)
+        matches: list[Match | None] = [None] * count
+        hits_list = [request_hits] * count
+        unlimited = [False] * count
+        replaced_names: set[str] = set()
+        for i, descriptor in enumerate(request.descriptors):
+            entries = tuple((e.key, e.value) for e in descriptor.entries)
+            if not entries:
+                metrics.SERVICE_ERRORS.labels("empty_entries").inc()
+                raise InvalidRequest(f"descriptor {i} has no entries")
+            for key, _ in entries:
+                if not key:
+                    metrics.SERVICE_ERRORS.labels("empty_key").inc()
+                    raise InvalidRequest(f"descriptor {i} has an entry with an empty key")
+            if descriptor.HasField("hits_addend"):
+                hits_list[i] = descriptor.hits_addend.value
+            if descriptor.HasField("limit"):
+                match = self._override(domain, entries, descriptor.limit)
+                if domain not in config.domains:
+                    metrics.DOMAIN_NOT_FOUND.labels(domain).inc()
+                    match = None
+            else:
+                match = find_limit(config, domain, entries)
+                if match is None and domain not in config.domains:
+                    metrics.DOMAIN_NOT_FOUND.labels(domain).inc()
+            if match is None:
+                continue
+            if match.limit.unlimited:
+                unlimited[i] = True
+                continue
+            matches[i] = match
+            replaced_names.update(match.limit.replaces)
+        if replaced_names:
+            for i, match in enumerate(matches):
+                if match is not None and match.limit.name in replaced_names:
+                    matches[i] = None
+
+        now = int(self.clock())
+        statuses = await self._count(config, domain, matches, hits_list, now)
+        for i in range(count):
+            if unlimited[i]:
+                statuses[i] = DescriptorStatus(code=OK, limit_remaining=UINT32_MAX)
+        response = Response(overall_code=self._overall(matches, statuses), statuses=statuses)
+        if self.settings.response_headers:
+            self._add_headers(response, statuses)
+        if self.settings.response_dynamic_metadata:
+            self._add_metadata(response, matches, statuses)
+        return response
+
+    def _override(
+        self, domain: str, entries: tuple[tuple[str, str], ...], override: object
+    ) -> Match:
+        key = domain + "." + ".".join(f"{k}_{v}" if v else k for k, v in entries)
+        limit = RateLimit(full_key=key, requests_per_unit=override.requests_per_unit, unit=override.unit)  # type: ignore[attr-defined]
+        counter = domain + "_" + "".join(f"{k}_{v}_" for k, v in entries)
+        return Match(limit, key, counter, entries)
+
+    async def _count(
+        self, config: RateLimitConfig, domain: str, matches: list[Match | None], hits_list: list[int], now: int
+    ) -> list[DescriptorStatus]:
+        commands: list[tuple[object, ...]] = []
+        plan: list[tuple[int, Match, int, int, int]] = []  # (index, match, hits, limit, window)
+        for i, match in enumerate(matches):
+            if match is None:
+                continue
+            limit = match.limit
+            window = limit.window_seconds
+            hits = hits_list[i]
+            requests = limit.requests_per_unit
+            if limit.adaptive is not None and self.adaptive is not None:
+                requests = self.adaptive.effective_limit(domain, match, now, config)
+            key = f"{self._prefix}{match.counter_key}{window_start(now, window)}"
+            ttl = window + (random.randrange(self._jitter) if self._jitter > 0 else 0)
+            commands.append(("INCRBY", key, hits))
+            commands.append(("EXPIRE", key, ttl))
+            plan.append((i, match, hits, requests, window))
+
+        statuses = [DescriptorStatus(code=OK) for _ in matches]
+        if not plan:
+            return statuses
+        try:
+            replies = await self.redis.execute_many(commands)
+        except RedisError:
+            metrics.REDIS_ERRORS.inc()
+            if not self.settings.fail_open:
+                raise
+            metrics.FAILED_OPEN.inc()
+            return statuses
+        near_ratio = self.settings.near_limit_ratio
+        for n, (i, match, hits, requests, window) in enumerate(plan):
+            after = replies[2 * n]
+            if not isinstance(after, int):
+                metrics.REDIS_ERRORS.inc()
+                raise RedisError(f"unexpected INCRBY reply for {match.counter_key}: {after!r}")
+            result = outcome(requests, after, hits, near_ratio)
+            stats = metrics.limit_stats(match.stats_key)
+            stats.total_hits.inc(hits)  # type: ignore[attr-defined]
+            code = result.code
+            if result.over:
+                stats.over_limit.inc(result.over)  # type: ignore[attr-defined]
+                if match.limit.shadow_mode:
+                    stats.shadow_mode.inc(result.over)  # type: ignore[attr-defined]
+                    code = OK
+            if result.near:
+                stats.near_limit.inc(result.near)  # type: ignore[attr-defined]
+            if result.within:
+                stats.within_limit.inc(result.within)  # type: ignore[attr-defined]
+            limit = match.limit
+            statuses[i] = DescriptorStatus(
+                code=code,
+                current_limit=LimitProto(name=limit.name, requests_per_unit=requests, unit=limit.unit),
+                limit_remaining=result.remaining,
+                duration_until_reset=duration_pb2.Duration(seconds=seconds_until_reset(now, window)),
+            )
+        return statuses
+
+    def _overall(self, matches: list[Match | None], statuses: list[DescriptorStatus]) -> int:
+        quota_total = quota_over = 0
+        over = False
+        for match, status in zip(matches, statuses, strict=True):
+            is_quota = match is not None and (match.limit.quota_mode or self.settings.quota_mode)
+            if is_quota:
+                quota_total += 1
+                quota_over += status.code == OVER_LIMIT
+            elif status.code == OVER_LIMIT:
+                over = True
+        if quota_total and quota_over == quota_total:
+            over = True
+        if over and self.settings.shadow_mode:
+            metrics.GLOBAL_SHADOW_MODE.inc()
+            return OK
+        return OVER_LIMIT if over else OK
+
+    def _add_headers(self, response: Response, statuses: list[DescriptorStatus]) -> None:
+        tightest = None
+        for status in statuses:
+            if status.HasField("current_limit") and (
+                tightest is None or status.limit_remaining < tightest.limit_remaining
+            ):
+                tightest = status
+        if tightest is None:
+            return
+        s = self.settings
+        response.response_headers_to_add.extend(
+            [
+                base_pb2.HeaderValue(key=s.limit_header, value=str(tightest.current_limit.requests_per_unit)),
+                base_pb2.HeaderValue(key=s.remaining_header, value=str(tightest.limit_remaining)),
+                base_pb2.HeaderValue(key=s.reset_header, value=str(tightest.duration_until_reset.seconds)),
+            ]
+        )
+
+    def _add_metadata(self, response: Response, matches: list[Match | None], statuses: list[DescriptorStatus]) -> None:
+        merged: dict[str, object] = {}
+        for match, status in zip(matches, statuses, strict=True):
+            if match is None or status.code != OK or not match.limit.metadata:
+                continue
+            for key, value in _thaw(match.limit.metadata).items():
+                merged.setdefault(key, value)
+        if merged:
+            struct = struct_pb2.Struct()
+            struct.update({"metadata": merged})
+            response.dynamic_metadata.CopyFrom(struct)
+
+
+def _thaw(value: object) -> object:
+    from types import MappingProxyType
+
+    if isinstance(value, MappingProxyType):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value

@@ -1,0 +1,44 @@
+"""Fixed-window arithmetic, as upstream computes it. Pure functions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+OK = 1  # envoy.service.ratelimit.v3.RateLimitResponse.Code
+OVER_LIMIT = 2
+
+
+def window_start(now: int, window_seconds: int) -> int:
+    return now // window_seconds * window_seconds
+
+
+def seconds_until_reset(now: int, window_seconds: int) -> int:
+    return window_seconds - now % window_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    code: int
+    remaining: int
+    over: int  # hits to add to over_limit
+    near: int  # hits to add to near_limit
+    within: int  # hits to add to within_limit
+
+
+def outcome(limit: int, after: int, hits: int, near_ratio: float) -> Outcome:
+    """Status of a counter that reached `after` by adding `hits`, and how upstream counts its stats.
+
+    Only the hits that crossed a threshold count against it, so a hits_addend of 5 that ends 2 over the
+    limit adds 2 to over_limit and the rest that crossed the near threshold to near_limit.
+    """
+    before = after - hits
+    near_threshold = math.floor(limit * near_ratio)
+    if after > limit:
+        if before >= limit:
+            return Outcome(OVER_LIMIT, 0, hits, 0, 0)
+        return Outcome(OVER_LIMIT, 0, after - limit, limit - max(near_threshold, before), 0)
+    near = 0
+    if after > near_threshold:
+        near = hits if before >= near_threshold else after - near_threshold
+    return Outcome(OK, limit - after, 0, near, hits)
