@@ -1,0 +1,54 @@
+"""`igw`: the one command-line entry point for operators and developers.
+
+Each command group lives in its own module with a `register(subparsers)` function; this file only
+assembles them. Exit codes: 0 success, 2 bad arguments, 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from igw.runtime import EnvDefaults
+
+COMMAND_MODULES = [
+    "igw.commands.ratelimit",
+    "igw.commands.demo",
+]
+
+
+class CommandError(Exception):
+    """A failure the user should see as one clear line (exit code 1)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="igw", description="Inference gateway extensions for Envoy and Istio.")
+    env = EnvDefaults(parser)
+    env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0",
+            help="Redis holding tenants, keys, replica counts and counters")
+    parser.set_defaults(_env=env)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env: EnvDefaults = args._env
+    if env.env_errors:
+        parser.error("; ".join(env.env_errors))
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as exc:
+        print(f"igw: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
