@@ -43,7 +43,7 @@ async def start_admin_server(host: str, port: int, health: HealthCheck) -> async
                 payload = _response(404, b"not found\n")
             writer.write(payload)
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()

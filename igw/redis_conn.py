@@ -188,7 +188,7 @@ class PipelinedRedis:
                 for reply in replies:
                     if isinstance(reply, hiredis.ReplyError):
                         raise RedisError(f"redis setup failed: {reply}")
-        except (OSError, asyncio.TimeoutError, RedisError) as exc:
+        except (TimeoutError, OSError, RedisError) as exc:
             if protocol.transport is not None:
                 protocol.transport.abort()
             self._last_error = exc if not isinstance(exc, asyncio.TimeoutError) else RedisError("connect timeout")

@@ -380,7 +380,9 @@ class _Builder:
         metadata = None
         if metadata_node is not None and not _is_null(metadata_node):
             if not isinstance(metadata_node, yaml.MappingNode):
-                raise ConfigError(file, "error loading config file: 'metadata' must be a map", line=_line(metadata_node))
+                raise ConfigError(
+                    file, "error loading config file: 'metadata' must be a map", line=_line(metadata_node)
+                )
             metadata = _freeze(_plain(metadata_node))
         algorithm = _string(file, rl.get("algorithm"), "algorithm") or "fixed_window"
         if algorithm not in ("fixed_window", "gcra"):

@@ -12,6 +12,7 @@ updates, which also swap a symlink, are all seen).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -102,10 +103,8 @@ class ConfigHolder:
 
     async def watch(self, interval: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            except asyncio.TimeoutError:
-                pass
             if stop.is_set():
                 return
             try:

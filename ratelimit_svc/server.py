@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 
@@ -27,7 +28,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
 
-    async def ShouldRateLimit(  # noqa: N802 - gRPC method name
+    async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
         try:
@@ -88,10 +89,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, status)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
 
     tasks = [
         asyncio.create_task(holder.watch(settings.poll_interval, stop)),
