@@ -37,7 +37,7 @@ UPSTREAM_KEYS = frozenset(
 OPAQUE_KEYS = frozenset({"metadata"})
 # Our extensions (adaptive quotas, algorithm choice); they only appear inside `rate_limit`.
 EXTENSION_KEYS = frozenset(
-    {"algorithm", "requests_per_unit_per_replica", "model", "model_key", "min", "max", "share", "share_key"}
+    {"algorithm", "burst", "requests_per_unit_per_replica", "model", "model_key", "min", "max", "share", "share_key"}
 )
 VALID_KEYS = UPSTREAM_KEYS | EXTENSION_KEYS
 
@@ -88,6 +88,7 @@ class RateLimit:
     quota_mode: bool = False
     metadata: MappingProxyType[str, Any] | None = None
     algorithm: str = "fixed_window"
+    burst: int | None = None  # gcra bucket size; None means requests_per_unit
     adaptive: Adaptive | None = None
 
     @property
@@ -389,6 +390,11 @@ class _Builder:
             raise ConfigError(
                 file, f"invalid algorithm '{algorithm}' (expected fixed_window or gcra)", path=full_key, line=line
             )
+        burst = _uint32(file, rl.get("burst"), "burst")
+        if burst is not None and algorithm != "gcra":
+            raise ConfigError(file, "'burst' applies only to algorithm: gcra", path=full_key, line=line)
+        if burst == 0:
+            raise ConfigError(file, "'burst' must be at least 1", path=full_key, line=line)
         return RateLimit(
             full_key=full_key,
             requests_per_unit=_uint32(file, rl.get("requests_per_unit"), "requests_per_unit") or 0,
@@ -401,6 +407,7 @@ class _Builder:
             quota_mode=_bool(file, fields.get("quota_mode"), "quota_mode"),
             metadata=metadata,
             algorithm=algorithm,
+            burst=burst,
             adaptive=self._adaptive(file, full_key, rl, line, unlimited),
         )
 

@@ -15,6 +15,7 @@ from igw.http_admin import start_admin_server
 from igw.redis_conn import PipelinedRedis, RedisError
 from ratelimit_svc import metrics
 from ratelimit_svc.adaptive import AdaptiveLimits
+from ratelimit_svc.counters import MemoryCounters, RedisCounters
 from ratelimit_svc.loader import ConfigHolder
 from ratelimit_svc.service import InvalidRequest, Limiter, NoConfig
 from ratelimit_svc.settings import Settings
@@ -49,7 +50,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     redis = PipelinedRedis(settings.redis_url, timeout=settings.redis_timeout,
                            connect_timeout=settings.redis_timeout)
     adaptive = AdaptiveLimits(settings.redis_url, max_age=settings.replica_max_age)
-    limiter = Limiter(settings, holder, redis, adaptive=adaptive)
+    counters = MemoryCounters() if settings.backend == "memory" else RedisCounters(redis)
+    limiter = Limiter(settings, holder, counters, adaptive=adaptive)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", 1000)])
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter), server)
@@ -66,7 +68,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     async def health_state() -> tuple[bool, str]:
         if holder.config is None:
             return False, f"no config loaded: {holder.last_error}"
-        if not redis_ok:
+        if not redis_ok and settings.backend == "redis":
             return False, "redis unreachable"
         return True, "OK"
 
@@ -85,7 +87,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             except RedisError:
                 redis_ok = False
             metrics.REDIS_UP.set(1 if redis_ok else 0)
-            serving = redis_ok and holder.config is not None
+            serving = (redis_ok or settings.backend == "memory") and holder.config is not None
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, status)

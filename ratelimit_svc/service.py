@@ -16,14 +16,16 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
-from igw.redis_conn import PipelinedRedis, RedisError
+from igw.redis_conn import RedisError
 from ratelimit_svc import metrics
 from ratelimit_svc.adaptive import AdaptiveLimits
 from ratelimit_svc.config import RateLimit, RateLimitConfig
+from ratelimit_svc.counters import Hit, MemoryCounters, RedisCounters
+from ratelimit_svc.gcra import GcraResult
 from ratelimit_svc.loader import ConfigHolder
 from ratelimit_svc.lookup import Match, find_limit
 from ratelimit_svc.settings import Settings
-from ratelimit_svc.window import OK, OVER_LIMIT, outcome, seconds_until_reset, window_start
+from ratelimit_svc.window import OK, OVER_LIMIT, gcra_outcome, outcome, seconds_until_reset, window_start
 
 log = logging.getLogger("ratelimit_svc")
 
@@ -46,13 +48,13 @@ class Limiter:
         self,
         settings: Settings,
         holder: ConfigHolder,
-        redis: PipelinedRedis,
+        counters: RedisCounters | MemoryCounters,
         clock: Callable[[], float] = time.time,
         adaptive: AdaptiveLimits | None = None,
     ) -> None:
         self.settings = settings
         self.holder = holder
-        self.redis = redis
+        self.counters = counters
         self.clock = clock
         self.adaptive = adaptive
         self._jitter = settings.expiration_jitter_max_seconds
@@ -131,7 +133,7 @@ class Limiter:
     async def _count(
         self, config: RateLimitConfig, domain: str, matches: list[Match | None], hits_list: list[int], now: int
     ) -> list[DescriptorStatus]:
-        commands: list[tuple[object, ...]] = []
+        batch: list[Hit] = []
         plan: list[tuple[int, Match, int, int, int]] = []  # (index, match, hits, limit, window)
         for i, match in enumerate(matches):
             if match is None:
@@ -142,17 +144,23 @@ class Limiter:
             requests = limit.requests_per_unit
             if limit.adaptive is not None and self.adaptive is not None:
                 requests = self.adaptive.effective_limit(domain, match, now, config)
-            key = f"{self._prefix}{match.counter_key}{window_start(now, window)}"
-            ttl = window + (random.randrange(self._jitter) if self._jitter > 0 else 0)
-            commands.append(("INCRBY", key, hits))
-            commands.append(("EXPIRE", key, ttl))
+            if limit.algorithm == "gcra":
+                batch.append(Hit(
+                    key=f"{self._prefix}{match.counter_key}gcra", hits=hits, algorithm="gcra",
+                    interval_ms=window * 1000 / requests if requests else float(window * 1000),
+                    burst=(limit.burst or requests) if requests else 0,
+                ))
+            else:
+                ttl = window + (random.randrange(self._jitter) if self._jitter > 0 else 0)
+                batch.append(Hit(f"{self._prefix}{match.counter_key}{window_start(now, window)}", hits,
+                                 "fixed_window", ttl=ttl))
             plan.append((i, match, hits, requests, window))
 
         statuses = [DescriptorStatus(code=OK) for _ in matches]
         if not plan:
             return statuses
         try:
-            replies = await self.redis.execute_many(commands)
+            counted = await self.counters.apply(batch)
         except RedisError:
             metrics.REDIS_ERRORS.inc()
             if not self.settings.fail_open:
@@ -160,12 +168,13 @@ class Limiter:
             metrics.FAILED_OPEN.inc()
             return statuses
         near_ratio = self.settings.near_limit_ratio
-        for n, (i, match, hits, requests, window) in enumerate(plan):
-            after = replies[2 * n]
-            if not isinstance(after, int):
-                metrics.REDIS_ERRORS.inc()
-                raise RedisError(f"unexpected INCRBY reply for {match.counter_key}: {after!r}")
-            result = outcome(requests, after, hits, near_ratio)
+        for (i, match, hits, requests, window), value in zip(plan, counted, strict=True):
+            if isinstance(value, GcraResult):
+                result = gcra_outcome(value, requests, hits, near_ratio)
+                reset = duration_pb2.Duration(seconds=value.wait_ms // 1000, nanos=value.wait_ms % 1000 * 1_000_000)
+            else:
+                result = outcome(requests, value, hits, near_ratio)
+                reset = duration_pb2.Duration(seconds=seconds_until_reset(now, window))
             stats = metrics.limit_stats(match.stats_key)
             stats.total_hits.inc(hits)  # type: ignore[attr-defined]
             code = result.code
@@ -183,7 +192,7 @@ class Limiter:
                 code=code,
                 current_limit=LimitProto(name=limit.name, requests_per_unit=requests, unit=limit.unit),
                 limit_remaining=result.remaining,
-                duration_until_reset=duration_pb2.Duration(seconds=seconds_until_reset(now, window)),
+                duration_until_reset=reset,
             )
         return statuses
 

@@ -29,6 +29,12 @@ def _redis_url(text: str) -> str:
     return text
 
 
+def _backend(text: str) -> str:
+    if text not in ("redis", "memory"):
+        raise argparse.ArgumentTypeError(f"invalid backend {text!r} (redis or memory)")
+    return text
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -43,6 +49,7 @@ def _non_negative_int(text: str) -> int:
 class Settings:
     config_dir: Path
     redis_url: str
+    backend: str
     host: str
     grpc_port: int
     http_port: int
@@ -78,6 +85,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
             help="directory of *.yaml configs; default RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY")
     env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0", type=_redis_url,
             help="redis://[:password@]host:port/db or unix:///path")
+    env.add("--backend", "BACKEND_TYPE", default="redis", type=_backend,
+            help="where counters live: redis (shared by replicas) or memory (this process only)")
     env.add("--host", "GRPC_HOST", default="0.0.0.0", help="address to bind")
     env.add("--grpc-port", "GRPC_PORT", default=8081, type=parse_port, help="gRPC port")
     env.add("--http-port", "PORT", default=8080, type=parse_port, help="HTTP port for /healthcheck and /metrics")
@@ -132,6 +141,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     return Settings(
         config_dir=config_dir,
         redis_url=args.redis_url,
+        backend=args.backend,
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,

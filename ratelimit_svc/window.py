@@ -1,9 +1,11 @@
-"""Fixed-window arithmetic, as upstream computes it. Pure functions."""
+"""Status and stats arithmetic of a counted hit: fixed window as upstream computes it, and GCRA. Pure."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from ratelimit_svc.gcra import GcraResult
 
 OK = 1  # envoy.service.ratelimit.v3.RateLimitResponse.Code
 OVER_LIMIT = 2
@@ -42,3 +44,12 @@ def outcome(limit: int, after: int, hits: int, near_ratio: float) -> Outcome:
     if after > near_threshold:
         near = hits if before >= near_threshold else after - near_threshold
     return Outcome(OK, limit - after, 0, near, hits)
+
+
+def gcra_outcome(result: GcraResult, limit: int, hits: int, near_ratio: float) -> Outcome:
+    """GCRA has no counter to compare; near_limit counts admitted hits that left less than
+    (1 - near_ratio) of the bucket."""
+    if not result.allowed:
+        return Outcome(OVER_LIMIT, 0, hits, 0, 0)
+    near = hits if result.remaining < limit - math.floor(limit * near_ratio) else 0
+    return Outcome(OK, result.remaining, 0, near, hits)

@@ -1,0 +1,99 @@
+"""Where hits are counted: Redis for the service, or process memory for a single instance.
+
+The service hands over every counted descriptor of a request at once; the Redis backend turns them into
+one pipelined write (fixed window: INCRBY + EXPIRE per key, as upstream; GCRA: one EVALSHA per key),
+so a request costs one round trip however many descriptors it has. The memory backend applies the same
+arithmetic without I/O: useful for a single-process deployment without Redis, and as the benchmark's
+"same server, no Redis" baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import hiredis
+
+from igw.redis_conn import PipelinedRedis, RedisError
+from ratelimit_svc.gcra import LUA, GcraResult, gcra
+
+GCRA_SHA = hashlib.sha1(LUA.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class Hit:
+    key: str  # fixed window: includes the window start; gcra: the bucket key
+    hits: int
+    algorithm: str  # "fixed_window" or "gcra"
+    ttl: int = 0  # fixed window: seconds the counter lives
+    interval_ms: float = 0.0  # gcra: window / limit
+    burst: int = 0  # gcra: bucket size in hits
+
+
+Counted = int | GcraResult  # fixed window: the counter after the increment
+
+
+class RedisCounters:
+    def __init__(self, redis: PipelinedRedis) -> None:
+        self.redis = redis
+
+    async def apply(self, hits: list[Hit]) -> list[Counted]:
+        commands: list[tuple[object, ...]] = []
+        for hit in hits:
+            if hit.algorithm == "gcra":
+                commands.append(("EVALSHA", GCRA_SHA, 1, hit.key, repr(hit.interval_ms), hit.burst, hit.hits))
+            else:
+                commands.append(("INCRBY", hit.key, hit.hits))
+                commands.append(("EXPIRE", hit.key, hit.ttl))
+        replies = await self.redis.execute_many(commands)  # type: ignore[arg-type]
+        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
+            await self.redis.execute("SCRIPT", "LOAD", LUA)
+            replies = await self.redis.execute_many(commands)  # type: ignore[arg-type]
+        results: list[Counted] = []
+        n = 0
+        for hit in hits:
+            reply = replies[n]
+            if isinstance(reply, hiredis.ReplyError):
+                raise RedisError(f"redis rejected the update of {hit.key}: {reply}")
+            if hit.algorithm == "gcra":
+                allowed, remaining, wait = reply  # type: ignore[misc]
+                results.append(GcraResult(allowed == 1, 0, remaining, wait))
+                n += 1
+            else:
+                results.append(reply)  # type: ignore[arg-type]
+                n += 2
+        return results
+
+
+class MemoryCounters:
+    """Counters in this process only: exact for one instance, not shared between replicas."""
+
+    def __init__(self) -> None:
+        self.fixed: dict[str, tuple[int, float]] = {}
+        self.tats: dict[str, int] = {}
+        self._next_sweep = 0.0
+
+    async def apply(self, hits: list[Hit]) -> list[Counted]:
+        now = time.time()
+        if now > self._next_sweep:
+            self._sweep(now)
+        results: list[Counted] = []
+        for hit in hits:
+            if hit.algorithm == "gcra":
+                result = gcra(self.tats.get(hit.key), int(now * 1000), hit.interval_ms, hit.burst, hit.hits)
+                if result.allowed and hit.hits:
+                    self.tats[hit.key] = result.tat_ms
+                results.append(result)
+            else:
+                count, expires = self.fixed.get(hit.key, (0, now + hit.ttl))
+                count += hit.hits
+                self.fixed[hit.key] = (count, expires)
+                results.append(count)
+        return results
+
+    def _sweep(self, now: float) -> None:
+        self.fixed = {k: v for k, v in self.fixed.items() if v[1] > now}
+        now_ms = int(now * 1000)
+        self.tats = {k: v for k, v in self.tats.items() if v > now_ms}
+        self._next_sweep = now + 1.0
