@@ -1,0 +1,445 @@
+"""The Envoy configuration of the gateway, built as plain dicts by small public functions.
+
+The test bed bootstrap, the committed envoy/*.yaml files and (later) the Istio renderer all take their
+filters and clusters from here, so what the test bed runs is what a cluster runs. Each builder is
+parameterised by cluster names and timeouts and knows nothing about ports or processes.
+
+Choices that matter (and why):
+- Filter order is ext_proc -> ratelimit -> router. ext_proc sets x-igw-tenant / x-igw-model and clears
+  the route cache; the rate-limit filter then computes descriptors from the route selected *after*
+  those headers exist, and the router sends the request to the model's cluster.
+- ext_proc fails closed (failure_mode_allow false): it authenticates callers and strips spoofed
+  x-igw-* headers, so letting requests through when it is down would skip authentication and trust
+  whatever tenant header a client sent. A failure answers 503 (status_on_error).
+- The rate limit fails open (failure_mode_deny false): a rate-limit outage should not take inference
+  down; callers were already authenticated, and the filter's error stats show the gap.
+- gRPC service clusters speak HTTP/2, use active gRPC health checks (also while idle) and outlier
+  detection, and disable panic routing: a dead or unready replica gets no traffic. Without them one
+  dead endpoint among 8 failed 1 request in 8 (PERF_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from igw.topology import (
+    EXT_PROC_CLUSTER,
+    RATELIMIT_CLUSTER,
+    Endpoint,
+    Topology,
+    documented_topology,
+    model_cluster_name,
+)
+
+Config = dict[str, Any]
+
+RATELIMIT_DOMAIN = "igw"
+TENANT_HEADER = "x-igw-tenant"
+MODEL_HEADER = "x-igw-model"
+REPLICA_HEADER = "x-igw-replica"
+MODEL_READY_PATH = "/v2/health/ready"
+
+_TYPE = "type.googleapis.com/"
+EXT_PROC_TYPE = _TYPE + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+RATELIMIT_TYPE = _TYPE + "envoy.extensions.filters.http.ratelimit.v3.RateLimit"
+ROUTER_TYPE = _TYPE + "envoy.extensions.filters.http.router.v3.Router"
+HCM_TYPE = _TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+FILE_LOG_TYPE = _TYPE + "envoy.extensions.access_loggers.file.v3.FileAccessLog"
+HTTP_OPTIONS_TYPE = _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMMITTED_LOCAL = REPO_ROOT / "envoy" / "envoy.yaml"
+COMMITTED_COMPOSE = REPO_ROOT / "envoy" / "envoy.compose.yaml"
+
+
+def duration(seconds: float) -> str:
+    """Envoy's Duration as text ('0.2s'); fixed-point so the rendered YAML is stable."""
+    text = f"{seconds:.3f}".rstrip("0").rstrip(".")
+    return f"{text}s"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every timeout the gateway config sets, in seconds, in one place."""
+
+    ext_proc_message: float = 0.2  # per ext_proc message (headers, or a buffered body)
+    ext_proc_max_message: float = 2.0  # ext_proc may raise its own message timeout up to this
+    ratelimit: float = 0.2  # one ShouldRateLimit call
+    connect: float = 0.25  # TCP connect to any upstream (loopback or cluster network)
+    route: float = 30.0  # whole upstream request unless ext_proc sets x-envoy-upstream-rq-timeout-ms
+    stream_idle: float = 60.0  # downstream stream with no activity
+    request_headers: float = 10.0  # client must send its headers within this
+    health_check: float = 0.5  # one active health-check probe
+    health_interval: float = 1.0  # between probes, also when the cluster has no traffic
+    ejection: float = 5.0  # base outlier ejection time
+    http2_keepalive_interval: float = 10.0
+    http2_keepalive_timeout: float = 2.0
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+
+
+# ---------------------------------------------------------------------------------------------- filters
+
+
+def ext_proc_filter(cluster: str = EXT_PROC_CLUSTER, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Config:
+    """Headers only by default; the processor asks for a body per request (allow_mode_override)."""
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": EXT_PROC_TYPE,
+            "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+            "failure_mode_allow": False,
+            "status_on_error": {"code": "ServiceUnavailable"},
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "allow_mode_override": True,
+            "message_timeout": duration(timeouts.ext_proc_message),
+            "max_message_timeout": duration(timeouts.ext_proc_max_message),
+            "request_attributes": [],
+            # Headers changed by the processor pick the route (x-igw-model), so always re-route.
+            "route_cache_action": "CLEAR",
+            # The processor strips client-sent x-envoy-* headers and sets the upstream timeout header;
+            # a mutation Envoy refuses is an error, not a silently ignored header.
+            "mutation_rules": {"allow_envoy": True, "disallow_is_error": True},
+        },
+    }
+
+
+def ratelimit_filter(
+    cluster: str = RATELIMIT_CLUSTER, timeouts: Timeouts = DEFAULT_TIMEOUTS, domain: str = RATELIMIT_DOMAIN
+) -> Config:
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": RATELIMIT_TYPE,
+            "domain": domain,
+            "failure_mode_deny": False,
+            "timeout": duration(timeouts.ratelimit),
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+            "rate_limited_as_resource_exhausted": False,
+            "rate_limit_service": {
+                "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+                "transport_api_version": "V3",
+            },
+        },
+    }
+
+
+def router_filter() -> Config:
+    return {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}
+
+
+def http_filters(
+    ext_proc_cluster: str = EXT_PROC_CLUSTER,
+    ratelimit_cluster: str = RATELIMIT_CLUSTER,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+) -> list[Config]:
+    """In this order: see the module docstring."""
+    return [ext_proc_filter(ext_proc_cluster, timeouts), ratelimit_filter(ratelimit_cluster, timeouts), router_filter()]
+
+
+def route_rate_limits() -> list[Config]:
+    """Descriptors [tenant], [tenant, model], [model]; one is skipped when a header it needs is absent."""
+
+    def header(name: str, key: str) -> Config:
+        return {"request_headers": {"header_name": name, "descriptor_key": key}}
+
+    tenant, model = header(TENANT_HEADER, "tenant"), header(MODEL_HEADER, "model")
+    return [{"actions": [tenant]}, {"actions": [tenant, model]}, {"actions": [model]}]
+
+
+# ------------------------------------------------------------------------------------------------ routes
+
+
+def model_route(model: str, cluster: str | None = None, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Config:
+    return {
+        "name": f"model-{model}",
+        "match": {"prefix": "/", "headers": [{"name": MODEL_HEADER, "string_match": {"exact": model}}]},
+        "route": {
+            "cluster": cluster or model_cluster_name(model),
+            "timeout": duration(timeouts.route),
+            "rate_limits": route_rate_limits(),
+            # A refused connection never reached the model: safe to try another replica.
+            "retry_policy": {
+                "retry_on": "connect-failure,refused-stream",
+                "num_retries": 2,
+                "retry_host_predicate": [{
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {
+                        "@type": _TYPE + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                    },
+                }],
+                "host_selection_retry_max_attempts": 3,
+            },
+        },
+    }
+
+
+def unknown_model_route() -> Config:
+    return {
+        "name": "unknown-model",
+        "match": {"prefix": "/"},
+        "direct_response": {
+            "status": 404,
+            "body": {"inline_string": '{"error":"no model route: x-igw-model is missing or names no served model"}'},
+        },
+        "response_headers_to_add": [{
+            "header": {"key": "content-type", "value": "application/json"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }],
+    }
+
+
+def route_config(models: list[str], timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Config:
+    return {
+        "name": "gateway",
+        "virtual_hosts": [{
+            "name": "models",
+            "domains": ["*"],
+            "routes": [*(model_route(m, timeouts=timeouts) for m in models), unknown_model_route()],
+        }],
+    }
+
+
+# -------------------------------------------------------------------------------------------- access log
+
+ACCESS_LOG_FIELDS: dict[str, str] = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "tenant": "%REQ(X-IGW-TENANT)%",
+    "model": "%REQ(X-IGW-MODEL)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "rate_limited": "%RESP(X-ENVOY-RATELIMITED)%",
+    "ratelimit_limit": "%RESP(X-RATELIMIT-LIMIT)%",
+    "ratelimit_remaining": "%RESP(X-RATELIMIT-REMAINING)%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "replica": "%RESP(X-IGW-REPLICA)%",
+    "upstream_failure": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "duration_ms": "%DURATION%",
+    "upstream_service_time_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+}
+
+
+def access_log(path: str = "/dev/stdout") -> list[Config]:
+    """One JSON object per request (fields: ACCESS_LOG_FIELDS; absent values are null)."""
+    return [{
+        "name": "envoy.access_loggers.file",
+        "typed_config": {"@type": FILE_LOG_TYPE, "path": path, "log_format": {"json_format": dict(ACCESS_LOG_FIELDS)}},
+    }]
+
+
+# ---------------------------------------------------------------------------------------------- clusters
+
+
+def _endpoints(name: str, endpoints: list[Endpoint]) -> Config:
+    return {
+        "cluster_name": name,
+        "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": e.host, "port_value": e.port}}}}
+            for e in endpoints
+        ]}],
+    }
+
+
+def _health_check(timeouts: Timeouts, probe: Config) -> Config:
+    interval = duration(timeouts.health_interval)
+    return {
+        "timeout": duration(timeouts.health_check),
+        "interval": interval,
+        # Envoy probes idle clusters only every 60s by default; a dead replica must be seen at once.
+        "no_traffic_interval": interval,
+        "unhealthy_interval": interval,
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        **probe,
+    }
+
+
+def _outlier_detection(timeouts: Timeouts) -> Config:
+    return {
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": 2,
+        "enforcing_consecutive_local_origin_failure": 100,
+        "consecutive_gateway_failure": 3,
+        "enforcing_consecutive_gateway_failure": 100,
+        "consecutive_5xx": 5,
+        "interval": duration(timeouts.health_interval),
+        "base_ejection_time": duration(timeouts.ejection),
+        "max_ejection_percent": 100,
+    }
+
+
+def _base_cluster(name: str, endpoints: list[Endpoint], discovery: str, timeouts: Timeouts) -> Config:
+    if discovery not in ("STATIC", "STRICT_DNS"):
+        raise ValueError(f"discovery must be STATIC or STRICT_DNS, got {discovery!r}")
+    if not endpoints:
+        raise ValueError(f"cluster {name!r} needs at least one endpoint")
+    cluster: Config = {
+        "name": name,
+        "type": discovery,
+        "connect_timeout": duration(timeouts.connect),
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": _endpoints(name, endpoints),
+        # Never route to hosts known dead just because few are healthy (Envoy's default panics at <50%).
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 4096, "max_pending_requests": 4096, "max_requests": 4096, "max_retries": 64,
+        }]},
+        "outlier_detection": _outlier_detection(timeouts),
+    }
+    if discovery == "STRICT_DNS":
+        cluster["dns_lookup_family"] = "V4_ONLY"
+        cluster["dns_refresh_rate"] = "5s"
+    return cluster
+
+
+def service_cluster(
+    name: str,
+    endpoints: list[Endpoint],
+    *,
+    discovery: str = "STATIC",
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    grpc_health_service: str = "",
+) -> Config:
+    """A gRPC service (ext_proc, rate limit): HTTP/2, gRPC health checks, outlier detection."""
+    cluster = _base_cluster(name, endpoints, discovery, timeouts)
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": HTTP_OPTIONS_TYPE,
+            "explicit_http_config": {"http2_protocol_options": {"connection_keepalive": {
+                "interval": duration(timeouts.http2_keepalive_interval),
+                "timeout": duration(timeouts.http2_keepalive_timeout),
+            }}},
+        }
+    }
+    cluster["health_checks"] = [_health_check(timeouts, {"grpc_health_check": {"service_name": grpc_health_service}})]
+    return cluster
+
+
+def model_cluster(
+    model: str,
+    endpoints: list[Endpoint],
+    *,
+    discovery: str = "STATIC",
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+) -> Config:
+    """A model's replicas (KServe v2 over HTTP/1.1), probed on /v2/health/ready."""
+    cluster = _base_cluster(model_cluster_name(model), endpoints, discovery, timeouts)
+    cluster["health_checks"] = [_health_check(timeouts, {"http_health_check": {"path": MODEL_READY_PATH}})]
+    return cluster
+
+
+# --------------------------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap(
+    topology: Topology,
+    *,
+    access_log_path: str = "/dev/stdout",
+    discovery: str = "STATIC",
+    listen_host: str | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+) -> Config:
+    """The whole static bootstrap of the test bed. `listen_host` overrides the listener/admin bind address
+    (compose binds 0.0.0.0 while the topology names the 'envoy' host)."""
+    models = list(topology.models)
+    listen = listen_host or topology.gateway.host
+    hcm: Config = {
+        "@type": HCM_TYPE,
+        "stat_prefix": "gateway",
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        "generate_request_id": True,
+        "preserve_external_request_id": True,
+        "stream_idle_timeout": duration(timeouts.stream_idle),
+        "request_headers_timeout": duration(timeouts.request_headers),
+        "access_log": access_log(access_log_path),
+        "route_config": route_config(models, timeouts),
+        "http_filters": http_filters(EXT_PROC_CLUSTER, RATELIMIT_CLUSTER, timeouts),
+    }
+    clusters = [
+        service_cluster(EXT_PROC_CLUSTER, [s.grpc for s in topology.ext_proc], discovery=discovery, timeouts=timeouts),
+        service_cluster(RATELIMIT_CLUSTER, [s.grpc for s in topology.ratelimit], discovery=discovery,
+                        timeouts=timeouts),
+        *(model_cluster(m, list(eps), discovery=discovery, timeouts=timeouts) for m, eps in topology.models.items()),
+    ]
+    return {
+        "node": {"id": "igw-testbed", "cluster": "igw-testbed"},
+        "admin": {"address": {"socket_address": {"address": listen, "port_value": topology.admin.port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "gateway",
+                "address": {"socket_address": {"address": listen, "port_value": topology.gateway.port}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                "typed_config": hcm}]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+
+
+HEADER = "# Generated by `python -m igw.envoy_config --write` from igw/envoy_config.py ({what}). Do not edit:\n" \
+         "# tests/testbed/test_envoy_config.py fails when this file and the generator differ.\n"
+
+
+def render_yaml(config: Config, what: str) -> str:
+    return HEADER.format(what=what) + yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=120)
+
+
+def compose_hostname(component: str) -> str:
+    """Compose service names equal the component names used by the topology."""
+    return component
+
+
+def committed_files() -> dict[Path, str]:
+    """The committed renderings: loopback with the documented ports, and compose hostnames."""
+    local = bootstrap(documented_topology())
+    compose = bootstrap(
+        documented_topology(host=compose_hostname), access_log_path="/dev/stdout", discovery="STRICT_DNS",
+        listen_host="0.0.0.0",
+    )
+    return {
+        COMMITTED_LOCAL: render_yaml(local, "documented ports on 127.0.0.1"),
+        COMMITTED_COMPOSE: render_yaml(compose, "docker-compose hostnames, documented ports"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m igw.envoy_config",
+                                     description="Render the committed Envoy configs, or check them for drift.")
+    parser.add_argument("--write", action="store_true", help="rewrite envoy/envoy.yaml and envoy/envoy.compose.yaml")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in committed_files().items():
+        if args.write:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(REPO_ROOT)}")
+        elif not path.exists() or path.read_text() != text:
+            stale.append(str(path.relative_to(REPO_ROOT)))
+    if stale:
+        print(f"out of date: {', '.join(stale)} (run python -m igw.envoy_config --write)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
