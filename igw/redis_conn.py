@@ -80,22 +80,19 @@ def _parse_db(url: str, text: str) -> int:
 def encode_command(args: Command) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        else:
-            data = str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        kind = type(arg)
+        data = arg if kind is bytes else (arg.encode() if kind is str else str(arg).encode())  # type: ignore[union-attr]
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
 
 
 class _Batch:
-    __slots__ = ("future", "remaining", "replies")
+    __slots__ = ("deadline", "future", "remaining", "replies")
 
-    def __init__(self, future: asyncio.Future[list[object]], count: int) -> None:
+    def __init__(self, future: asyncio.Future[list[object]], count: int, deadline: float) -> None:
         self.future = future
         self.remaining = count
+        self.deadline = deadline
         self.replies: list[object] = []
 
 
@@ -104,6 +101,7 @@ class _RespProtocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.pending: deque[_Batch] = deque()
         self.transport: asyncio.Transport | None = None
+        self.watchdog: asyncio.TimerHandle | None = None
         self._on_lost = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,6 +130,9 @@ class _RespProtocol(asyncio.Protocol):
         self._on_lost(RedisError(f"redis connection lost: {exc or 'closed by server'}"))
 
     def fail_all(self, exc: Exception) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         while self.pending:
             batch = self.pending.popleft()
             if not batch.future.done():
@@ -226,28 +227,31 @@ class PipelinedRedis:
         return await asyncio.shield(self._connecting)
 
     async def _send(self, protocol: _RespProtocol, commands: list[Command], timeout: float) -> list[object]:
+        """Replies come back in order, so only the oldest pending batch can be the first to time out: one
+        watchdog per connection checks it, instead of a timer per call (timers cost more than the call)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[object]] = loop.create_future()
-        protocol.pending.append(_Batch(future, len(commands)))
+        protocol.pending.append(_Batch(future, len(commands), loop.time() + timeout))
         assert protocol.transport is not None
-        protocol.transport.write(b"".join(encode_command(c) for c in commands))
-        handle = loop.call_later(timeout, self._on_timeout, protocol, future)
-        try:
-            return await future
-        finally:
-            handle.cancel()
+        protocol.transport.write(b"".join([encode_command(c) for c in commands]))
+        if protocol.watchdog is None:
+            protocol.watchdog = loop.call_later(timeout / 4, self._watch, protocol)
+        return await future
 
-    def _on_timeout(self, protocol: _RespProtocol, future: asyncio.Future[list[object]]) -> None:
-        if future.done():
+    def _watch(self, protocol: _RespProtocol) -> None:
+        protocol.watchdog = None
+        if not protocol.pending:
             return
-        self.errors += 1
-        error = RedisError(f"redis at {self.address.url} did not answer within {self.timeout * 1000:.0f} ms")
-        if self._protocol is protocol:
-            self._lost(error)
-        else:
-            protocol.fail_all(error)
-        if not future.done():
-            future.set_exception(error)
+        loop = asyncio.get_running_loop()
+        if protocol.pending[0].deadline <= loop.time():
+            self.errors += 1
+            error = RedisError(f"redis at {self.address.url} did not answer within {self.timeout * 1000:.0f} ms")
+            if self._protocol is protocol:
+                self._lost(error)
+            else:
+                protocol.fail_all(error)
+            return
+        protocol.watchdog = loop.call_later(self.timeout / 4, self._watch, protocol)
 
     async def execute_many(self, commands: list[Command]) -> list[object]:
         """Send all commands in one write and return their replies; Redis error replies are returned."""
