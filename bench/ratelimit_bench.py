@@ -86,7 +86,8 @@ def main() -> int:
         print(f"\nShouldRateLimit, 3 descriptors per call, {args.concurrency} concurrent calls, "
               f"{args.workers} service process(es), {args.rounds} rounds of {args.duration:.0f} s, medians")
         header = ("backend", "calls/s", "p50 ms", "p99 ms", "svc CPU/call", "redis CPU/call", "errors")
-        print(f"{header[0]:<8} {header[1]:>9} {header[2]:>8} {header[3]:>8} {header[4]:>13} {header[5]:>15} {header[6]:>7}")
+        widths = (-8, 9, 8, 8, 13, 15, 7)
+        print(" ".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
         for backend in ("redis", "memory"):
             print(f"{backend:<8} {med(backend, 'rps'):>9.0f} {med(backend, 'p50_ms'):>8.2f} "
                   f"{med(backend, 'p99_ms'):>8.2f} "
