@@ -21,7 +21,7 @@ from tests.helpers import ServiceFactory
 
 
 class _Ok(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("content-length", "2")
         self.end_headers()
