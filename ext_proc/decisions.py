@@ -1,0 +1,90 @@
+"""Every outcome a request can get, with its HTTP status and the message the client sees.
+
+Pure: no I/O. One place maps a refusal to status, machine code and wording, so the stream handler,
+metrics and logs all agree. Messages name what is wrong but never internal detail (no Redis errors,
+no key digests, no tenant data the caller does not already know).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALLOWED = "allowed"
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """A refusal sent to the client as an ImmediateResponse with a JSON error body."""
+
+    status: int
+    code: str
+    message: str
+    reason: str  # for logs and metrics only: finer than `code` (e.g. revoked vs expired)
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def decision(self) -> str:
+        """The metrics label: the HTTP status as text."""
+        return str(self.status)
+
+
+_BEARER = ("www-authenticate", 'Bearer realm="igw"')
+_BEARER_INVALID = ("www-authenticate", 'Bearer realm="igw", error="invalid_token"')
+
+MISSING_KEY = Denial(
+    401, "missing_api_key",
+    "an API key is required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+    "missing_key", (_BEARER,),
+)
+MALFORMED_AUTHORIZATION = Denial(
+    401, "invalid_authorization", "the Authorization header must have the form 'Bearer <key>'",
+    "malformed_authorization", (_BEARER,),
+)
+UNKNOWN_KEY = Denial(401, "invalid_api_key", "the API key is not valid", "unknown_key", (_BEARER_INVALID,))
+REVOKED_KEY = Denial(401, "invalid_api_key", "the API key has been revoked", "revoked_key", (_BEARER_INVALID,))
+EXPIRED_KEY = Denial(401, "invalid_api_key", "the API key has expired", "expired_key", (_BEARER_INVALID,))
+ORPHAN_KEY = Denial(401, "invalid_api_key", "the API key is not valid", "tenant_missing", (_BEARER_INVALID,))
+TENANT_SUSPENDED = Denial(403, "tenant_suspended", "the tenant of this API key is suspended", "tenant_suspended")
+NO_API_AT_PATH = Denial(404, "not_found", "no inference API at this path", "unknown_path")
+METHOD_NOT_ALLOWED = Denial(
+    405, "method_not_allowed", "inference calls must use POST", "method", (("allow", "POST"),)
+)
+INVALID_CONTENT_LENGTH = Denial(400, "bad_request", "the content-length header is not a valid number",
+                                "content_length")
+BODY_REQUIRED = Denial(400, "bad_request", "this call needs a JSON request body", "empty_body")
+INVALID_JSON = Denial(400, "invalid_json", "the request body is not well-formed JSON", "invalid_json")
+MISSING_MODEL = Denial(
+    400, "missing_model", "the JSON body must name the model in a non-empty 'model' string field", "missing_model"
+)
+INVALID_MODEL_NAME = Denial(400, "invalid_model", "the model name contains characters that are not allowed",
+                            "invalid_model_name")
+BACKEND_UNAVAILABLE = Denial(
+    503, "unavailable", "the gateway cannot verify credentials right now; retry shortly",
+    "redis_unavailable", (("retry-after", "1"),),
+)
+
+
+def model_not_found(model: str) -> Denial:
+    return Denial(404, "model_not_found", f"model {model[:128]!r} does not exist", "unknown_model")
+
+
+def model_not_allowed(model: str) -> Denial:
+    return Denial(403, "model_not_allowed", f"this API key may not use model {model[:128]!r}", "model_not_allowed")
+
+
+def body_too_large(limit_bytes: int) -> Denial:
+    return Denial(413, "request_too_large", f"the request body exceeds the limit of {limit_bytes} bytes",
+                  "body_too_large")
+
+
+def body_too_large_to_inspect(limit_bytes: int) -> Denial:
+    return Denial(
+        413, "request_too_large",
+        f"the request body exceeds the {limit_bytes} bytes the gateway reads to find the model",
+        "body_too_large_to_inspect",
+    )
+
+
+def unsupported_media_type(allowed: tuple[str, ...]) -> Denial:
+    return Denial(415, "unsupported_media_type", f"content-type must be one of: {', '.join(allowed)}",
+                  "content_type")

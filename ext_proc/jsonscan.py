@@ -1,0 +1,80 @@
+"""An incremental structural check of a JSON document too large to hold in memory.
+
+Pure: no I/O. Used only in STREAMED body mode, where the gateway must not buffer the body: it checks
+that the document starts with an object or array, that brackets nest and balance, that strings end,
+and that nothing but whitespace follows the top-level value. It does not check scalar tokens (a stray
+`tru` inside an array passes); BUFFERED mode, which parses the whole body, is the full check.
+State between chunks is a few integers and the bracket stack, never the body.
+"""
+
+from __future__ import annotations
+
+import re
+
+_STRUCTURAL = re.compile(rb'[\[\]{}"]')
+_STRING_SPECIAL = re.compile(rb'["\\]')
+_WHITESPACE = b" \t\r\n"
+_CLOSERS = {ord("]"): ord("["), ord("}"): ord("{")}
+
+
+class JsonStructureError(ValueError):
+    pass
+
+
+class JsonStructureScanner:
+    __slots__ = ("_done", "_escape", "_in_string", "_stack", "_started")
+
+    def __init__(self) -> None:
+        self._stack: list[int] = []
+        self._in_string = False
+        self._escape = False
+        self._started = False
+        self._done = False
+
+    def feed(self, chunk: bytes) -> None:
+        pos, end = 0, len(chunk)
+        while pos < end:
+            if self._done:
+                if chunk[pos:].strip(_WHITESPACE):
+                    raise JsonStructureError("data after the end of the JSON document")
+                return
+            if not self._started:
+                rest = chunk[pos:].lstrip(_WHITESPACE)
+                if not rest:
+                    return
+                if rest[0] not in b"[{":
+                    raise JsonStructureError("the document must be a JSON object or array")
+                pos = end - len(rest)
+                self._started = True
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                    pos += 1
+                    continue
+                match = _STRING_SPECIAL.search(chunk, pos)
+                if match is None:
+                    return
+                pos = match.end()
+                if match.group() == b"\\":
+                    self._escape = True
+                else:
+                    self._in_string = False
+                continue
+            match = _STRUCTURAL.search(chunk, pos)
+            if match is None:
+                return
+            pos = match.end()
+            char = chunk[match.start()]
+            if char == ord('"'):
+                self._in_string = True
+            elif char in _CLOSERS:
+                if not self._stack or self._stack.pop() != _CLOSERS[char]:
+                    raise JsonStructureError("unbalanced brackets")
+                if not self._stack:
+                    self._done = True
+            else:
+                self._stack.append(char)
+
+    def finish(self) -> None:
+        if not self._done:
+            raise JsonStructureError("the JSON document is incomplete")

@@ -1,0 +1,346 @@
+"""One HTTP request's walk through the ext_proc phases: authenticate, resolve the model, check, shape.
+
+A `RequestProcessor` lives for one gRPC stream (one HTTP request). It turns each ProcessingRequest into
+the matching ProcessingResponse and raises `ProtocolError` for misuse. It does no network I/O itself:
+tenants, keys and models come through the `Lookups` protocol (cache.Directory in the service), and
+the decisions themselves are the pure functions of apikeys/routes/shaping/decisions.
+
+Body handling: Envoy sends request headers only. When a request needs its body (model named in the
+JSON body, or a model registered with inspect_body) the headers response asks for it with a
+mode_override: BUFFERED when it fits in `max_buffer_bytes`, else STREAMED (counted and scanned chunk by
+chunk, never held). Requests whose size is unknown (no content-length) are STREAMED so the tenant's
+max body size still holds. Nothing else costs an extra message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from ext_proc import decisions as d
+from ext_proc import metrics
+from ext_proc import responses as r
+from ext_proc.apikeys import MalformedAuthorization, credential_from, digests_match, key_digest
+from ext_proc.cache import Unavailable
+from ext_proc.jsonscan import JsonStructureError, JsonStructureScanner
+from ext_proc.records import MODEL_NAME, MODEL_VERSION, ApiKey, Model, Tenant
+from ext_proc.routes import (
+    BodyError,
+    Route,
+    content_type_allowed,
+    media_type,
+    model_from_document,
+    parse_json_body,
+    resolve_path,
+)
+from ext_proc.shaping import (
+    model_headers,
+    new_request_id,
+    parse_content_length,
+    read_request_head,
+    removals,
+    tenant_headers,
+    usable_request_id,
+)
+
+log = logging.getLogger("ext_proc.requests")
+
+
+class ProtocolError(Exception):
+    """The peer broke the ext_proc protocol (e.g. a body before headers); ends the stream with a gRPC error."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Lookups(Protocol):
+    async def api_key(self, digest: str) -> ApiKey | None: ...
+    async def tenant(self, tenant_id: str) -> Tenant | None: ...
+    async def model(self, name: str) -> Model | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorConfig:
+    key_secret: bytes
+    max_buffer_bytes: int
+    forward_credentials: bool = False
+
+
+class _BodyPlan:
+    """What to do with the request body: `kind` is 'model' (find the model in it), 'inspect' (check
+    JSON) or 'count' (enforce the size only)."""
+
+    __slots__ = ("buffer", "json", "kind", "limit", "mode", "received", "route", "scanner", "tenant", "version")
+
+    def __init__(self, kind: str, tenant: Tenant, route: Route, mode: int, *, json: bool, buffered: bool) -> None:
+        self.kind = kind
+        self.tenant = tenant
+        self.route = route
+        self.mode = mode
+        self.limit = tenant.max_body_bytes
+        self.received = 0
+        self.json = json
+        self.buffer: bytearray | None = bytearray() if buffered and json else None
+        self.scanner = JsonStructureScanner() if json and not buffered else None
+        self.version = route.version
+
+
+_PHASES = frozenset(r.CONTINUE)
+
+
+class RequestProcessor:
+    __slots__ = ("announced_body_mode", "announced_response_body_mode", "clock", "config", "done", "lookups",
+                 "model", "plan", "request_id", "seen_request_headers", "tenant")
+
+    def __init__(self, config: ProcessorConfig, lookups: Lookups, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.lookups = lookups
+        self.clock = clock
+        self.seen_request_headers = False
+        self.done = False  # an ImmediateResponse was sent: the request is over
+        self.plan: _BodyPlan | None = None
+        self.request_id: str | None = None
+        self.tenant: Tenant | None = None
+        self.model: str | None = None
+        self.announced_body_mode = r.BODY_NONE
+        self.announced_response_body_mode = r.BODY_NONE
+
+    async def handle(self, request: pb.ProcessingRequest) -> tuple[str, pb.ProcessingResponse]:
+        """(phase, response) for one message."""
+        phase = request.WhichOneof("request")
+        if phase is None:
+            raise ProtocolError(
+                "unknown_phase",
+                "ProcessingRequest has no phase this processor knows (expected one of request_headers, "
+                "request_body, request_trailers, response_headers, response_body, response_trailers)",
+            )
+        if self.done:
+            raise ProtocolError("after_immediate_response",
+                                f"{phase} received after the request was answered with an ImmediateResponse")
+        if request.HasField("protocol_config"):
+            self.announced_body_mode = request.protocol_config.request_body_mode
+            self.announced_response_body_mode = request.protocol_config.response_body_mode
+        if phase == "request_headers":
+            if self.seen_request_headers:
+                raise ProtocolError("duplicate_headers", "request_headers received twice on one stream")
+            self.seen_request_headers = True
+            return phase, await self._request_headers(request.request_headers)
+        if phase == "request_body":
+            if not self.seen_request_headers:
+                raise ProtocolError("body_before_headers", "request_body received before request_headers")
+            return phase, await self._request_body(request.request_body)
+        if phase == "request_trailers":
+            if not self.seen_request_headers:
+                raise ProtocolError("trailers_before_headers", "request_trailers received before request_headers")
+            return phase, await self._request_trailers()
+        if phase == "response_body" and self.announced_response_body_mode == r.BODY_FULL_DUPLEX:
+            # Envoy forwards only what the processor sends back in this mode.
+            body = request.response_body
+            return phase, r.streamed_body_response(phase, body.body, body.end_of_stream)
+        return phase, r.CONTINUE[phase]
+
+    # --- request headers -------------------------------------------------------------------------------
+
+    async def _request_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:
+        head = read_request_head(message.headers.headers)
+        new_id = None
+        if usable_request_id(head.request_id):
+            self.request_id = head.request_id
+        else:
+            self.request_id = new_id = new_request_id()
+        try:
+            key = credential_from(head.authorization, head.x_api_key)
+        except MalformedAuthorization:
+            return self._deny(d.MALFORMED_AUTHORIZATION)
+        if key is None:
+            return self._deny(d.MISSING_KEY)
+        digest = key_digest(self.config.key_secret, key)
+        try:
+            record = await self.lookups.api_key(digest)
+            if record is None or not digests_match(record.digest, digest):
+                return self._deny(d.UNKNOWN_KEY)
+            if record.revoked_at:
+                return self._deny(d.REVOKED_KEY)
+            if record.expired(self.clock()):
+                return self._deny(d.EXPIRED_KEY)
+            tenant = await self.lookups.tenant(record.tenant)
+            if tenant is None:
+                return self._deny(d.ORPHAN_KEY)
+            self.tenant = tenant
+            if not tenant.active:
+                return self._deny(d.TENANT_SUSPENDED)
+            route = resolve_path(head.method, head.path)
+            if route is None:
+                return self._deny(d.NO_API_AT_PATH)
+            model: Model | None = None
+            if route.model is not None:
+                if not MODEL_NAME.match(route.model) or (
+                    route.version is not None and not MODEL_VERSION.match(route.version)
+                ):
+                    return self._deny(d.INVALID_MODEL_NAME)
+                denial_or_model = await self._resolve_model(tenant, route.model)
+                if isinstance(denial_or_model, d.Denial):
+                    return self._deny(denial_or_model)
+                model = denial_or_model
+        except Unavailable:
+            return self._deny(d.BACKEND_UNAVAILABLE)
+
+        try:
+            length = parse_content_length(head.content_length)
+        except ValueError:
+            return self._deny(d.INVALID_CONTENT_LENGTH)
+        has_body = not message.end_of_stream and length != 0
+        if route.inference:
+            if head.method != "POST":
+                return self._deny(d.METHOD_NOT_ALLOWED)
+            if has_body and not content_type_allowed(head.content_type, route.content_types):
+                return self._deny(d.unsupported_media_type(route.content_types))
+        if length is not None and length > tenant.max_body_bytes:
+            return self._deny(d.body_too_large(tenant.max_body_bytes))
+
+        plan_or_denial = self._body_plan(route, model, tenant, head.content_type, length, has_body)
+        if isinstance(plan_or_denial, d.Denial):
+            return self._deny(plan_or_denial)
+        plan = plan_or_denial
+
+        set_headers = tenant_headers(tenant, new_id)
+        if model is not None:
+            self.model = model.name
+            set_headers += model_headers(model.name, route.version)
+        remove = removals(head, forward_credentials=self.config.forward_credentials)
+        body_mode: int | None = None
+        if plan is not None:
+            self.plan = plan
+            if plan.mode != self.announced_body_mode:
+                body_mode = plan.mode
+        else:
+            self._allow()
+            if self.announced_body_mode != r.BODY_NONE:
+                body_mode = r.BODY_NONE  # Envoy would send a body we do not need: spare the messages
+        return r.request_headers_response(set_headers, remove, clear_route_cache=True, request_body_mode=body_mode)
+
+    async def _resolve_model(self, tenant: Tenant, name: str) -> Model | d.Denial:
+        model = await self.lookups.model(name)
+        if model is None:
+            return d.model_not_found(name)
+        self.model = model.name
+        if not tenant.allows_model(model.name):
+            return d.model_not_allowed(name)
+        return model
+
+    def _body_plan(
+        self, route: Route, model: Model | None, tenant: Tenant, content_type: str | None,
+        length: int | None, has_body: bool,
+    ) -> _BodyPlan | d.Denial | None:
+        if not has_body:
+            return d.BODY_REQUIRED if route.model_in_body else None
+        max_buffer = self.config.max_buffer_bytes
+        is_json = media_type(content_type) != "application/octet-stream"
+        if route.model_in_body:
+            if length is not None and length > max_buffer:
+                # STREAMED would forward the headers before the model is known, so routing could not use it.
+                return d.body_too_large_to_inspect(max_buffer)
+            return _BodyPlan("model", tenant, route, r.BODY_BUFFERED, json=True, buffered=True)
+        if model is not None and model.inspect_body:
+            fits = length is not None and length <= max_buffer
+            mode = r.BODY_BUFFERED if fits else r.BODY_STREAMED
+            return _BodyPlan("inspect", tenant, route, mode, json=is_json, buffered=fits)
+        if length is None:
+            return _BodyPlan("count", tenant, route, r.BODY_STREAMED, json=False, buffered=False)
+        return None
+
+    # --- request body and trailers ---------------------------------------------------------------------
+
+    async def _request_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
+        plan = self.plan
+        if plan is None:
+            if self.announced_body_mode == r.BODY_FULL_DUPLEX:
+                return r.streamed_body_response("request_body", body.body, body.end_of_stream)
+            return r.CONTINUE_REQUEST_BODY
+        chunk = body.body
+        plan.received += len(chunk)
+        if plan.received > plan.limit:
+            return self._deny(d.body_too_large(plan.limit))
+        if plan.buffer is not None:
+            if len(plan.buffer) + len(chunk) > self.config.max_buffer_bytes:
+                return self._deny(d.body_too_large_to_inspect(self.config.max_buffer_bytes))
+            plan.buffer += chunk
+        elif plan.scanner is not None:
+            try:
+                plan.scanner.feed(chunk)
+            except JsonStructureError:
+                return self._deny(d.INVALID_JSON)
+        if body.end_of_stream or plan.mode in (r.BODY_BUFFERED, r.BODY_BUFFERED_PARTIAL):
+            return await self._finish_body(plan)
+        return r.CONTINUE_REQUEST_BODY
+
+    async def _request_trailers(self) -> pb.ProcessingResponse:
+        plan = self.plan
+        if plan is not None:
+            response = await self._finish_body(plan)
+            if response.HasField("immediate_response"):
+                return response
+        return r.CONTINUE_REQUEST_TRAILERS
+
+    async def _finish_body(self, plan: _BodyPlan) -> pb.ProcessingResponse:
+        self.plan = None
+        if plan.scanner is not None:
+            try:
+                plan.scanner.finish()
+            except JsonStructureError:
+                return self._deny(d.INVALID_JSON)
+        if plan.buffer is None:
+            self._allow()
+            return r.CONTINUE_REQUEST_BODY
+        try:
+            document = parse_json_body(bytes(plan.buffer)) if plan.json else None
+            if plan.kind != "model":
+                self._allow()
+                return r.CONTINUE_REQUEST_BODY
+            name = model_from_document(document)
+        except BodyError as exc:
+            return self._deny(d.INVALID_JSON if exc.reason == "invalid_json" else d.MISSING_MODEL)
+        if not MODEL_NAME.match(name):
+            return self._deny(d.INVALID_MODEL_NAME)
+        try:
+            resolved = await self._resolve_model(plan.tenant, name)
+        except Unavailable:
+            return self._deny(d.BACKEND_UNAVAILABLE)
+        if isinstance(resolved, d.Denial):
+            return self._deny(resolved)
+        self._allow()
+        return r.request_body_response(model_headers(resolved.name, plan.version), clear_route_cache=True)
+
+    # --- outcomes --------------------------------------------------------------------------------------
+
+    def _deny(self, denial: d.Denial) -> pb.ProcessingResponse:
+        self.done = True
+        self.plan = None
+        tenant = self.tenant.id if self.tenant is not None else metrics.NO_TENANT
+        model = self.model or metrics.NO_MODEL
+        metrics.count_request(tenant, model, denial.decision)
+        metrics.count_denial(denial.reason)
+        log.info(
+            "denied %d %s request_id=%s tenant=%s model=%s", denial.status, denial.reason, self.request_id,
+            tenant, model,
+            extra={"fields": {"request_id": self.request_id, "tenant": tenant, "model": model,
+                              "decision": denial.decision, "reason": denial.reason}},
+        )
+        return r.immediate_response(denial, self.request_id)
+
+    def _allow(self) -> None:
+        tenant = self.tenant.id if self.tenant is not None else metrics.NO_TENANT
+        model = self.model or metrics.NO_MODEL
+        metrics.count_request(tenant, model, d.ALLOWED)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "allowed request_id=%s tenant=%s model=%s", self.request_id, tenant, model,
+                extra={"fields": {"request_id": self.request_id, "tenant": tenant, "model": model,
+                                  "decision": d.ALLOWED}},
+            )

@@ -1,0 +1,134 @@
+"""Reading the request head and deciding the headers Envoy must set or remove.
+
+Pure: no I/O. Anti-spoofing is a rule here, not a habit of callers: every client-sent header with our
+prefix (`x-igw-`) or Envoy's (`x-envoy-`) is removed, and the trusted values are set afterwards with
+overwrite semantics, so a forged `x-igw-tenant` can never reach the rate-limit service or the model.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ext_proc.records import Tenant
+
+INTERNAL_PREFIX = "x-igw-"
+ENVOY_PREFIX = "x-envoy-"
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+MAX_REQUEST_ID_LENGTH = 128
+
+H_TENANT = "x-igw-tenant"
+H_DEPARTMENT = "x-igw-department"
+H_TIER = "x-igw-tier"
+H_MODEL = "x-igw-model"
+H_MODEL_VERSION = "x-igw-model-version"
+H_PRIORITY = "x-igw-priority"
+H_TIMEOUT = "x-envoy-upstream-rq-timeout-ms"
+H_REQUEST_ID = "x-request-id"
+
+
+class HeaderLike(Protocol):
+    key: str
+    value: str
+    raw_value: bytes
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str = ""
+    path: str = ""
+    content_type: str | None = None
+    content_length: str | None = None
+    authorization: str | None = None
+    x_api_key: str | None = None
+    request_id: str | None = None
+    spoofable: list[str] = field(default_factory=list)  # client-sent x-igw-* / x-envoy-* names
+
+
+def read_request_head(headers: Iterable[HeaderLike]) -> RequestHead:
+    """One pass over Envoy's header list. Envoy sends values in `raw_value` (bytes); older builds in `value`."""
+    head = RequestHead()
+    for header in headers:
+        key = header.key.lower()
+        raw = header.raw_value
+        value = raw.decode("latin-1") if raw else header.value
+        if key[0] == ":":
+            if key == ":path":
+                head.path = value
+            elif key == ":method":
+                head.method = value.upper()
+        elif key.startswith(INTERNAL_PREFIX) or key.startswith(ENVOY_PREFIX):
+            head.spoofable.append(key)
+        elif key == "authorization":
+            head.authorization = value
+        elif key == "x-api-key":
+            head.x_api_key = value
+        elif key == "content-type":
+            head.content_type = value
+        elif key == "content-length":
+            head.content_length = value
+        elif key == H_REQUEST_ID:
+            head.request_id = value
+    return head
+
+
+def parse_content_length(text: str | None) -> int | None:
+    """None when absent; ValueError when present but not a plain non-negative integer."""
+    if text is None:
+        return None
+    stripped = text.strip()
+    if not stripped.isdigit() or len(stripped) > 18:
+        raise ValueError(text)
+    return int(stripped)
+
+
+def usable_request_id(value: str | None) -> bool:
+    return (
+        value is not None
+        and 0 < len(value) <= MAX_REQUEST_ID_LENGTH
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    )
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderChanges:
+    set: tuple[tuple[str, str], ...]
+    remove: tuple[str, ...]
+
+
+def removals(head: RequestHead, *, forward_credentials: bool) -> tuple[str, ...]:
+    if forward_credentials:
+        return tuple(head.spoofable)
+    creds = tuple(name for name, value in zip(CREDENTIAL_HEADERS, (head.authorization, head.x_api_key),
+                                               strict=True) if value is not None)
+    return (*head.spoofable, *creds)
+
+
+def tenant_headers(tenant: Tenant, request_id: str | None) -> list[tuple[str, str]]:
+    """The trusted headers the rate-limit descriptors and routes are built from."""
+    out = [
+        (H_TENANT, tenant.id),
+        (H_DEPARTMENT, tenant.department),
+        (H_TIER, tenant.tier),
+        (H_PRIORITY, str(tenant.priority)),
+    ]
+    if tenant.timeout_ms > 0:
+        out.append((H_TIMEOUT, str(tenant.timeout_ms)))
+    if request_id is not None:
+        out.append((H_REQUEST_ID, request_id))
+    return out
+
+
+def model_headers(model: str, version: str | None) -> list[tuple[str, str]]:
+    out = [(H_MODEL, model)]
+    if version is not None:
+        out.append((H_MODEL_VERSION, version))
+    return out
