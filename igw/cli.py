@@ -15,6 +15,7 @@ from igw.runtime import EnvDefaults
 COMMAND_MODULES = [
     "igw.commands.ratelimit",
     "igw.commands.demo",
+    "ext_proc.cli",
 ]
 
 
