@@ -1,0 +1,144 @@
+"""The Envoy configs in the repo: generated from igw/envoy_config.py, accepted by the real Envoy binary."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from igw import envoy_config
+from igw.launcher import envoy_binary
+from igw.procs import REPO_ROOT
+from igw.topology import EXT_PROC_CLUSTER, RATELIMIT_CLUSTER, free_topology
+
+
+def _envoy_yaml_files() -> list[Path]:
+    """Every YAML file in the repo that is an Envoy bootstrap (has static_resources or admin at top level)."""
+    found = []
+    for path in sorted(REPO_ROOT.rglob("*.yaml")):
+        if any(part in (".venv", ".git", "node_modules") for part in path.relative_to(REPO_ROOT).parts):
+            continue
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            continue
+        if isinstance(doc, dict) and "static_resources" in doc:
+            found.append(path)
+    return found
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_committed_envoy_configs_equal_the_generator_output() -> None:
+    for path, text in envoy_config.committed_files().items():
+        assert path.read_text() == text, f"{path} is stale: run python -m igw.envoy_config --write"
+
+
+def test_the_repo_holds_both_committed_envoy_configs() -> None:
+    files = _envoy_yaml_files()
+    assert envoy_config.COMMITTED_LOCAL in files
+    assert envoy_config.COMMITTED_COMPOSE in files
+
+
+@pytest.mark.parametrize("path", _envoy_yaml_files(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_envoy_accepts_every_envoy_config_in_the_repo(path: Path) -> None:
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_envoy_accepts_the_bed_bootstrap_with_two_replicas_of_everything(tmp_path: Path) -> None:
+    topology = free_topology(replicas=2, model_replicas=2)
+    path = tmp_path / "bed.yaml"
+    path.write_text(envoy_config.render_yaml(
+        envoy_config.bootstrap(topology, access_log_path=str(tmp_path / "access.log")), "test"))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    clusters = {c["name"]: c for c in yaml.safe_load(path.read_text())["static_resources"]["clusters"]}
+    assert len(clusters[EXT_PROC_CLUSTER]["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+    assert len(clusters["model-demo-linear"]["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+
+
+def test_envoy_rejects_a_broken_config(tmp_path: Path) -> None:
+    """The validation test above can fail: a misspelled field is refused by the same binary."""
+    config = envoy_config.bootstrap(free_topology())
+    config["static_resources"]["clusters"][0]["conect_timeout"] = "1s"
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _validate(path)
+    assert result.returncode != 0
+    assert "conect_timeout" in result.stdout + result.stderr
+
+
+def test_filters_run_ext_proc_then_rate_limit_then_router() -> None:
+    names = [f["name"] for f in envoy_config.http_filters()]
+    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.ratelimit", "envoy.filters.http.router"]
+
+
+def test_ext_proc_fails_closed_and_sends_request_headers_only() -> None:
+    cfg = envoy_config.ext_proc_filter("some_cluster")["typed_config"]
+    assert cfg["failure_mode_allow"] is False
+    assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == "some_cluster"
+    assert cfg["processing_mode"] == {
+        "request_header_mode": "SEND", "response_header_mode": "SKIP", "request_body_mode": "NONE",
+        "response_body_mode": "NONE", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+    }
+    assert cfg["allow_mode_override"] is True
+    assert cfg["message_timeout"] == "0.2s"
+    assert cfg["request_attributes"] == []
+
+
+def test_rate_limit_fails_open_in_domain_igw_with_draft_headers() -> None:
+    cfg = envoy_config.ratelimit_filter("rl", envoy_config.Timeouts(ratelimit=0.15))["typed_config"]
+    assert cfg["domain"] == "igw"
+    assert cfg["failure_mode_deny"] is False
+    assert cfg["timeout"] == "0.15s"
+    assert cfg["enable_x_ratelimit_headers"] == "DRAFT_VERSION_03"
+    assert cfg["rate_limited_as_resource_exhausted"] is False
+    assert cfg["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "rl"
+
+
+def test_route_rate_limits_build_tenant_tenant_model_and_model_descriptors() -> None:
+    descriptors = [
+        [(a["request_headers"]["header_name"], a["request_headers"]["descriptor_key"]) for a in rl["actions"]]
+        for rl in envoy_config.route_rate_limits()
+    ]
+    assert descriptors == [
+        [("x-igw-tenant", "tenant")],
+        [("x-igw-tenant", "tenant"), ("x-igw-model", "model")],
+        [("x-igw-model", "model")],
+    ]
+
+
+def test_each_model_routes_by_header_to_its_cluster_and_anything_else_gets_a_json_404() -> None:
+    routes = envoy_config.route_config(["a", "b"])["virtual_hosts"][0]["routes"]
+    assert [(r["match"]["headers"][0]["string_match"]["exact"], r["route"]["cluster"]) for r in routes[:2]] == [
+        ("a", "model-a"), ("b", "model-b")]
+    assert all(r["route"]["rate_limits"] == envoy_config.route_rate_limits() for r in routes[:2])
+    fallback = routes[-1]
+    assert fallback["direct_response"]["status"] == 404
+    assert "headers" not in fallback["match"]
+
+
+def test_grpc_service_clusters_use_http2_grpc_health_checks_and_outlier_detection() -> None:
+    ep = envoy_config.Endpoint("127.0.0.1", 1234)
+    cluster = envoy_config.service_cluster(RATELIMIT_CLUSTER, [ep])
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in options["explicit_http_config"]
+    check = cluster["health_checks"][0]
+    assert "grpc_health_check" in check
+    assert check["no_traffic_interval"] == check["interval"]
+    assert cluster["outlier_detection"]["enforcing_consecutive_gateway_failure"] == 100
+    assert cluster["common_lb_config"]["healthy_panic_threshold"]["value"] == 0.0
+    assert cluster["connect_timeout"] == "0.25s"
+
+
+def test_access_log_is_one_json_object_with_the_documented_fields() -> None:
+    fmt = envoy_config.access_log("/tmp/x.log")[0]["typed_config"]["log_format"]["json_format"]
+    assert set(fmt) >= {"time", "request_id", "tenant", "model", "method", "path", "status", "response_flags",
+                        "rate_limited", "upstream_host", "bytes_received", "bytes_sent", "duration_ms",
+                        "upstream_service_time_ms"}
