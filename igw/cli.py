@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "igw.commands.ratelimit",
     "igw.commands.demo",
     "ext_proc.cli",
+    "igw.commands.replicas",
     "igw.commands.up",
 ]
 
