@@ -21,13 +21,16 @@ from ratelimit_svc.gcra import LUA, GcraResult, gcra
 GCRA_SHA = hashlib.sha1(LUA.encode()).hexdigest()
 
 # INCRBY + EXPIRE for every fixed-window key of a request in one command: the same effect as upstream's
-# pipelined pairs, but one command to encode and one reply to parse on the request path.
+# pipelined pairs, but one command to encode and one reply to parse on the request path, and the TTL is
+# set only when the increment created the key (the script is atomic, so no key is left without one).
 # KEYS: counter keys. ARGV: hits_1, ttl_1, hits_2, ttl_2, ...  Returns the counts after increment.
 FIXED_LUA = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  out[i] = redis.call('INCRBY', key, ARGV[2 * i - 1])
-  redis.call('EXPIRE', key, ARGV[2 * i])
+  local hits = tonumber(ARGV[2 * i - 1])
+  local n = redis.call('INCRBY', key, hits)
+  if n == hits then redis.call('EXPIRE', key, ARGV[2 * i]) end
+  out[i] = n
 end
 return out
 """
