@@ -1,0 +1,78 @@
+"""`igw tenants|keys|models`: exit codes 0 (ok), 2 (bad arguments), 1 (other failures), and --output json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from igw.procs import VENV_BIN
+from tests.ext_proc.helpers import ExtProcClient, allowed_headers, denial, request_headers
+from tests.helpers import ServiceFactory
+
+
+def igw(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VENV_BIN / "igw"), "--redis-url", redis_url, *args],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_operator_flow_issues_a_key_that_the_processor_accepts(redis_url: str, services: ServiceFactory) -> None:
+    assert igw(redis_url, "models", "register", "llama-3-8b").returncode == 0
+    assert igw(redis_url, "models", "alias", "llama", "llama-3-8b").returncode == 0
+    created = igw(redis_url, "tenants", "create", "acme", "--department", "research", "--tier", "standard",
+                  "--models", "llama-*", "--output", "json")
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["models"] == ["llama-*"]
+    issued = igw(redis_url, "keys", "issue", "acme", "--output", "json")
+    assert issued.returncode == 0, issued.stderr
+    document = json.loads(issued.stdout)
+    assert document["tenant"] == "acme" and document["key"].startswith("igw_")
+
+    service = services.start_module("ext_proc", "--redis-url", redis_url)
+    client = ExtProcClient(service.grpc_target)
+    try:
+        answer = client.one(request_headers("/v2/models/llama/infer", key=document["key"]))
+        assert allowed_headers(answer).set["x-igw-model"] == "llama-3-8b"
+        revoked = igw(redis_url, "keys", "revoke", document["key_id"], "--output", "json")
+        assert revoked.returncode == 0 and json.loads(revoked.stdout)["state"] == "revoked"
+        assert denial(client.one(request_headers(key=document["key"]))).status == 401
+    finally:
+        client.close()
+
+
+def test_listing_never_shows_keys(redis_url: str) -> None:
+    igw(redis_url, "tenants", "create", "acme", "--department", "r", "--tier", "free", "--models", "*")
+    key = json.loads(igw(redis_url, "keys", "issue", "acme", "--output", "json").stdout)["key"]
+    listed = igw(redis_url, "keys", "list", "--output", "json")
+    assert listed.returncode == 0 and key not in listed.stdout
+    assert [k["state"] for k in json.loads(listed.stdout)] == ["active"]
+
+
+def test_invalid_tenant_id_exits_2_naming_the_problem(redis_url: str) -> None:
+    result = igw(redis_url, "tenants", "create", "Bad Id!", "--department", "d", "--tier", "free", "--models", "*")
+    assert result.returncode == 2
+    assert "invalid tenant id 'Bad Id!'" in result.stderr
+
+
+def test_missing_required_flag_exits_2(redis_url: str) -> None:
+    result = igw(redis_url, "tenants", "create", "acme", "--tier", "free", "--models", "*")
+    assert result.returncode == 2 and "--department" in result.stderr
+
+
+def test_unknown_tenant_exits_1(redis_url: str) -> None:
+    result = igw(redis_url, "keys", "issue", "ghost")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "igw: error: tenant 'ghost' does not exist"
+
+
+def test_duplicate_tenant_exits_1(redis_url: str) -> None:
+    args = ("tenants", "create", "acme", "--department", "d", "--tier", "free", "--models", "*")
+    assert igw(redis_url, *args).returncode == 0
+    result = igw(redis_url, *args)
+    assert result.returncode == 1 and "already exists" in result.stderr
+
+
+def test_unreachable_redis_exits_1_with_one_line() -> None:
+    result = igw("redis://127.0.0.1:1/0", "tenants", "list")
+    assert result.returncode == 1
+    assert result.stderr.startswith("igw: error: cannot use Redis at redis://127.0.0.1:1/0")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,84 @@
+"""Every phase Envoy can send gets the matching answer; misuse ends the stream with a clear gRPC error."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.ext_proc.conftest import World
+from tests.ext_proc.helpers import ExtProcClient, Mode, request_body, request_headers
+from tests.helpers import Service
+
+
+def rpc_error(client: ExtProcClient, messages: list[pb.ProcessingRequest]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        client.exchange(messages)
+    return info.value
+
+
+def test_body_before_headers_is_invalid_argument(client: ExtProcClient) -> None:
+    error = rpc_error(client, [request_body(b"{}")])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_body received before request_headers" in error.details()
+
+
+def test_message_without_a_phase_is_invalid_argument(client: ExtProcClient) -> None:
+    error = rpc_error(client, [pb.ProcessingRequest()])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no phase" in error.details()
+
+
+def test_headers_twice_is_invalid_argument(client: ExtProcClient, world: World) -> None:
+    error = rpc_error(client, [request_headers(key=world.acme_key), request_headers(key=world.acme_key)])
+    assert "twice" in error.details()
+
+
+def test_message_after_an_immediate_response_is_invalid_argument(client: ExtProcClient) -> None:
+    error = rpc_error(client, [request_headers(), request_body(b"{}")])
+    assert "after the request was answered" in error.details()
+
+
+def test_unparseable_bytes_are_a_grpc_error_not_a_crash(client: ExtProcClient, processor: Service) -> None:
+    raw = client.channel.stream_stream("/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                                       request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError):
+        list(raw(iter([b"\xff\xff\xff"]), timeout=5))
+    assert processor.proc.alive()
+
+
+def test_every_phase_is_answered_with_its_own_type(client: ExtProcClient, world: World) -> None:
+    messages = [
+        request_headers(key=world.acme_key, announced_body_mode=Mode.STREAMED, content_length=None),
+        request_body(b"[1]", end_of_stream=False),
+        pb.ProcessingRequest(request_trailers=pb.HttpTrailers()),
+        pb.ProcessingRequest(response_headers=pb.HttpHeaders()),
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=b"ok", end_of_stream=False)),
+        pb.ProcessingRequest(response_trailers=pb.HttpTrailers()),
+    ]
+    answers = client.exchange(messages)
+    assert [a.WhichOneof("response") for a in answers] == [
+        "request_headers", "request_body", "request_trailers", "response_headers", "response_body",
+        "response_trailers"]
+
+
+def test_full_duplex_response_body_is_echoed_back(client: ExtProcClient, world: World) -> None:
+    first = request_headers(key=world.acme_key, end_of_stream=True, content_length=None)
+    first.protocol_config.response_body_mode = Mode.FULL_DUPLEX_STREAMED
+    answers = client.exchange([first, pb.ProcessingRequest(response_body=pb.HttpBody(body=b"tok", end_of_stream=True))])
+    streamed = answers[1].response_body.response.body_mutation.streamed_response
+    assert (streamed.body, streamed.end_of_stream) == (b"tok", True)
+
+
+def test_observability_mode_gets_no_answers(client: ExtProcClient, world: World) -> None:
+    message = request_headers(key=world.acme_key)
+    message.observability_mode = True
+    assert client.exchange([message]) == []
+
+
+def test_grpc_health_service_reports_serving(client: ExtProcClient) -> None:
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
