@@ -246,16 +246,17 @@ class GatewayBed:
         """Start a stopped or killed component again on the same ports and wait until it is ready."""
         proc = self._proc(name)
         if proc.alive():
-            proc.stop()
+            with self._lock:
+                self._reported.add(name)  # our own stop, not a death
         else:
             self._note_death(name, proc)  # a crash the watchdog had not seen yet is still reported
+        proc.stop()  # also cleans up after a killed one (process group, Redis's directory)
+        tenant = self.state.get("tenant")
         if name == "redis":
             # Redis keeps nothing on disk here: a restarted Redis is empty, so seed it again (new key).
             self._start_redis()
             if self.options.seed:
-                self.state["tenant"] = self._seed()
-                if self.options.state_file:
-                    self._write_state_file(Path(self.options.state_file))
+                tenant = self._seed()
         elif name == "envoy":
             self._start_envoy()
         else:
@@ -263,6 +264,10 @@ class GatewayBed:
             self._wait_ready(name)
         with self._lock:
             self._reported.discard(name)
+        if self.state:
+            self.state = self._build_state(tenant)
+            if self.options.state_file:
+                self._write_state_file(Path(self.options.state_file))
 
     def set_model_ready(self, name: str, ready: bool) -> None:
         """Make a model replica report (un)ready on /v2/health/ready without stopping it."""
@@ -369,6 +374,7 @@ class GatewayBed:
             "access_log": str(self.access_log_path),
             "rate_limit_config": str(Path(self.options.rate_limit_config).resolve()),
             "envoy_pid": self.procs["envoy"].pid,
+            "pids": {name: proc.pid for name, proc in self.procs.items()},
         }
 
     def _write_state_file(self, path: Path) -> None:
