@@ -84,6 +84,8 @@ def _up(args: argparse.Namespace) -> int:
             raise CommandError(f"the test bed did not start: {exc}") from None
         try:
             console.print(_table(bed, state))
+            for line in _summary(state):
+                console.print(line, soft_wrap=True, highlight=False, markup=False)
             if args.state_file:
                 console.print(f"state file: {args.state_file}")
             console.print("running; Ctrl-C or SIGTERM stops everything")
@@ -104,23 +106,34 @@ def _table(bed: object, state: dict) -> object:
 
     assert isinstance(bed, GatewayBed)
     table = Table(title="igw test bed")
-    for column in ("component", "listens on", "pid", "log"):
-        table.add_column(column)
+    table.add_column("component", no_wrap=True)
+    table.add_column("listens on", overflow="fold")
+    table.add_column("pid", no_wrap=True)
 
     def row(name: str, where: str) -> None:
-        proc = bed.procs[name]
-        table.add_row(name, where, str(proc.pid), str(proc.log_path))
+        table.add_row(name, where, str(bed.procs[name].pid))
 
-    row("envoy", f"{state['gateway_url']} (admin {state['envoy_admin_url']})")
-    row("redis", state["redis_url"])
+    t = bed.topology
+    row("envoy", f"{t.gateway.address} (gateway), {t.admin.address} (admin)")
+    row("redis", t.redis.address)
     for kind in ("ratelimit", "ext_proc"):
-        for svc in state["services"][kind]:
-            row(svc["name"], f"gRPC 127.0.0.1:{svc['grpc_port']}, HTTP :{svc['http_port']}")
+        for i, svc in enumerate(getattr(t, kind)):
+            row(f"{kind}-{i}", f"{svc.grpc.address} (gRPC), :{svc.http.port} (health, metrics)")
     for replicas in state["models"].values():
         for replica in replicas:
-            row(replica["name"], replica["url"])
-    tenant = state.get("tenant") or {}
-    if tenant:
-        table.caption = (f"demo tenant {tenant.get('tenant_id')!r}, API key {tenant.get('api_key')}; "
-                         f"access log {state['access_log']}")
+            row(replica["name"], f"127.0.0.1:{replica['port']} (KServe v2)")
     return table
+
+
+def _summary(state: dict) -> list[str]:
+    lines = [f"gateway:      {state['gateway_url']}", f"envoy admin:  {state['envoy_admin_url']}",
+             f"access log:   {state['access_log']}", f"logs:         {state['log_dir']}"]
+    tenant = state.get("tenant")
+    if tenant:
+        lines.append(f"demo tenant:  {tenant['tenant_id']}  API key: {tenant['api_key']}")
+        model = state["demo_models"][0]
+        lines.append(f"try:          curl -H 'authorization: Bearer {tenant['api_key']}' -H 'content-type: "
+                     f"application/json' -d '{{\"inputs\":[{{\"name\":\"input\",\"shape\":[1,4],"
+                     f"\"datatype\":\"FP32\",\"data\":[1,2,3,4]}}]}}' "
+                     f"{state['gateway_url']}/v2/models/{model}/infer")
+    return lines

@@ -152,26 +152,32 @@ def test_a_component_that_cannot_start_fails_start_with_its_log_tail(tmp_path: P
     assert [name for name, proc in bed.procs.items() if proc.alive()] == []
 
 
-def test_igw_up_writes_the_state_file_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
-    state_file = tmp_path / "state.json"
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "igw"), "up", "--free-ports", "--models", "m1", "--state-file", str(state_file),
-         "--log-dir", str(tmp_path / "logs")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+def test_igw_up_reports_a_dying_component_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    state_file, out = tmp_path / "state.json", tmp_path / "igw-up.out"
+    with open(out, "w") as sink:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "igw"), "up", "--free-ports", "--models", "m1", "--state-file", str(state_file),
+             "--log-dir", str(tmp_path / "logs")],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )
     try:
         _wait(lambda: state_file.exists() or proc.poll() is not None, 30, "the state file")
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert proc.poll() is None, out.read_text()
         state = json.loads(state_file.read_text())
         pids = _all_pids(state)
         assert all(_alive(p) for p in pids)
+        os.kill(state["pids"]["model-m1-0"], signal.SIGKILL)
+        _wait(lambda: "model-m1-0 died" in out.read_text(), 5, "the death report")
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=20)
+        proc.wait(20)
     finally:
         if proc.poll() is None:
             proc.kill()
+    output = out.read_text()
     assert proc.returncode == 0, output
     assert "igw test bed" in output and state["gateway_url"] in output
+    assert "model-m1-0 died (exit code -9); last log lines:" in output
+    assert "model m1 loaded" in output.split("model-m1-0 died", 1)[1]  # the tail of its log follows
     assert [p for p in pids if _alive(p)] == []
     assert not state_file.exists()
 
