@@ -225,6 +225,7 @@ ACCESS_LOG_FIELDS: dict[str, str] = {
     "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
     "status": "%RESPONSE_CODE%",
     "response_flags": "%RESPONSE_FLAGS%",
+    "response_code_details": "%RESPONSE_CODE_DETAILS%",
     "rate_limited": "%RESP(X-ENVOY-RATELIMITED)%",
     "ratelimit_limit": "%RESP(X-RATELIMIT-LIMIT)%",
     "ratelimit_remaining": "%RESP(X-RATELIMIT-REMAINING)%",

@@ -140,5 +140,5 @@ def test_grpc_service_clusters_use_http2_grpc_health_checks_and_outlier_detectio
 def test_access_log_is_one_json_object_with_the_documented_fields() -> None:
     fmt = envoy_config.access_log("/tmp/x.log")[0]["typed_config"]["log_format"]["json_format"]
     assert set(fmt) >= {"time", "request_id", "tenant", "model", "method", "path", "status", "response_flags",
-                        "rate_limited", "upstream_host", "bytes_received", "bytes_sent", "duration_ms",
-                        "upstream_service_time_ms"}
+                        "rate_limited", "response_code_details", "upstream_host", "bytes_received", "bytes_sent",
+                        "duration_ms", "upstream_service_time_ms"}
