@@ -131,6 +131,16 @@ def test_an_unready_model_replica_receives_no_traffic(bed: GatewayBed) -> None:
     assert {r.headers["x-igw-replica"] for r in answers} == {replicas[1]["name"]}
 
 
+def test_a_restarted_redis_is_seeded_again_and_its_new_key_works(bed: GatewayBed) -> None:
+    old_key = bed.state["tenant"]["api_key"]
+    bed.kill("redis")
+    bed.wait_for_death("redis", 5)
+    bed.restart("redis")
+    assert bed.state["tenant"]["api_key"] != old_key
+    with httpx.Client(timeout=5) as client:
+        _wait(lambda: _infer(bed.state, "demo-linear", client).status_code == 200, 10, "the new key to work")
+
+
 def test_stop_leaves_no_process_running(tmp_path: Path) -> None:
     bed = GatewayBed(BedOptions(models=("only",), log_dir=tmp_path, state_file=tmp_path / "state.json"))
     state = bed.start()
