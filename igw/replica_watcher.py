@@ -222,9 +222,10 @@ class ReplicaWatcher:
                 self.watch_open = False
                 self.api_ok_at = time.monotonic()
             self._resp = None
-            resp.release_conn()
+            # Close before releasing: a stream cut short must not go back to the pool half-read.
             with contextlib.suppress(Exception):
                 resp.close()
+            resp.release_conn()
         return delivered
 
     def _handle_line(self, line: bytes) -> None:

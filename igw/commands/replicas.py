@@ -215,7 +215,6 @@ def _watch(args: argparse.Namespace) -> int:
         raise CommandError(f"invalid log level {args.log_level!r} (debug, info, warn, error)")
     if args.log_format not in ("text", "json"):
         raise CommandError(f"invalid log format {args.log_format!r} (text or json)")
-    setup_logging("WARNING" if level == "WARN" else level, args.log_format)
     try:
         settings = WatcherSettings(namespace=args.namespace or None, selector=args.selector,
                                    model_label=args.model_label, version_label=args.version_label,
@@ -227,6 +226,7 @@ def _watch(args: argparse.Namespace) -> int:
                             context=args.context)
     except Exception as exc:  # the kubernetes config loaders raise several unrelated types
         raise CommandError(f"no Kubernetes API configuration: {exc}") from None
+    setup_logging("WARNING" if level == "WARN" else level, args.log_format)
     watcher = ReplicaWatcher(discovery_api(client), _redis(args.redis_url), settings)
     if args.http_port:
         _start_admin(args.http_port, watcher)

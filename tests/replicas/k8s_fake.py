@@ -70,6 +70,7 @@ class FakeKubeAPI:
         self.bookmark_interval = bookmark_interval
         self.watch_410_as_http = watch_410_as_http
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.request_times: list[float] = []  # monotonic, parallel to requests
         self.fail_queue: list[int] = []
         self.drop_generation = 0
         self.drop_mid_line = False
@@ -186,7 +187,8 @@ class FakeKubeAPI:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, name="fake-kube-api", daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="fake-kube-api",
+                                       daemon=True)
         self.thread.start()
         return self
 
@@ -219,6 +221,7 @@ class FakeKubeAPI:
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()}
         with self.cond:
             self.requests.append((parsed.path, query))
+            self.request_times.append(time.monotonic())
             fail = self.fail_queue.pop(0) if self.fail_queue else None
         if fail is not None:
             self._send_json(handler, fail, status(fail, "InternalError", "injected failure"))
