@@ -11,7 +11,7 @@ Two threads share one SliceIndex under a lock:
 
 A model whose slices all disappear (its Services deleted) is published once as ready 0, with a change
 notification, and then no longer refreshed: its key expires after the TTL and the heartbeat prunes it
-from `igw:replicas:models`. A Service that still exists with no ready pods keeps publishing ready 0.
+from `igw:replica-models`. A Service that still exists with no ready pods keeps publishing ready 0.
 
 A watcher that has lost the API server (no open watch and no successful call for `ttl` seconds) stops
 heartbeating: counts it can no longer vouch for expire, rather than another replica's fresh ones being

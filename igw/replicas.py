@@ -8,7 +8,7 @@ Per model, one hash `igw:replicas:<model>` (the model name as the operator wrote
     publisher  identity of the writer
 The key has a TTL (default 15 s); publishers rewrite it on every change and at least every
 `heartbeat` seconds, so a dead publisher's numbers expire instead of freezing a quota. Writers also
-add the model to the set `igw:replicas:models` and publish the model name on `igw:replicas:changed`
+add the model to the set `igw:replica-models` and publish the model name on `igw:replicas:changed`
 so readers refresh within milliseconds.
 """
 
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 KEY_PREFIX = "igw:replicas:"
-MODELS_SET = "igw:replicas:models"
+MODELS_SET = "igw:replica-models"  # outside the igw:replicas: prefix, so no model name can clash
 CHANGED_CHANNEL = "igw:replicas:changed"
 DEFAULT_TTL = 15
 

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
@@ -75,6 +76,7 @@ class AdaptiveLimits:
         self._totals_for: RateLimitConfig | None = None
         self._totals: dict[tuple[str, str, str | None], float] = {}
         self._client: aioredis.Redis | None = None
+        self.listeners: list[Callable[[], None]] = []  # told when a model's ready count changes
 
     def _total(self, config: RateLimitConfig, domain: str, adaptive: Adaptive) -> float:
         if self._totals_for is not config:
@@ -114,14 +116,20 @@ class AdaptiveLimits:
             pipe.hgetall(replica_key(model))
         results = await pipe.execute()
         now = time.time()
+        changed = False
         for model, raw in zip(models, results, strict=True):
             state = decode_state(model, raw)
+            previous = self.states.get(model)
             if state is None:
-                self.states.pop(model, None)
+                changed |= self.states.pop(model, None) is not None
                 continue
+            changed |= previous is None or previous.ready != state.ready
             self.states[model] = state
             metrics.REPLICAS_SEEN.labels(model).set(state.ready)
             metrics.REPLICA_STALENESS.labels(model).set(max(0.0, now - state.updated))
+        if changed:
+            for listener in self.listeners:
+                listener()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep replica states current: pub/sub for changes, a sweep for expiry and missed messages."""

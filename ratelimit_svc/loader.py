@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ratelimit_svc import metrics
@@ -71,6 +72,7 @@ class ConfigHolder:
         self.last_error: str | None = None
         self._signature: Signature | None = None
         self.generation = 0
+        self.listeners: list[Callable[[], None]] = []  # told after a new config is in force
 
     def reload(self) -> bool:
         """Load the directory now; True if a new config is in force."""
@@ -92,6 +94,8 @@ class ConfigHolder:
         self.generation += 1
         metrics.CONFIG_LOAD_SUCCESS.inc()
         metrics.CONFIG_LIMITS.set(config.limit_count())
+        for listener in self.listeners:
+            listener()
         log.info(
             "config loaded: %d file(s), %d domain(s), %d limit(s)",
             len(config.files), len(config.domains), config.limit_count(),

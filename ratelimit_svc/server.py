@@ -8,6 +8,7 @@ import logging
 import os
 
 import grpc
+from envoy.service.rate_limit_quota.v3 import rlqs_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -17,12 +18,14 @@ from ratelimit_svc import metrics
 from ratelimit_svc.adaptive import AdaptiveLimits
 from ratelimit_svc.counters import MemoryCounters, RedisCounters
 from ratelimit_svc.loader import ConfigHolder
+from ratelimit_svc.rlqs import QuotaBudgets, QuotaServer
 from ratelimit_svc.service import InvalidRequest, Limiter, NoConfig
 from ratelimit_svc.settings import Settings
 
 log = logging.getLogger("ratelimit_svc")
 
 SERVICE_NAME = "envoy.service.ratelimit.v3.RateLimitService"
+HEALTH_NAMES = ("", SERVICE_NAME, "envoy.service.rate_limit_quota.v3.RateLimitQuotaService")
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
@@ -55,6 +58,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", 1000)])
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter), server)
+    quota = QuotaServer(QuotaBudgets(holder, adaptive), settings.redis_url)
+    rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(quota, server)
+    holder.listeners.append(quota.wake)
+    adaptive.listeners.append(quota.wake)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{settings.host}:{settings.grpc_port}"
@@ -89,7 +96,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             metrics.REDIS_UP.set(1 if redis_ok else 0)
             serving = (redis_ok or settings.backend == "memory") and holder.config is not None
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", SERVICE_NAME):
+            for name in HEALTH_NAMES:
                 await health_servicer.set(name, status)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -98,6 +105,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         asyncio.create_task(holder.watch(settings.poll_interval, stop)),
         asyncio.create_task(probe_redis()),
         asyncio.create_task(adaptive.run(stop)),
+        asyncio.create_task(quota.run(stop)),
     ]
     log.info(
         "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s pid=%d",
@@ -105,7 +113,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     )
     await stop.wait()
     log.info("ratelimit_svc stopping")
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_NAMES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(1.0)
     http.close()
@@ -114,4 +122,5 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     await asyncio.gather(*tasks, return_exceptions=True)
     redis.close()
     adaptive.close()
+    await quota.close()
     return 0

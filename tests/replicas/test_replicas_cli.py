@@ -71,7 +71,7 @@ def test_cli_list_shows_fresh_stale_and_expired_models(redis_url: str, rclient: 
     igw(redis_url, "set", "llama", "--ready", "2", "--publisher", "ops")
     rclient.hset(replica_key("llama"), "updated", "1")  # written long ago
     igw(redis_url, "set", "mistral", "--ready", "1")
-    rclient.sadd("igw:replicas:models", "phi")  # listed, key expired
+    rclient.sadd("igw:replica-models", "phi")  # listed, key expired
     capsys.readouterr()
     assert igw(redis_url, "list", "--output", "json") == 0
     rows = {row["model"]: row for row in json.loads(capsys.readouterr().out)}

@@ -1,0 +1,63 @@
+"""How a bucket's global budget is divided between gateways, and turned into Envoy token buckets.
+
+Pure functions. Envoy 1.40 enforces one token bucket per bucket id per Envoy process; several gateways
+share one tenant-on-model budget, so each gets a slice: a floor for every gateway that reported the
+bucket (an idle gateway can still start serving), the rest in proportion to its recent demand
+(allowed + denied per second). Slices are whole tokens per fill and add up to the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def split_budget(budget: float, demands: dict[str, float], floor_fraction: float = 0.1) -> dict[str, float]:
+    """Split `budget` (per second) between gateways by demand, each getting at least its floor."""
+    if not demands:
+        return {}
+    n = len(demands)
+    if budget <= 0:
+        return dict.fromkeys(demands, 0.0)
+    floor_each = budget * floor_fraction / n
+    rest = budget - floor_each * n
+    total_demand = sum(max(0.0, d) for d in demands.values())
+    if total_demand <= 0:
+        return {gw: budget / n for gw in demands}
+    return {gw: floor_each + rest * max(0.0, d) / total_demand for gw, d in demands.items()}
+
+
+def whole_tokens(shares: dict[str, float], budget: int) -> dict[str, int]:
+    """Round shares to integers that sum to `budget` (largest remainder), so rounding never hands out
+    more than the budget in total."""
+    floors = {gw: math.floor(v) for gw, v in shares.items()}
+    left = budget - sum(floors.values())
+    for gw in sorted(shares, key=lambda g: shares[g] - floors[g], reverse=True)[: max(0, left)]:
+        floors[gw] += 1
+    return floors
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBucket:
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval_s: int  # Envoy 1.40 honours whole seconds only (see RLQS_NOTES.md)
+
+
+def token_bucket(rate_per_s: float) -> TokenBucket | None:
+    """A bucket admitting `rate_per_s` on average with a one-second (or one-fill) burst.
+
+    Rates below one per second use a longer fill interval instead of fractional tokens. None means
+    "no tokens at all" (a budget of zero): the caller assigns DENY_ALL instead.
+    """
+    if rate_per_s <= 0:
+        return None
+    if rate_per_s >= 1:
+        tokens = round(rate_per_s)
+        return TokenBucket(max_tokens=tokens, tokens_per_fill=tokens, fill_interval_s=1)
+    interval = math.ceil(1 / rate_per_s)
+    return TokenBucket(max_tokens=1, tokens_per_fill=1, fill_interval_s=interval)
+
+
+def rate_per_second(requests_per_unit: int, window_seconds: int) -> float:
+    return requests_per_unit / window_seconds if window_seconds else 0.0

@@ -1,0 +1,293 @@
+"""Rate Limit Quota Service: push token buckets to gateways instead of answering every request.
+
+Envoy's `rate_limit_quota` filter keeps one token bucket per bucket id, reports usage on a stream
+(immediately for a new bucket, then every 5 s), and enforces whatever assignment the server last
+pushed. This server computes each bucket's global budget from the same rate-limit config the RLS uses
+(adaptive limits and tenant shares included), splits it between the gateways that report the bucket
+(ratelimit_svc.quota_split), and pushes a new assignment to a gateway as soon as its slice changes:
+on a replica change, a config reload, or a gateway joining or leaving, not only on the next report.
+
+Gateway streams live in this process's memory; demand per bucket and stream is kept in Redis
+(`igw:rlqs:demand:<bucket>` hashes with a TTL), so several server replicas see every gateway and
+compute the same split. Each stream is one Envoy process (several gateway pods may share one config and
+therefore one static `gw` bucket entry, so streams, not bucket ids, identify gateways).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import redis.asyncio as aioredis
+from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
+from envoy.type.v3 import ratelimit_strategy_pb2, token_bucket_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
+from prometheus_client import Counter, Gauge
+
+from ratelimit_svc.adaptive import AdaptiveLimits
+from ratelimit_svc.config import RateLimitConfig
+from ratelimit_svc.loader import ConfigHolder
+from ratelimit_svc.lookup import find_limit
+from ratelimit_svc.quota_split import rate_per_second, split_budget, token_bucket, whole_tokens
+
+log = logging.getLogger("ratelimit_svc.rlqs")
+
+DEMAND_PREFIX = "igw:rlqs:demand:"
+DEMAND_TTL = 30  # seconds a stream's demand stays visible to other server replicas
+DEMAND_MAX_AGE = 15.0  # reports come every 5 s; three missed reports and the stream no longer counts
+ASSIGNMENT_TTL = 60  # whole seconds (Envoy 1.40: unset means "expire now")
+REFRESH_EVERY = 20.0  # re-send unchanged assignments well before their TTL runs out
+TENANT_KEY, MODEL_KEY, GATEWAY_KEY = "tenant", "model", "gw"
+
+STREAMS = Gauge("rlqs_streams", "Open gateway streams on this server")
+REPORTS = Counter("rlqs_reports", "Usage reports received")
+PUSHES = Counter("rlqs_assignments_pushed", "Bucket assignments sent", ["reason"])
+BUDGET = Gauge("rlqs_bucket_budget_per_second", "Global budget of a bucket", ["bucket"])
+
+BucketKey = str
+Assignment = tuple[str, int, int, int]  # (kind, max_tokens, tokens_per_fill, fill_interval_s)
+
+
+def bucket_key(bucket_id: rlqs_pb2.BucketId) -> BucketKey:
+    """The budget a bucket draws from: its entries without the gateway's own name, so the same tenant
+    and model on every gateway share one budget."""
+    return ",".join(f"{k}={v}" for k, v in sorted(bucket_id.bucket.items()) if k != GATEWAY_KEY)
+
+
+@dataclass
+class BucketState:
+    bucket_id: rlqs_pb2.BucketId
+    demand: float = 0.0
+    reported_at: float = 0.0
+
+
+@dataclass
+class GatewayStream:
+    stream_id: str
+    domain: str = ""
+    buckets: dict[BucketKey, BucketState] = field(default_factory=dict)
+    sent: dict[BucketKey, tuple[Assignment, float]] = field(default_factory=dict)
+    outbox: asyncio.Queue[rlqs_pb2.RateLimitQuotaResponse] = field(default_factory=asyncio.Queue)
+
+
+class QuotaBudgets:
+    """Global per-second budget of a bucket, from the rate-limit config the RLS serves."""
+
+    def __init__(self, holder: ConfigHolder, adaptive: AdaptiveLimits | None) -> None:
+        self.holder = holder
+        self.adaptive = adaptive
+
+    def budget(self, domain: str, entries: dict[str, str], now: float) -> float | None:
+        """The tenant-on-model limit, capped by the tenant-wide and model-wide limits (each as if the
+        other buckets were idle); None when no limit applies (the bucket is unlimited)."""
+        config = self.holder.config
+        if config is None:
+            return None
+        tenant, model = entries.get(TENANT_KEY), entries.get(MODEL_KEY)
+        candidates: list[tuple[tuple[str, str], ...]] = []
+        if tenant and model:
+            candidates.append(((TENANT_KEY, tenant), (MODEL_KEY, model)))
+        if tenant:
+            candidates.append(((TENANT_KEY, tenant),))
+        if model:
+            candidates.append(((MODEL_KEY, model),))
+        rates = [r for r in (self._rate(config, domain, c, now) for c in candidates) if r is not None]
+        return min(rates) if rates else None
+
+    def _rate(self, config: RateLimitConfig, domain: str, entries: tuple[tuple[str, str], ...],
+              now: float) -> float | None:
+        match = find_limit(config, domain, entries)
+        if match is None or match.limit.unlimited or match.limit.shadow_mode:
+            return None
+        requests = match.limit.requests_per_unit
+        if match.limit.adaptive is not None and self.adaptive is not None:
+            requests = self.adaptive.effective_limit(domain, match, now, config)
+        return rate_per_second(requests, match.limit.window_seconds)
+
+
+def assignment_for(rate: float | None) -> Assignment:
+    if rate is None:
+        return ("allow", 0, 0, 0)
+    bucket = token_bucket(rate)
+    if bucket is None:
+        return ("deny", 0, 0, 0)
+    return ("tokens", bucket.max_tokens, bucket.tokens_per_fill, bucket.fill_interval_s)
+
+
+def bucket_action(bucket_id: rlqs_pb2.BucketId, assignment: Assignment) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
+    kind, max_tokens, per_fill, interval = assignment
+    strategy = ratelimit_strategy_pb2.RateLimitStrategy()
+    if kind == "allow":
+        strategy.blanket_rule = ratelimit_strategy_pb2.RateLimitStrategy.ALLOW_ALL
+    elif kind == "deny":
+        strategy.blanket_rule = ratelimit_strategy_pb2.RateLimitStrategy.DENY_ALL
+    else:
+        strategy.token_bucket.CopyFrom(token_bucket_pb2.TokenBucket(
+            max_tokens=max_tokens, tokens_per_fill=wrappers_pb2.UInt32Value(value=per_fill),
+            fill_interval=duration_pb2.Duration(seconds=interval)))
+    action = rlqs_pb2.RateLimitQuotaResponse.BucketAction(bucket_id=bucket_id)
+    action.quota_assignment_action.assignment_time_to_live.CopyFrom(duration_pb2.Duration(seconds=ASSIGNMENT_TTL))
+    action.quota_assignment_action.rate_limit_strategy.CopyFrom(strategy)
+    return action
+
+
+class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
+    def __init__(self, budgets: QuotaBudgets, redis_url: str, floor_fraction: float = 0.1) -> None:
+        self.budgets = budgets
+        self.floor_fraction = floor_fraction
+        self.streams: dict[str, GatewayStream] = {}
+        self.redis = aioredis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+        self._wake = asyncio.Event()
+
+    # -- gRPC ---------------------------------------------------------------------------------
+
+    async def StreamRateLimitQuotas(
+        self, request_iterator: AsyncIterator[rlqs_pb2.RateLimitQuotaUsageReports], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rlqs_pb2.RateLimitQuotaResponse]:
+        stream = GatewayStream(f"{context.peer()}/{uuid.uuid4().hex[:8]}")
+        self.streams[stream.stream_id] = stream
+        STREAMS.set(len(self.streams))
+        log.info("gateway stream opened: %s", stream.stream_id)
+        reader = asyncio.create_task(self._read(stream, request_iterator))
+        try:
+            while True:
+                getter = asyncio.create_task(stream.outbox.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not stream.outbox.empty():
+                    yield stream.outbox.get_nowait()
+                reader.result()  # re-raise a protocol error
+                return
+        finally:
+            reader.cancel()
+            self.streams.pop(stream.stream_id, None)
+            STREAMS.set(len(self.streams))
+            await self._forget(stream)
+            self._wake.set()  # the others' slices grow now
+            log.info("gateway stream closed: %s", stream.stream_id)
+
+    async def _read(self, stream: GatewayStream,
+                    request_iterator: AsyncIterator[rlqs_pb2.RateLimitQuotaUsageReports]) -> None:
+        async for report in request_iterator:
+            REPORTS.inc()
+            now = time.time()
+            if report.domain:
+                stream.domain = report.domain
+            new = False
+            for usage in report.bucket_quota_usages:
+                key = bucket_key(usage.bucket_id)
+                state = stream.buckets.get(key)
+                if state is None:
+                    state = stream.buckets[key] = BucketState(usage.bucket_id)
+                    new = True
+                elapsed = usage.time_elapsed.seconds + usage.time_elapsed.nanos / 1e9
+                count = usage.num_requests_allowed + usage.num_requests_denied
+                state.demand = count / elapsed if elapsed >= 0.5 else float(count)
+                state.reported_at = now
+            await self._publish_demand(stream, now)
+            await self.recompute([stream], reason="new_bucket" if new else "report")
+
+    # -- coordination -------------------------------------------------------------------------
+
+    async def _publish_demand(self, stream: GatewayStream, now: float) -> None:
+        with contextlib.suppress(OSError, aioredis.RedisError):
+            pipe = self.redis.pipeline(transaction=False)
+            for key, state in stream.buckets.items():
+                pipe.hset(DEMAND_PREFIX + key, stream.stream_id, f"{state.demand:.3f}:{now:.3f}")
+                pipe.expire(DEMAND_PREFIX + key, DEMAND_TTL)
+            await pipe.execute()
+
+    async def _forget(self, stream: GatewayStream) -> None:
+        with contextlib.suppress(OSError, aioredis.RedisError):
+            pipe = self.redis.pipeline(transaction=False)
+            for key in stream.buckets:
+                pipe.hdel(DEMAND_PREFIX + key, stream.stream_id)
+            await pipe.execute()
+
+    async def _global_demands(self, keys: list[BucketKey], now: float) -> dict[BucketKey, dict[str, float]]:
+        """Demand of every stream (on any server replica) per bucket; local state if Redis is down."""
+        local = {k: {s.stream_id: s.buckets[k].demand for s in self.streams.values() if k in s.buckets}
+                 for k in keys}
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(DEMAND_PREFIX + key)
+            replies = await pipe.execute()
+        except (OSError, aioredis.RedisError):
+            return local
+        result: dict[BucketKey, dict[str, float]] = {}
+        for key, raw in zip(keys, replies, strict=True):
+            demands = dict(local[key])
+            for sid, value in raw.items():
+                sid = sid.decode() if isinstance(sid, bytes) else sid
+                demand, _, at = (value.decode() if isinstance(value, bytes) else value).partition(":")
+                if sid not in demands and now - float(at or 0) <= DEMAND_MAX_AGE:
+                    demands[sid] = float(demand)
+            result[key] = demands
+        return result
+
+    async def recompute(self, streams: list[GatewayStream] | None = None, reason: str = "change") -> None:
+        """Compute every bucket's slice for the given streams and push the ones that changed."""
+        now = time.time()
+        targets = list(self.streams.values()) if streams is None else streams
+        keys = sorted({k for s in targets for k in s.buckets})
+        if not keys:
+            return
+        demands = await self._global_demands(keys, now)
+        for key in keys:
+            holders = [s for s in targets if key in s.buckets]
+            any_state = holders[0].buckets[key]
+            entries = dict(any_state.bucket_id.bucket)
+            budget = self.budgets.budget(holders[0].domain, entries, now)
+            BUDGET.labels(key).set(-1 if budget is None else budget)
+            slices = self._slices(budget, demands[key])
+            for stream in holders:
+                rate = None if budget is None else slices.get(stream.stream_id, 0.0)
+                self._send(stream, key, assignment_for(rate), now, reason)
+
+    def _slices(self, budget: float | None, demands: dict[str, float]) -> dict[str, float]:
+        if budget is None:
+            return {}
+        shares = split_budget(budget, demands, self.floor_fraction)
+        if budget >= len(shares) and budget == int(budget):
+            return {k: float(v) for k, v in whole_tokens(shares, int(budget)).items()}
+        return shares
+
+    def _send(self, stream: GatewayStream, key: BucketKey, assignment: Assignment, now: float, reason: str) -> None:
+        previous = stream.sent.get(key)
+        if previous is not None and previous[0] == assignment and now - previous[1] < REFRESH_EVERY:
+            return
+        response = rlqs_pb2.RateLimitQuotaResponse()
+        response.bucket_action.append(bucket_action(stream.buckets[key].bucket_id, assignment))
+        stream.outbox.put_nowait(response)
+        stream.sent[key] = (assignment, now)
+        PUSHES.labels(reason if previous is None or previous[0] != assignment else "refresh").inc()
+
+    def wake(self) -> None:
+        """Something a budget depends on changed (config reload, replica counts): recompute now."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Recompute at least every second (gateways on other replicas joining or leaving, TTL refresh),
+        and at once when woken."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
+            try:
+                await self.recompute(reason="change")
+            except Exception:  # keep the loop alive; the next round retries
+                log.exception("quota recompute failed")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
