@@ -35,6 +35,20 @@ def key_digest(secret: bytes, key: str) -> str:
     return hmac.new(secret, key.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
 
 
+class KeyHasher:
+    """key_digest with the secret's HMAC state prepared once: about half the per-request cost."""
+
+    __slots__ = ("_template",)
+
+    def __init__(self, secret: bytes) -> None:
+        self._template = hmac.new(secret, digestmod=hashlib.sha256)
+
+    def digest(self, key: str) -> str:
+        mac = self._template.copy()
+        mac.update(key.encode("utf-8", "surrogateescape"))
+        return mac.hexdigest()
+
+
 def digests_match(expected: str, actual: str) -> bool:
     return hmac.compare_digest(expected.encode(), actual.encode())
 

@@ -25,7 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from ext_proc import decisions as d
 from ext_proc import metrics
 from ext_proc import responses as r
-from ext_proc.apikeys import MalformedAuthorization, credential_from, digests_match, key_digest
+from ext_proc.apikeys import KeyHasher, MalformedAuthorization, credential_from, digests_match
 from ext_proc.cache import Unavailable
 from ext_proc.jsonscan import JsonStructureError, JsonStructureScanner
 from ext_proc.records import MODEL_NAME, MODEL_VERSION, ApiKey, Model, Tenant
@@ -39,6 +39,7 @@ from ext_proc.routes import (
     resolve_path,
 )
 from ext_proc.shaping import (
+    RequestHead,
     model_headers,
     new_request_id,
     parse_content_length,
@@ -60,6 +61,8 @@ class ProtocolError(Exception):
 
 
 class Lookups(Protocol):
+    generation: int  # changes whenever cached Redis state may have changed
+
     async def api_key(self, digest: str) -> ApiKey | None: ...
     async def tenant(self, tenant_id: str) -> Tenant | None: ...
     async def model(self, name: str) -> Model | None: ...
@@ -70,6 +73,56 @@ class ProcessorConfig:
     key_secret: bytes
     max_buffer_bytes: int
     forward_credentials: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Memo:
+    """The headers answer of an allowed request, reusable by identical requests (same key digest, path,
+    method, content type, forged-header names...) while the lookups' generation and the TTL hold."""
+
+    generation: int
+    until: float
+    key_expires_at: float
+    tenant: Tenant
+    model: str | None
+    plan_kind: str | None
+    plan_mode: int
+    plan_route: Route | None
+    plan_json: bool
+    plan_buffered: bool
+    response: pb.ProcessingResponse
+
+
+class ProcessorShared:
+    """State shared by every stream of one process: the key hasher and the memo of headers answers.
+
+    The memo is what makes the cached-tenant path cheap: a repeat of a request shape skips the lookups,
+    path parsing and response building, and redoes only what differs per request (body size, key
+    expiry). Any invalidation message changes the lookups' generation, which retires every entry.
+    """
+
+    def __init__(self, config: ProcessorConfig, memo_ttl: float, max_entries: int = 50_000) -> None:
+        self.hasher = KeyHasher(config.key_secret)
+        self.memo: dict[tuple[object, ...], _Memo] = {}
+        self.memo_ttl = memo_ttl
+        self.max_entries = max_entries
+        self._body_responses: dict[tuple[str, str | None], pb.ProcessingResponse] = {}
+
+    def body_response(self, model: str, version: str | None) -> pb.ProcessingResponse:
+        """The body answer that routes to `model`: the same message for every request to it."""
+        key = (model, version)
+        response = self._body_responses.get(key)
+        if response is None:
+            if len(self._body_responses) >= self.max_entries:
+                self._body_responses.clear()
+            response = self._body_responses[key] = r.request_body_response(
+                model_headers(model, version), clear_route_cache=True)
+        return response
+
+    def remember(self, key: tuple[object, ...], memo: _Memo) -> None:
+        if len(self.memo) >= self.max_entries:
+            self.memo.clear()
+        self.memo[key] = memo
 
 
 class _BodyPlan:
@@ -95,12 +148,18 @@ _PHASES = frozenset(r.CONTINUE)
 
 
 class RequestProcessor:
-    __slots__ = ("announced_body_mode", "announced_response_body_mode", "clock", "config", "done", "lookups",
-                 "model", "plan", "request_id", "seen_request_headers", "tenant")
+    __slots__ = ("_generation_at_start", "_key_expires_at", "announced_body_mode", "announced_response_body_mode",
+                 "clock", "config", "done", "lookups", "model", "plan", "request_id", "seen_request_headers",
+                 "shared", "tenant")
 
-    def __init__(self, config: ProcessorConfig, lookups: Lookups, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: ProcessorConfig, lookups: Lookups, shared: ProcessorShared, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
         self.lookups = lookups
+        self.shared = shared
+        self._generation_at_start = 0
+        self._key_expires_at = 0.0
         self.clock = clock
         self.seen_request_headers = False
         self.done = False  # an ImmediateResponse was sent: the request is over
@@ -149,18 +208,57 @@ class RequestProcessor:
 
     async def _request_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:
         head = read_request_head(message.headers.headers)
-        new_id = None
-        if usable_request_id(head.request_id):
-            self.request_id = head.request_id
-        else:
-            self.request_id = new_id = new_request_id()
+        id_given = usable_request_id(head.request_id)
+        self.request_id = head.request_id if id_given else new_request_id()
         try:
             key = credential_from(head.authorization, head.x_api_key)
         except MalformedAuthorization:
             return self._deny(d.MALFORMED_AUTHORIZATION)
         if key is None:
             return self._deny(d.MISSING_KEY)
-        digest = key_digest(self.config.key_secret, key)
+        digest = self.shared.hasher.digest(key)
+        try:
+            length = parse_content_length(head.content_length)
+        except ValueError:
+            length = -1  # refused below, once the caller is known
+        has_body = not message.end_of_stream and length != 0
+        # Everything the headers answer depends on besides Redis state (tracked by the generation).
+        memo_key = (digest, head.method, head.path, head.content_type, tuple(head.spoofable), id_given, has_body,
+                    self.announced_body_mode,
+                    head.authorization is not None, head.x_api_key is not None,
+                    length is None, length is not None and length <= self.config.max_buffer_bytes)
+        shared = self.shared
+        memo = shared.memo.get(memo_key)
+        if memo is not None and memo.generation == self.lookups.generation and memo.until > time.monotonic() \
+                and not (memo.key_expires_at and memo.key_expires_at <= self.clock()):
+            return self._replay(memo, length)
+        response = await self._decide_headers(head, digest, length, has_body, id_given)
+        if not self.done and id_given and length != -1 and self.tenant is not None:
+            shared.remember(memo_key, _Memo(
+                self._generation_at_start, time.monotonic() + shared.memo_ttl, self._key_expires_at, self.tenant,
+                self.model, self.plan.kind if self.plan else None, self.plan.mode if self.plan else 0,
+                self.plan.route if self.plan else None, self.plan.json if self.plan else False,
+                self.plan.buffer is not None if self.plan else False, response))
+        return response
+
+    def _replay(self, memo: _Memo, length: int | None) -> pb.ProcessingResponse:
+        """The answer an identical earlier request got, with the per-request checks redone."""
+        tenant = memo.tenant
+        self.tenant = tenant
+        self.model = memo.model
+        if length is not None and length > tenant.max_body_bytes:
+            return self._deny(d.body_too_large(tenant.max_body_bytes))
+        if memo.plan_kind is not None:
+            self.plan = _BodyPlan(memo.plan_kind, tenant, memo.plan_route, memo.plan_mode,  # type: ignore[arg-type]
+                                  json=memo.plan_json, buffered=memo.plan_buffered)
+        else:
+            self._allow()
+        return memo.response
+
+    async def _decide_headers(
+        self, head: RequestHead, digest: str, length: int | None, has_body: bool, id_given: bool
+    ) -> pb.ProcessingResponse:
+        self._generation_at_start = self.lookups.generation
         try:
             record = await self.lookups.api_key(digest)
             if record is None or not digests_match(record.digest, digest):
@@ -169,6 +267,7 @@ class RequestProcessor:
                 return self._deny(d.REVOKED_KEY)
             if record.expired(self.clock()):
                 return self._deny(d.EXPIRED_KEY)
+            self._key_expires_at = record.expires_at
             tenant = await self.lookups.tenant(record.tenant)
             if tenant is None:
                 return self._deny(d.ORPHAN_KEY)
@@ -191,11 +290,8 @@ class RequestProcessor:
         except Unavailable:
             return self._deny(d.BACKEND_UNAVAILABLE)
 
-        try:
-            length = parse_content_length(head.content_length)
-        except ValueError:
+        if length == -1:
             return self._deny(d.INVALID_CONTENT_LENGTH)
-        has_body = not message.end_of_stream and length != 0
         if route.inference:
             if head.method != "POST":
                 return self._deny(d.METHOD_NOT_ALLOWED)
@@ -209,7 +305,7 @@ class RequestProcessor:
             return self._deny(plan_or_denial)
         plan = plan_or_denial
 
-        set_headers = tenant_headers(tenant, new_id)
+        set_headers = tenant_headers(tenant, None if id_given else self.request_id)
         if model is not None:
             self.model = model.name
             set_headers += model_headers(model.name, route.version)
@@ -267,16 +363,19 @@ class RequestProcessor:
         plan.received += len(chunk)
         if plan.received > plan.limit:
             return self._deny(d.body_too_large(plan.limit))
+        final = body.end_of_stream or plan.mode in (r.BODY_BUFFERED, r.BODY_BUFFERED_PARTIAL)
         if plan.buffer is not None:
             if len(plan.buffer) + len(chunk) > self.config.max_buffer_bytes:
                 return self._deny(d.body_too_large_to_inspect(self.config.max_buffer_bytes))
+            if final and not plan.buffer:
+                return await self._finish_body(plan, chunk)  # the usual BUFFERED case: one message, no copy
             plan.buffer += chunk
         elif plan.scanner is not None:
             try:
                 plan.scanner.feed(chunk)
             except JsonStructureError:
                 return self._deny(d.INVALID_JSON)
-        if body.end_of_stream or plan.mode in (r.BODY_BUFFERED, r.BODY_BUFFERED_PARTIAL):
+        if final:
             return await self._finish_body(plan)
         return r.CONTINUE_REQUEST_BODY
 
@@ -288,7 +387,7 @@ class RequestProcessor:
                 return response
         return r.CONTINUE_REQUEST_TRAILERS
 
-    async def _finish_body(self, plan: _BodyPlan) -> pb.ProcessingResponse:
+    async def _finish_body(self, plan: _BodyPlan, whole_body: bytes | None = None) -> pb.ProcessingResponse:
         self.plan = None
         if plan.scanner is not None:
             try:
@@ -299,7 +398,8 @@ class RequestProcessor:
             self._allow()
             return r.CONTINUE_REQUEST_BODY
         try:
-            document = parse_json_body(bytes(plan.buffer)) if plan.json else None
+            body = whole_body if whole_body is not None else bytes(plan.buffer)
+            document = parse_json_body(body) if plan.json else None
             if plan.kind != "model":
                 self._allow()
                 return r.CONTINUE_REQUEST_BODY
@@ -315,7 +415,7 @@ class RequestProcessor:
         if isinstance(resolved, d.Denial):
             return self._deny(resolved)
         self._allow()
-        return r.request_body_response(model_headers(resolved.name, plan.version), clear_route_cache=True)
+        return self.shared.body_response(resolved.name, plan.version)
 
     # --- outcomes --------------------------------------------------------------------------------------
 

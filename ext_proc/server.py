@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ext_proc import metrics
 from ext_proc.cache import Directory
-from ext_proc.processor import ProcessorConfig, ProtocolError, RequestProcessor
+from ext_proc.processor import ProcessorConfig, ProcessorShared, ProtocolError, RequestProcessor
 from ext_proc.settings import Settings
 from igw.http_admin import start_admin_server
 from igw.redis_conn import PipelinedRedis
@@ -72,10 +72,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     directory = Directory(redis, ttl=settings.cache_ttl, stale_if_error=settings.stale_if_error,
                           max_entries=settings.cache_max_entries)
     config = ProcessorConfig(settings.key_secret, settings.max_buffer_bytes, settings.forward_credentials)
+    # Half the TTL: a memo made from a cache entry near its end must not outlive it by much.
+    shared = ProcessorShared(config, memo_ttl=settings.cache_ttl / 2)
 
     server = grpc_server(settings)
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorServicer(lambda: RequestProcessor(config, directory)), server
+        ExternalProcessorServicer(lambda: RequestProcessor(config, directory, shared)), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

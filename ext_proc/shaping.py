@@ -47,30 +47,33 @@ class RequestHead:
     spoofable: list[str] = field(default_factory=list)  # client-sent x-igw-* / x-envoy-* names
 
 
+# Headers the processor reads, by the RequestHead slot they fill.
+_READ = {":path": "path", ":method": "method", "content-type": "content_type", "content-length": "content_length",
+         "authorization": "authorization", "x-api-key": "x_api_key", H_REQUEST_ID: "request_id"}
+_SPOOFABLE = (INTERNAL_PREFIX, ENVOY_PREFIX)
+
+
 def read_request_head(headers: Iterable[HeaderLike]) -> RequestHead:
-    """One pass over Envoy's header list. Envoy sends values in `raw_value` (bytes); older builds in `value`."""
+    """One pass over Envoy's header list, decoding only the values we use. Envoy sends lowercase names and
+    values in `raw_value` (bytes); other senders may use mixed case or the `value` field."""
     head = RequestHead()
     for header in headers:
-        key = header.key.lower()
+        key = header.key
+        slot = _READ.get(key)
+        if slot is None:
+            lowered = key.lower()
+            if lowered.startswith(_SPOOFABLE):
+                head.spoofable.append(key)
+                continue
+            if lowered == key:
+                continue
+            slot = _READ.get(lowered)
+            if slot is None:
+                continue
         raw = header.raw_value
-        value = raw.decode("latin-1") if raw else header.value
-        if key[0] == ":":
-            if key == ":path":
-                head.path = value
-            elif key == ":method":
-                head.method = value.upper()
-        elif key.startswith(INTERNAL_PREFIX) or key.startswith(ENVOY_PREFIX):
-            head.spoofable.append(key)
-        elif key == "authorization":
-            head.authorization = value
-        elif key == "x-api-key":
-            head.x_api_key = value
-        elif key == "content-type":
-            head.content_type = value
-        elif key == "content-length":
-            head.content_length = value
-        elif key == H_REQUEST_ID:
-            head.request_id = value
+        setattr(head, slot, raw.decode("latin-1") if raw else header.value)
+    if head.method:
+        head.method = head.method.upper()
     return head
 
 

@@ -1,0 +1,61 @@
+"""The baseline for bench/ext_proc_bench.py: an external processor with the same framework and no logic.
+
+Same gRPC server construction (ext_proc.server.grpc_server), same grpc.aio + uvloop loop, same
+message classes and the same stream loop shape; every message is answered "continue unchanged" with
+the response type of its phase. Whatever the real processor costs beyond this is its own logic.
+
+    .venv/bin/python -m bench.ext_proc_echo --host 127.0.0.1 --grpc-port N --http-port M [--workers N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from ext_proc.responses import CONTINUE
+from ext_proc.server import grpc_server
+from ext_proc.settings import Settings, parse_settings
+from igw.http_admin import start_admin_server
+from igw.runtime import run_async, run_workers, setup_logging
+
+
+class EchoProcessor(pb_grpc.ExternalProcessorServicer):
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        async for request in request_iterator:
+            yield CONTINUE[request.WhichOneof("request")]
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> int:
+    server = grpc_server(settings)
+    pb_grpc.add_ExternalProcessorServicer_to_server(EchoProcessor(), server)
+    server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    await server.start()
+
+    async def healthy() -> tuple[bool, str]:
+        return True, "OK"
+
+    http = await start_admin_server(settings.host, settings.http_port, healthy)
+    await stop.wait()
+    await server.stop(0.5)
+    http.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = parse_settings(argv)
+    setup_logging(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        return run_workers(settings.workers, ["-m", "bench.ext_proc_echo", *argv])
+    return run_async(lambda stop: serve(settings, stop))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
