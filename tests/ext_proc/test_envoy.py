@@ -1,0 +1,117 @@
+"""The documented Envoy filter settings, end to end through the real Envoy 1.40: headers-only calls are
+routed on x-igw-model, OpenAI-style calls after the BUFFERED mode override, refusals arrive as JSON,
+and the model server sees the trusted headers but neither forged ones nor the API key."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from igw.procs import VENV_BIN, ManagedProcess, free_port, port_open
+from tests.ext_proc.conftest import World
+from tests.helpers import Service
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """A model server stand-in that answers with the headers and body it received."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        payload = json.dumps({"headers": {k.lower(): v for k, v in self.headers.items()},
+                              "body": body.decode(errors="replace")}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def envoy_config(listen: int, ext_proc_port: int, upstream_port: int) -> dict:
+    def cluster(name: str, port: int, http2: bool) -> dict:
+        c: dict = {"name": name, "type": "STATIC", "connect_timeout": "0.25s", "load_assignment": {
+            "cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port}}}}]}]}}
+        if http2:
+            c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}}
+        return c
+
+    route = {"match": {"prefix": "/", "headers": [{"name": "x-igw-model", "string_match": {"exact": "llama-3-8b"}}]},
+             "route": {"cluster": "model"}}
+    return {"static_resources": {
+        "listeners": [{"name": "in", "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                       "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                       "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                     "HttpConnectionManager",
+            "stat_prefix": "in",
+            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                route, {"match": {"prefix": "/"}, "direct_response": {"status": 418}}]}]},
+            "http_filters": [
+                {"name": "envoy.filters.http.ext_proc", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
+                    "failure_mode_allow": False,
+                    "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
+                                        "request_body_mode": "NONE", "response_body_mode": "NONE",
+                                        "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+                    "allow_mode_override": True,
+                    "message_timeout": "0.5s",
+                    "mutation_rules": {"allow_envoy": True, "disallow_is_error": True}}},
+                {"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}],
+        "clusters": [cluster("ext_proc", ext_proc_port, True), cluster("model", upstream_port, False)]}}
+
+
+@pytest.fixture(scope="module")
+def gateway(processor: Service, log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    listen = free_port()
+    config = tmp_path_factory.mktemp("envoy") / "envoy.yaml"
+    config.write_text(yaml.safe_dump(envoy_config(listen, processor.grpc_port, upstream.server_address[1])))
+    envoy = ManagedProcess("envoy-ext-proc", [str(VENV_BIN / "envoy"), "-c", str(config), "--concurrency", "1",
+                                              "--disable-hot-restart", "-l", "warning"], log_dir=log_dir).start()
+    try:
+        envoy.wait_ready(lambda: port_open("127.0.0.1", listen), 20, "listening")
+        yield f"http://127.0.0.1:{listen}"
+    finally:
+        envoy.stop()
+        upstream.shutdown()
+
+
+def test_headers_only_call_is_routed_on_the_model_with_trusted_headers(gateway: str, world: World) -> None:
+    response = httpx.post(f"{gateway}/v2/models/llama/infer", content=b"{}", timeout=5, headers={
+        "authorization": f"Bearer {world.acme_key}", "content-type": "application/json",
+        "x-igw-tenant": "initech", "x-igw-department": "sales"})
+    assert response.status_code == 200, response.text
+    seen = response.json()["headers"]
+    assert (seen["x-igw-tenant"], seen["x-igw-department"], seen["x-igw-model"]) == ("acme", "research", "llama-3-8b")
+    assert "authorization" not in seen
+
+
+def test_openai_call_is_routed_on_the_model_named_in_its_body(gateway: str, world: World) -> None:
+    body = json.dumps({"model": "llama", "prompt": "hi"})
+    response = httpx.post(f"{gateway}/v1/completions", content=body, timeout=5, headers={
+        "x-api-key": world.acme_key, "content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["headers"]["x-igw-model"] == "llama-3-8b"
+    assert response.json()["body"] == body
+
+
+def test_refusal_reaches_the_client_as_json(gateway: str) -> None:
+    response = httpx.post(f"{gateway}/v2/models/llama/infer", content=b"{}", timeout=5)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "missing_api_key"
+    assert response.headers["www-authenticate"].startswith("Bearer")
