@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "ext_proc.cli",
     "igw.commands.replicas",
     "igw.commands.up",
+    "igw.commands.policy",
 ]
 
 

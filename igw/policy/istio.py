@@ -1,0 +1,512 @@
+"""Policy -> Istio and Kubernetes manifests for a cluster whose gateway is Istio's ingress gateway.
+
+Pure: returns objects as dicts, grouped into files. What the gateway runs comes from
+igw/envoy_config.py's builders, embedded as they are (never re-typed here), so the filters, timeouts,
+failure modes, rate-limit actions, gRPC clusters and access log are those the local test bed runs
+(tests/istio/test_drift.py holds both to that):
+
+- EnvoyFilter (context GATEWAY, the gateway's workload selector): ext_proc and the rate-limit filter
+  inserted before the router, in that order; the [tenant], [tenant, model], [model] rate-limit
+  actions merged into our virtual hosts (routes Istio generates carry none, so the virtual host's
+  apply); a STRICT_DNS cluster per gRPC service, named by its Service's FQDN and pointing at a
+  headless Service, so Envoy balances HTTP/2 streams over every pod (a ClusterIP would pin each
+  connection to one pod) and health-checks each; the JSON access log merged into the HTTP connection
+  manager (a separate EnvoyFilter, so it can be left out).
+- VirtualService routes on x-igw-model (set by ext_proc to the canonical name) to each model's
+  Service, with the test bed's route timeout and retry policy. Routes are split across several
+  VirtualServices when one would grow past ROUTES_BYTES: Istio merges VirtualServices bound to the
+  same gateway host, and the header matches are disjoint, so order does not matter.
+- DestinationRule per model (one host each: Istio has no other way to set a host's traffic policy):
+  LEAST_REQUEST, the test bed's outlier detection and connect timeout, connection-pool limits.
+- Tenants with `gateway:` are served only by their dedicated gateway: its routes match their
+  x-igw-tenant, and the shared gateway's routes exclude them (withoutHeaders).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from igw import envoy_config
+from igw.envoy_config import DEFAULT_TIMEOUTS, HCM_TYPE, MODEL_HEADER, TENANT_HEADER, Endpoint
+from igw.policy import ratelimit, spec
+
+Obj = dict[str, Any]
+
+EXT_PROC_GRPC_PORT = 9002
+EXT_PROC_HTTP_PORT = 9003
+RATELIMIT_GRPC_PORT = 8081
+RATELIMIT_HTTP_PORT = 8080
+WATCHER_HTTP_PORT = 8080
+RATELIMIT_CONFIG_DIR = "/etc/igw/ratelimit"
+GATEWAY_CONTAINER_PORT = 8080
+ROUTES_BYTES = 256 * 1024  # one VirtualService's routes; far below the 1 MiB object limit
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+ROUTER_FILTER = "envoy.filters.http.router"
+LABEL_PART = "app.kubernetes.io/part-of"
+MODEL_LABEL = "igw.ai/model"  # the replica watcher's selector (igw/replica_counting.MODEL_LABEL)
+
+try:
+    _DUMPER: type = yaml.CSafeDumper
+except AttributeError:  # pragma: no cover
+    _DUMPER = yaml.SafeDumper
+
+
+@dataclass(frozen=True)
+class ServiceNames:
+    """In-cluster names of our services; the Envoy cluster names are their Services' FQDNs."""
+
+    namespace: str
+
+    def fqdn(self, service: str) -> str:
+        return f"{service}.{self.namespace}.svc.cluster.local"
+
+    @property
+    def ext_proc_cluster(self) -> str:
+        return self.fqdn("ext-proc")
+
+    @property
+    def ratelimit_cluster(self) -> str:
+        return self.fqdn("ratelimit")
+
+
+def _meta(name: str, namespace: str | None = None, labels: dict[str, str] | None = None,
+          annotations: dict[str, str] | None = None) -> Obj:
+    meta: Obj = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    meta["labels"] = {LABEL_PART: "igw", **(labels or {})}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+# ------------------------------------------------------------------------------------- EnvoyFilters
+
+
+def gateway_http_filters(names: ServiceNames) -> list[Obj]:
+    """The filters the EnvoyFilter inserts before Istio's router: the builders' own, router excluded."""
+    return [f for f in envoy_config.http_filters(names.ext_proc_cluster, names.ratelimit_cluster, DEFAULT_TIMEOUTS)
+            if f["name"] != ROUTER_FILTER]
+
+
+def gateway_clusters(names: ServiceNames) -> list[Obj]:
+    return [
+        envoy_config.service_cluster(names.ext_proc_cluster, [Endpoint(names.ext_proc_cluster, EXT_PROC_GRPC_PORT)],
+                                     discovery="STRICT_DNS", timeouts=DEFAULT_TIMEOUTS),
+        envoy_config.service_cluster(names.ratelimit_cluster,
+                                     [Endpoint(names.ratelimit_cluster, RATELIMIT_GRPC_PORT)],
+                                     discovery="STRICT_DNS", timeouts=DEFAULT_TIMEOUTS),
+    ]
+
+
+def _filter_chain_match(sub_filter: str | None = None) -> Obj:
+    filt: Obj = {"name": HCM_FILTER}
+    if sub_filter:
+        filt["subFilter"] = {"name": sub_filter}
+    return {"context": "GATEWAY", "listener": {"filterChain": {"filter": filt}}}
+
+
+def gateway_envoy_filter(name: str, namespace: str, selector: dict[str, str], hosts: tuple[str, ...], port: int,
+                         names: ServiceNames) -> Obj:
+    patches: list[Obj] = [
+        # Each INSERT_BEFORE router lands just before the router: ext_proc, then ratelimit, then router.
+        {"applyTo": "HTTP_FILTER", "match": _filter_chain_match(ROUTER_FILTER),
+         "patch": {"operation": "INSERT_BEFORE", "value": f}}
+        for f in gateway_http_filters(names)
+    ]
+    patches += [{"applyTo": "CLUSTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "ADD", "value": c}}
+                for c in gateway_clusters(names)]
+    patches += [
+        {"applyTo": "VIRTUAL_HOST",
+         "match": {"context": "GATEWAY",
+                   "routeConfiguration": {"portNumber": port, "vhost": {"name": f"{host}:{port}"}}},
+         "patch": {"operation": "MERGE", "value": {"rate_limits": envoy_config.route_rate_limits()}}}
+        for host in hosts
+    ]
+    return {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+            "metadata": _meta(name, namespace),
+            "spec": {"workloadSelector": {"labels": dict(selector)}, "configPatches": patches}}
+
+
+def access_log_envoy_filter(name: str, namespace: str, selector: dict[str, str]) -> Obj:
+    return {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+            "metadata": _meta(name, namespace),
+            "spec": {"workloadSelector": {"labels": dict(selector)}, "configPatches": [{
+                "applyTo": "NETWORK_FILTER", "match": _filter_chain_match(),
+                "patch": {"operation": "MERGE", "value": {"typed_config": {
+                    "@type": HCM_TYPE, "access_log": envoy_config.access_log("/dev/stdout")}}},
+            }]}}
+
+
+# ------------------------------------------------------------------------------ gateways and routes
+
+
+def _gateway(name: str, namespace: str, selector: dict[str, str], hosts: tuple[str, ...], port: int) -> Obj:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": _meta(name, namespace),
+            "spec": {"selector": dict(selector),
+                     "servers": [{"port": {"number": port, "name": "http", "protocol": "HTTP"}, "hosts": list(hosts)}]}}
+
+
+def _tenant_regex(tenants: list[str]) -> str:
+    return "^(" + "|".join(re.escape(t) for t in sorted(tenants)) + ")$"
+
+
+def model_http_route(model: spec.Model, *, only_tenants: list[str] | None = None,
+                     not_tenants: list[str] | None = None) -> Obj:
+    """The test bed's model route (envoy_config.model_route) in VirtualService terms."""
+    local = envoy_config.model_route(model.name)["route"]
+    retry = local["retry_policy"]
+    match: Obj = {"headers": {MODEL_HEADER: {"exact": model.name}}}
+    if only_tenants:
+        match["headers"][TENANT_HEADER] = {"regex": _tenant_regex(only_tenants)}
+    if not_tenants:
+        match["withoutHeaders"] = {TENANT_HEADER: {"regex": _tenant_regex(not_tenants)}}
+    return {
+        "name": f"model-{model.name}",
+        "match": [match],
+        "route": [{"destination": {"host": model.host, "port": {"number": model.port}}}],
+        "timeout": local["timeout"],
+        "retries": {"attempts": retry["num_retries"], "retryOn": retry["retry_on"],
+                    "retryIgnorePreviousHosts": True},
+    }
+
+
+def _virtual_services(name: str, namespace: str, gateway_ref: str, hosts: tuple[str, ...],
+                      routes: list[Obj]) -> list[Obj]:
+    chunks: list[list[Obj]] = [[]]
+    size = 0
+    for route in routes:
+        route_size = len(yaml.dump(route, Dumper=_DUMPER))
+        if chunks[-1] and size + route_size > ROUTES_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(route)
+        size += route_size
+    return [{"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+             "metadata": _meta(name if len(chunks) == 1 else f"{name}-{i:03d}", namespace),
+             "spec": {"hosts": list(hosts), "gateways": [gateway_ref], "http": chunk}}
+            for i, chunk in enumerate(chunks) if chunk]
+
+
+def destination_rule(model: spec.Model) -> Obj:
+    """Traffic policy of a model's Service, from the test bed's model cluster (envoy_config.model_cluster)."""
+    local = envoy_config.model_cluster(model.name, [Endpoint(model.host, model.port)], discovery="STRICT_DNS")
+    od = local["outlier_detection"]
+    pool = model.connection_pool
+    return {
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": _meta(model.service, model.namespace, {MODEL_LABEL: _label_value(model.name)}),
+        "spec": {"host": model.host, "trafficPolicy": {
+            "loadBalancer": {"simple": "LEAST_REQUEST"},
+            "connectionPool": {
+                "tcp": {"maxConnections": pool.max_connections, "connectTimeout": local["connect_timeout"]},
+                "http": {"http1MaxPendingRequests": pool.max_pending_requests, "http2MaxRequests": pool.max_requests,
+                         "maxRetries": local["circuit_breakers"]["thresholds"][0]["max_retries"]},
+            },
+            "outlierDetection": {
+                "splitExternalLocalOriginErrors": od["split_external_local_origin_errors"],
+                "consecutiveLocalOriginFailures": od["consecutive_local_origin_failure"],
+                "consecutiveGatewayErrors": od["consecutive_gateway_failure"],
+                "consecutive5xxErrors": od["consecutive_5xx"],
+                "interval": od["interval"],
+                "baseEjectionTime": od["base_ejection_time"],
+                "maxEjectionPercent": od["max_ejection_percent"],
+                # Istio's minHealthPercent is Envoy's healthy_panic_threshold: never route to ejected hosts.
+                "minHealthPercent": int(local["common_lb_config"]["healthy_panic_threshold"]["value"]),
+            },
+            # Model pods run without sidecars: plain HTTP.
+            "tls": {"mode": "DISABLE"},
+        }},
+    }
+
+
+def _label_value(text: str) -> str:
+    """Model names allow characters label values do not (':', '/', '@'): replace them."""
+    value = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:63]
+    return value.strip("._-") or "model"
+
+
+# ---------------------------------------------------------------------------------- workloads
+
+
+def _security_context() -> Obj:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "runAsUser": 65534, "capabilities": {"drop": ["ALL"]}}
+
+
+def _http_probe(path: str, port: int, period: int, failures: int) -> Obj:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "timeoutSeconds": 1,
+            "failureThreshold": failures}
+
+
+def _deployment(name: str, namespace: str, labels: dict[str, str], replicas: int, container: Obj,
+                service_account: str | None = None, volumes: list[Obj] | None = None,
+                pod_annotations: dict[str, str] | None = None, spread: bool = True) -> Obj:
+    pod_spec: Obj = {"containers": [container], "terminationGracePeriodSeconds": 30}
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    if volumes:
+        pod_spec["volumes"] = volumes
+    if spread:
+        pod_spec["topologySpreadConstraints"] = [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": dict(labels)}}]
+    template_meta: Obj = {"labels": {LABEL_PART: "igw", **labels}}
+    if pod_annotations:
+        template_meta["annotations"] = pod_annotations
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, namespace, labels),
+            "spec": {"replicas": replicas, "selector": {"matchLabels": dict(labels)},
+                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                     "template": {"metadata": template_meta, "spec": pod_spec}}}
+
+
+def _resources(svc: spec.ServiceSpec) -> Obj:
+    return {"requests": {"cpu": svc.cpu, "memory": svc.memory}, "limits": {"memory": svc.memory}}
+
+
+def _service(name: str, namespace: str, selector: dict[str, str], ports: list[Obj], *, headless: bool = False,
+             labels: dict[str, str] | None = None, kind: str | None = None) -> Obj:
+    svc_spec: Obj = {"selector": dict(selector), "ports": ports}
+    if headless:
+        svc_spec["clusterIP"] = "None"
+    if kind:
+        svc_spec["type"] = kind
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, namespace, labels), "spec": svc_spec}
+
+
+def _port(name: str, port: int, app_protocol: str, target: int | None = None) -> Obj:
+    out: Obj = {"name": name, "port": port, "targetPort": target or port, "protocol": "TCP",
+                "appProtocol": app_protocol}
+    return out
+
+
+def _hpa(name: str, namespace: str, low: int, high: int, cpu_percent: int = 70) -> Obj:
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _meta(name, namespace),
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                     "minReplicas": low, "maxReplicas": high,
+                     "metrics": [{"type": "Resource", "resource": {
+                         "name": "cpu", "target": {"type": "Utilization", "averageUtilization": cpu_percent}}}]}}
+
+
+def _pdb(name: str, namespace: str, labels: dict[str, str]) -> Obj:
+    # maxUnavailable 1 (not minAvailable): a drain always progresses, and with 2+ replicas one stays up.
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(name, namespace),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": dict(labels)}}}
+
+
+def _service_account(name: str, namespace: str) -> Obj:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, namespace),
+            "automountServiceAccountToken": False}
+
+
+def _container(name: str, image: str, args: list[str], ports: list[tuple[str, int]], svc: spec.ServiceSpec,
+               health_port: int, env: list[Obj] | None = None) -> Obj:
+    container: Obj = {
+        "name": name, "image": image, "args": args,
+        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
+        "resources": _resources(svc),
+        "securityContext": _security_context(),
+        "startupProbe": _http_probe("/healthcheck", health_port, 1, 60),
+        "readinessProbe": _http_probe("/healthcheck", health_port, 2, 2),
+        "livenessProbe": _http_probe("/healthcheck", health_port, 10, 6),
+    }
+    if env:
+        container["env"] = env
+    return container
+
+
+def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
+    """ext_proc, the rate-limit service and the replica watcher, in the services namespace."""
+    s = policy.services
+    ns = s.namespace
+    redis_env = [{"name": "REDIS_URL", "value": s.redis_url}]
+    objects: list[Obj] = []
+
+    ext_labels = {"app": "ext-proc"}
+    objects += [
+        _service_account("ext-proc", ns),
+        _deployment("ext-proc", ns, ext_labels, s.ext_proc.replicas, _container(
+            "ext-proc", s.image,
+            ["python", "-m", "ext_proc", "--host", "0.0.0.0", "--grpc-port", str(EXT_PROC_GRPC_PORT),
+             "--http-port", str(EXT_PROC_HTTP_PORT)],
+            [("grpc", EXT_PROC_GRPC_PORT), ("http-admin", EXT_PROC_HTTP_PORT)], s.ext_proc, EXT_PROC_HTTP_PORT,
+            [*redis_env, {"name": "IGW_KEY_SECRET", "valueFrom": {"secretKeyRef": {
+                "name": "igw-key-secret", "key": "secret"}}}]), "ext-proc"),
+        _service("ext-proc", ns, ext_labels, [_port("grpc", EXT_PROC_GRPC_PORT, "grpc"),
+                                              _port("http-admin", EXT_PROC_HTTP_PORT, "http")], headless=True),
+        _hpa("ext-proc", ns, s.ext_proc.replicas, s.ext_proc.max_replicas),
+        _pdb("ext-proc", ns, ext_labels),
+    ]
+
+    rl_labels = {"app": "ratelimit"}
+    volume = {"name": "config", "projected": {"sources": [{"configMap": {"name": n}} for n in config_maps]}}
+    rl_container = _container(
+        "ratelimit", s.image,
+        ["python", "-m", "ratelimit_svc", "--config-dir", RATELIMIT_CONFIG_DIR, "--merge-domain-config",
+         "--host", "0.0.0.0", "--grpc-port", str(RATELIMIT_GRPC_PORT), "--http-port", str(RATELIMIT_HTTP_PORT)],
+        [("grpc", RATELIMIT_GRPC_PORT), ("http-admin", RATELIMIT_HTTP_PORT)], s.ratelimit, RATELIMIT_HTTP_PORT,
+        redis_env)
+    # The directory is watched for changes: a ConfigMap update swaps its symlink and the service reloads.
+    rl_container["volumeMounts"] = [{"name": "config", "mountPath": RATELIMIT_CONFIG_DIR, "readOnly": True}]
+    objects += [
+        _service_account("ratelimit", ns),
+        _deployment("ratelimit", ns, rl_labels, s.ratelimit.replicas, rl_container, "ratelimit", [volume]),
+        _service("ratelimit", ns, rl_labels, [_port("grpc", RATELIMIT_GRPC_PORT, "grpc"),
+                                              _port("http-admin", RATELIMIT_HTTP_PORT, "http")], headless=True),
+        _hpa("ratelimit", ns, s.ratelimit.replicas, s.ratelimit.max_replicas),
+        _pdb("ratelimit", ns, rl_labels),
+    ]
+
+    w_labels = {"app": "replica-watcher"}
+    watcher_sa = _service_account("replica-watcher", ns)
+    watcher_sa["automountServiceAccountToken"] = True  # it talks to the API server
+    objects += [
+        watcher_sa,
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": _meta("igw-replica-watcher"),
+         "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": _meta("igw-replica-watcher"),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "igw-replica-watcher"},
+         "subjects": [{"kind": "ServiceAccount", "name": "replica-watcher", "namespace": ns}]},
+        _deployment("replica-watcher", ns, w_labels, s.replica_watcher.replicas, _container(
+            "replica-watcher", s.image,
+            ["python", "-m", "igw.cli", "replicas", "watch", "--in-cluster", "--selector", MODEL_LABEL,
+             "--http-port", str(WATCHER_HTTP_PORT)],
+            [("http-admin", WATCHER_HTTP_PORT)], s.replica_watcher, WATCHER_HTTP_PORT,
+            [*redis_env, {"name": "IGW_REPLICAS_PUBLISHER",
+                          "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]), "replica-watcher"),
+        _service("replica-watcher", ns, w_labels, [_port("http-admin", WATCHER_HTTP_PORT, "http")]),
+        _pdb("replica-watcher", ns, w_labels),
+    ]
+    return objects
+
+
+def model_objects(model: spec.Model) -> list[Obj]:
+    objects = [destination_rule(model)]
+    dep = model.deployment
+    if dep is None:
+        return objects
+    labels = {"app": model.service, MODEL_LABEL: _label_value(model.name)}
+    container: Obj = {
+        "name": "model", "image": dep.image, "args": list(dep.args),
+        "ports": [{"name": "http", "containerPort": dep.container_port, "protocol": "TCP"}],
+        "securityContext": _security_context(),
+        # Pre-warm hook: the startup probe holds the pod out of the Service (and out of the ready
+        # replica count that sizes quotas) until `prewarm_path` answers 200, for up to startup_seconds.
+        "startupProbe": _http_probe(dep.prewarm_path, dep.container_port, 2, max(1, dep.startup_seconds // 2)),
+        # Then readiness follows the model's own health, at the test bed's health-check interval.
+        "readinessProbe": _http_probe(envoy_config.MODEL_READY_PATH, dep.container_port,
+                                      max(1, int(DEFAULT_TIMEOUTS.health_interval)), 2),
+        "livenessProbe": {"tcpSocket": {"port": dep.container_port}, "periodSeconds": 10, "failureThreshold": 6},
+    }
+    objects.append(_deployment(model.service, model.namespace, labels, dep.replicas, container))
+    # The Service carries the model label: EndpointSlices inherit it and the replica watcher selects on it.
+    objects.append(_service(model.service, model.namespace, {"app": model.service},
+                            [_port("http", model.port, "http", dep.container_port)], labels=labels))
+    return objects
+
+
+def namespace(name: str, labels: dict[str, str]) -> Obj:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(name, labels=labels)}
+
+
+def dedicated_gateway_objects(policy: spec.Policy, gw: spec.DedicatedGateway, names: ServiceNames) -> list[Obj]:
+    """A gateway of its own (Istio's gateway injection template) with the same filters, for its tenants."""
+    ns = gw.namespace
+    labels = {"istio": gw.name, "app": gw.name}
+    container = {"name": "istio-proxy", "image": "auto",  # the injector fills in the proxy
+                 "ports": [{"name": "http", "containerPort": GATEWAY_CONTAINER_PORT, "protocol": "TCP"}],
+                 "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                                     "capabilities": {"drop": ["ALL"]}}}
+    deployment = _deployment(gw.name, ns, labels, gw.replicas, container, gw.name,
+                             pod_annotations={"inject.istio.io/templates": "gateway"})
+    deployment["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] = "true"
+    sa = _service_account(gw.name, ns)
+    sa["automountServiceAccountToken"] = True
+    tenants = [t.id for t in policy.tenants_of_gateway(gw.name)]
+    allowed = {m for t in tenants for m in policy.allowed[t]}
+    routes = [model_http_route(m, only_tenants=tenants) for m in policy.models.values() if m.name in allowed]
+    return [
+        namespace(ns, {"igw.ai/role": "dedicated-gateway"}),
+        sa,
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(gw.name, ns),
+         "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "watch", "list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(gw.name, ns),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": gw.name},
+         "subjects": [{"kind": "ServiceAccount", "name": gw.name}]},
+        deployment,
+        _service(gw.name, ns, labels, [_port("http", gw.port, "http", GATEWAY_CONTAINER_PORT)], kind="LoadBalancer"),
+        _hpa(gw.name, ns, gw.replicas, gw.max_replicas, 80),
+        _pdb(gw.name, ns, labels),
+        _gateway(gw.name, ns, labels_selector(gw), gw.hosts, gw.port),
+        *_virtual_services(gw.name, ns, f"{ns}/{gw.name}", gw.hosts, routes),
+        gateway_envoy_filter(f"{gw.name}-igw", ns, labels_selector(gw), gw.hosts, gw.port, names),
+        access_log_envoy_filter(f"{gw.name}-igw-access-log", ns, labels_selector(gw)),
+    ]
+
+
+def labels_selector(gw: spec.DedicatedGateway) -> dict[str, str]:
+    return gw.selector
+
+
+# ---------------------------------------------------------------------------------------- render
+
+
+def render(policy: spec.Policy) -> dict[str, list[Obj]]:
+    """File name -> objects, for `igw render istio`. Deterministic: same policy, same bytes."""
+    names = ServiceNames(policy.services.namespace)
+    g = policy.gateway
+    shards = ratelimit.render_shards(policy)
+    config_maps = []
+    cm_objects = []
+    for i, (file_name, text) in enumerate(sorted(shards.items())):
+        cm_name = f"ratelimit-config-{i:03d}"
+        config_maps.append(cm_name)
+        cm_objects.append({"apiVersion": "v1", "kind": "ConfigMap",
+                           "metadata": _meta(cm_name, policy.services.namespace), "data": {file_name: text}})
+
+    model_namespaces = sorted({m.namespace for m in policy.models.values()})
+    namespaces = [namespace(policy.services.namespace, {"istio-injection": "disabled", "igw.ai/role": "services"})]
+    namespaces += [namespace(ns, {"istio-injection": "disabled", "igw.ai/role": "models"})
+                   for ns in model_namespaces if ns != policy.services.namespace]
+
+    dedicated = sorted({t.id for t in policy.tenants.values() if t.gateway})
+    # Every model gets a shared route, also one only dedicated tenants may call: tenants created outside
+    # the policy may call any model; the withoutHeaders match keeps dedicated tenants off the shared one.
+    routes = [model_http_route(m, not_tenants=dedicated or None) for m in policy.models.values()]
+    gateway_objects = [
+        _gateway(g.name, policy.services.namespace, g.selector, g.hosts, g.port),
+        gateway_envoy_filter("igw-gateway", g.namespace, g.selector, g.hosts, g.port, names),
+        access_log_envoy_filter("igw-gateway-access-log", g.namespace, g.selector),
+    ]
+    files = {
+        "00-namespaces.yaml": namespaces,
+        "10-services.yaml": service_objects(policy, config_maps),
+        "11-ratelimit-config.yaml": cm_objects,
+        "20-gateway.yaml": gateway_objects,
+        "21-virtual-services.yaml": _virtual_services(g.name, policy.services.namespace,
+                                                      f"{policy.services.namespace}/{g.name}", g.hosts, routes),
+        "30-models.yaml": [o for m in policy.models.values() for o in model_objects(m)],
+    }
+    for gw in policy.dedicated_gateways.values():
+        files[f"40-dedicated-{gw.name}.yaml"] = dedicated_gateway_objects(policy, gw, names)
+    return files
+
+
+HEADER = ("# Generated by `igw render istio --policy {policy}` from igw/policy/istio.py and igw/envoy_config.py.\n"
+          "# Do not edit: tests/istio/test_render.py fails when this file and a fresh render differ.\n")
+
+
+def dump(objects: list[Obj]) -> str:
+    return "".join("---\n" + yaml.dump(o, Dumper=_DUMPER, sort_keys=False, default_flow_style=False, width=120)
+                   for o in objects)
+
+
+def render_text(policy: spec.Policy, policy_name: str | None = None) -> dict[str, str]:
+    header = HEADER.format(policy=policy_name or policy.file)
+    return {name: header + dump(objects) for name, objects in render(policy).items()}

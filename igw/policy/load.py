@@ -1,0 +1,453 @@
+"""Load and validate a quota policy file: YAML text -> spec.Policy, or every problem as "file:line: path: what".
+
+Pure: the caller reads the file. Three passes, each reporting all it finds before stopping:
+1. YAML is walked as a node graph (as ratelimit_svc/config.py does) to keep each value's line and to
+   catch duplicate keys, which PyYAML would otherwise let the last one win silently (a duplicate model).
+2. The committed JSON Schema (config/policy/policy.schema.json, the one editors use) checks shapes,
+   types, ranges and unknown fields.
+3. Cross-references the schema cannot express: aliases (no clashes, no loops), overrides naming real
+   models the tenant may call, tiers, dedicated gateways, and shares (a model whose every tenant has
+   share 0 could never be called).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from ext_proc.records import TIERS
+from igw.policy import spec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+SCHEMA_PATH = REPO_ROOT / "config" / "policy" / "policy.schema.json"
+# Past this the rate-limit config (one entry per tenant and model it may call), the routes and istiod's
+# push size grow beyond what one policy should carry: split models across gateways/policies instead.
+MAX_MODELS = 10_000
+MAX_TENANTS = 2_000
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+Path_ = tuple[str | int, ...]
+Allowed = dict[str, tuple[str, ...]]  # tenant -> canonical models it may call
+
+try:  # libyaml's composer is ~10x faster on large policies and keeps the same marks
+    _LOADER: type = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - PyYAML built without libyaml
+    _LOADER = yaml.SafeLoader
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    line: int | None
+    path: str
+    message: str
+
+    def render(self, file: str) -> str:
+        where = file if self.line is None else f"{file}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class PolicyError(ValueError):
+    """The policy is invalid; `problems` holds every one found, the message lists them one per line."""
+
+    def __init__(self, file: str, problems: list[Problem]) -> None:
+        self.file = file
+        self.problems = sorted(problems, key=lambda p: (p.line or 0, p.path))
+        super().__init__("\n".join(p.render(file) for p in self.problems))
+
+
+def dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+@cache
+def schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema())
+
+
+# --------------------------------------------------------------------------------------- pass 1: YAML
+
+
+class _Plain:
+    """Node graph -> plain values, remembering the line of every path and reporting duplicate keys."""
+
+    _constructor = yaml.SafeLoader("")
+
+    def __init__(self) -> None:
+        self.lines: dict[Path_, int] = {}
+        self.key_lines: dict[Path_, int] = {}
+        self.problems: list[Problem] = []
+
+    def convert(self, node: yaml.Node, path: Path_) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                    shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "<non-scalar>"
+                    self.problems.append(Problem(key_node.start_mark.line + 1, dotted(path),
+                                                 f"key {shown!r} is not a string (quote it)"))
+                    continue
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in out:
+                    first = self.key_lines[(*path, key)]
+                    self.problems.append(Problem(line, dotted((*path, key)),
+                                                 f"duplicate {_what(path)} {key!r} (first defined at line {first})"))
+                    continue
+                self.key_lines[(*path, key)] = line
+                out[key] = self.convert(value_node, (*path, key))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
+        if node.tag == "tag:yaml.org,2002:timestamp":  # a date would not be a string for the schema either
+            return node.value
+        return self._constructor.construct_object(node, deep=True)
+
+    def line(self, path: Path_) -> int | None:
+        while path:
+            if path in self.key_lines:
+                return self.key_lines[path]
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get(())
+
+
+def _what(path: Path_) -> str:
+    names = {("models",): "model", ("tenants",): "tenant", ("aliases",): "alias",
+             ("dedicated_gateways",): "gateway"}
+    return names.get(tuple(path), "key")
+
+
+def _parse(file: str, text: str) -> tuple[Any, _Plain]:
+    try:
+        node = yaml.compose(text, Loader=_LOADER)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise PolicyError(file, [Problem(mark.line + 1 if mark else None, "",
+                                         f"not valid YAML: {exc.problem or exc.context}")]) from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(file, [Problem(None, "", f"not valid YAML: {exc}")]) from None
+    if node is None:
+        raise PolicyError(file, [Problem(None, "", "the file is empty")])
+    if isinstance(node, yaml.MappingNode):
+        models = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == "models"), None)
+        if isinstance(models, yaml.MappingNode) and len(models.value) > MAX_MODELS:
+            raise PolicyError(file, [Problem(models.start_mark.line + 1, "models",
+                                             f"{len(models.value)} models; one policy holds at most {MAX_MODELS} "
+                                             "(split the models across dedicated gateways and policies)")])
+    plain = _Plain()
+    return plain.convert(node, ()), plain
+
+
+# ------------------------------------------------------------------------------------- pass 2: schema
+
+
+def _schema_problems(data: Any, plain: _Plain) -> list[Problem]:
+    problems = []
+    for error in _validator().iter_errors(data):
+        problems.extend(_explain(error, plain))
+    return problems
+
+
+def _explain(error: jsonschema.ValidationError, plain: _Plain) -> Iterator[Problem]:
+    path: Path_ = tuple(error.absolute_path)
+    kind = error.validator
+    if kind == "additionalProperties" and isinstance(error.instance, dict):
+        known = set(error.schema.get("properties", {}))
+        allowed = ", ".join(sorted(known))
+        for key in error.instance:
+            if key not in known:
+                yield Problem(plain.line((*path, key)), dotted((*path, key)),
+                              f"unknown field {key!r} (allowed: {allowed})")
+        return
+    if kind == "propertyNames":
+        name = error.instance
+        cause = error.context[0].message if error.context else ""
+        pattern = error.schema.get("propertyNames", {})
+        yield Problem(plain.line((*path, name)), dotted((*path, name)),
+                      f"invalid name {name!r}{_pattern_hint(pattern) or (': ' + cause if cause else '')}")
+        return
+    if kind == "not" and path and path[0] == "models":
+        yield Problem(plain.line(path), dotted(path), "give either per_replica or limit, not both")
+        return
+    if kind == "required":
+        yield Problem(plain.line(path), dotted(path), error.message.replace("is a required property",
+                                                                         "is required"))
+        return
+    if kind == "pattern":
+        yield Problem(plain.line(path), dotted(path), f"{error.instance!r} does not match {error.validator_value}")
+        return
+    if kind in ("maxProperties", "minProperties") and path and path[-2:-1] == ("overrides",):
+        yield Problem(plain.line(path), dotted(path), "an override sets exactly one of limit, share, unlimited")
+        return
+    yield Problem(plain.line(path), dotted(path), error.message)
+
+
+def _pattern_hint(subschema: dict[str, Any]) -> str:
+    ref = subschema.get("$ref", "")
+    hints = {
+        "#/$defs/tenant_id": ": use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
+        "#/$defs/model_name": ": use up to 128 letters, digits or . _ : / @ -, starting with a letter or digit",
+        "#/$defs/dns_label": ": use a DNS label (lowercase letters, digits, '-', at most 63)",
+    }
+    return hints.get(ref, "")
+
+
+# --------------------------------------------------------------------------------- pass 3: meaning
+
+
+def _service(data: dict[str, Any], replicas: int, cpu: str, memory: str) -> spec.ServiceSpec:
+    n = data.get("replicas", replicas)
+    return spec.ServiceSpec(replicas=n, max_replicas=max(n, data.get("max_replicas", max(n, 10))),
+                            cpu=data.get("cpu", cpu), memory=data.get("memory", memory))
+
+
+class _Checker:
+    def __init__(self, data: dict[str, Any], plain: _Plain) -> None:
+        self.data = data
+        self.plain = plain
+        self.problems: list[Problem] = []
+
+    def problem(self, path: Path_, message: str) -> None:
+        self.problems.append(Problem(self.plain.line(path), dotted(path), message))
+
+    def models(self) -> dict[str, spec.Model]:
+        out = {}
+        services: dict[tuple[str, str], str] = {}
+        for name, m in self.data["models"].items():
+            path: Path_ = ("models", name)
+            service = m.get("service", name)
+            if "service" not in m and not DNS_LABEL.match(name):
+                self.problem(path, f"model name {name!r} is not a DNS label: set `service` to its Service's name")
+            clash = services.setdefault((m["namespace"], service), name)
+            if clash != name:
+                self.problem(path, f"models {clash!r} and {name!r} both use Service {m['namespace']}/{service}")
+            if m.get("per_replica") is None and ("min" in m or "max" in m):
+                self.problem(path, "min and max apply only with per_replica")
+            if "max" in m and m["max"] < m.get("min", 0):
+                self.problem((*path, "max"), f"max ({m['max']}) is below min ({m.get('min', 0)})")
+            pool = m.get("connection_pool", {})
+            dep = m.get("deployment")
+            out[name] = spec.Model(
+                name=name, namespace=m["namespace"], service=service, port=m.get("port", spec.DEFAULT_MODEL_PORT),
+                per_replica=m.get("per_replica"), limit=m.get("limit"), min=m.get("min", 0), max=m.get("max"),
+                aliases=tuple(m.get("aliases", ())), inspect_body=m.get("inspect_body", False),
+                shadow_mode=m.get("shadow_mode", False),
+                connection_pool=spec.ConnectionPool(pool.get("max_connections", 1024),
+                                                    pool.get("max_pending_requests", 1024),
+                                                    pool.get("max_requests", 1024)),
+                deployment=None if dep is None else spec.Deployment(
+                    image=dep["image"], args=tuple(dep.get("args", ())), replicas=dep.get("replicas", 1),
+                    container_port=dep.get("container_port", m.get("port", spec.DEFAULT_MODEL_PORT)),
+                    prewarm_path=dep.get("prewarm_path", spec.DEFAULT_PREWARM_PATH),
+                    startup_seconds=dep.get("startup_seconds", 600)),
+                line=self.plain.line(path) or 0,
+            )
+        return out
+
+    def aliases(self, models: dict[str, spec.Model]) -> dict[str, str]:
+        targets: dict[str, str] = {}
+        where: dict[str, Path_] = {}
+        for model in models.values():
+            for i, alias in enumerate(model.aliases):
+                path: Path_ = ("models", model.name, "aliases", i)
+                if alias in models:
+                    self.problem(path, f"alias {alias!r} of model {model.name!r} is itself a model "
+                                       f"(alias loop: {model.name} -> {alias} -> ...)")
+                elif alias in targets:
+                    self.problem(path, f"alias {alias!r} is already an alias of {targets[alias]!r} "
+                                       f"({dotted(where[alias])})")
+                else:
+                    targets[alias], where[alias] = model.name, path
+        for alias, target in self.data.get("aliases", {}).items():
+            path = ("aliases", alias)
+            if alias in models:
+                self.problem(path, f"{alias!r} is a model and cannot also be an alias")
+            elif alias in targets:
+                self.problem(path, f"alias {alias!r} is already an alias of {targets[alias]!r} "
+                                   f"({dotted(where[alias])})")
+            else:
+                targets[alias], where[alias] = target, path
+        resolved: dict[str, str] = {}
+        for alias in targets:
+            chain = [alias]
+            current = targets[alias]
+            while current not in models:
+                if current in chain:
+                    loop = " -> ".join([*chain[chain.index(current):], current])
+                    self.problem(where[alias], f"alias loop: {loop}")
+                    break
+                if current not in targets:
+                    self.problem(where[alias], f"alias {alias!r} names {current!r}, which is neither a model "
+                                               "nor an alias")
+                    break
+                chain.append(current)
+                current = targets[current]
+            else:
+                resolved[alias] = current
+        return resolved
+
+    def tenants(self, models: dict[str, spec.Model], aliases: dict[str, str],
+                gateways: dict[str, spec.DedicatedGateway]) -> tuple[dict[str, spec.Tenant], Allowed]:
+        out: dict[str, spec.Tenant] = {}
+        allowed: dict[str, tuple[str, ...]] = {}
+        names = list(models)
+        for tid, t in self.data["tenants"].items():
+            path: Path_ = ("tenants", tid)
+            tier = TIERS.get(t["tier"])
+            explicit = [k for k in ("max_body_bytes", "timeout_ms", "priority") if k in t]
+            if tier is None and len(explicit) < 3:
+                self.problem((*path, "tier"), f"unknown tier {t['tier']!r}: use one of {', '.join(TIERS)} or set "
+                                              "max_body_bytes, timeout_ms and priority")
+                tier = TIERS["free"]
+            globs = tuple(t.get("models", ("*",)))
+            regex = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+            mine = tuple(n for n in names if regex.match(n))
+            if not mine:
+                self.problem((*path, "models"), f"{list(globs)} match no model of this policy")
+            allowed[tid] = mine
+            mine_set = set(mine)
+            overrides = {}
+            for model, o in t.get("overrides", {}).items():
+                opath: Path_ = (*path, "overrides", model)
+                if model not in models:
+                    hint = f" (an alias of {aliases[model]!r}: use the model name)" if model in aliases else ""
+                    self.problem(opath, f"no model {model!r} in this policy{hint}")
+                elif model not in mine_set:
+                    self.problem(opath, f"tenant {tid!r} may not call {model!r} (its models: {list(globs)})")
+                overrides[model] = spec.Override(limit=o.get("limit"), share=o.get("share"),
+                                                 unlimited=o.get("unlimited", False))
+            gateway = t.get("gateway")
+            if gateway is not None and gateway not in gateways:
+                known = ", ".join(gateways) or "none defined"
+                self.problem((*path, "gateway"), f"no dedicated gateway {gateway!r} (dedicated_gateways: {known})")
+            out[tid] = spec.Tenant(
+                id=tid, department=t["department"], tier=t["tier"], models=globs, limit=t.get("limit"),
+                share=float(t.get("share", 1)), overrides=overrides, shadow_mode=t.get("shadow_mode", False),
+                gateway=gateway,
+                max_body_bytes=t.get("max_body_bytes", tier.max_body_bytes),
+                timeout_ms=t.get("timeout_ms", tier.timeout_ms), priority=t.get("priority", tier.priority),
+                line=self.plain.line(path) or 0,
+            )
+        return out, allowed
+
+    def shares(self, tenants: dict[str, spec.Tenant], allowed: dict[str, tuple[str, ...]],
+               models: dict[str, spec.Model]) -> None:
+        """A model whose every sharing tenant has share 0 could be called by nobody: name it."""
+        if tenants and all(t.share == 0 and all(o.share in (None, 0) for o in t.overrides.values())
+                           for t in tenants.values()):
+            self.problem(("tenants",), "every tenant has share 0: no tenant could call any model "
+                                       "(give at least one tenant a share > 0)")
+            return
+        totals: dict[str, float] = {}
+        sharers: dict[str, list[str]] = {}
+        for tenant in tenants.values():
+            for model in allowed.get(tenant.id, ()):
+                share = share_of(tenant, model)
+                if share is None:
+                    continue
+                totals[model] = totals.get(model, 0.0) + share
+                sharers.setdefault(model, []).append(tenant.id)
+        for model, total in totals.items():
+            if total == 0:
+                who = ", ".join(sharers[model][:5]) + (" ..." if len(sharers[model]) > 5 else "")
+                self.problem(("models", model), f"every tenant allowed model {model!r} has share 0 ({who}): "
+                                                "nobody could call it (give one a share > 0)")
+
+
+def share_of(tenant: spec.Tenant, model: str) -> float | None:
+    """The tenant's weight in the model's capacity; None when an override gives it a fixed limit."""
+    override = tenant.overrides.get(model)
+    if override is None:
+        return tenant.share
+    return override.share
+
+
+def _gateway(data: dict[str, Any]) -> spec.Gateway:
+    return spec.Gateway(name=data.get("name", "igw"), namespace=data.get("namespace", "istio-system"),
+                        selector=dict(data.get("selector", {"istio": "ingressgateway"})),
+                        hosts=tuple(data.get("hosts", ("*",))), port=data.get("port", 80))
+
+
+def load_policy(file: str, text: str) -> spec.Policy:
+    """Parse and validate; raise PolicyError listing every problem (file, line, path, what)."""
+    data, plain = _parse(file, text)
+    problems = list(plain.problems)
+    problems += _schema_problems(data, plain)
+    if problems:
+        raise PolicyError(file, problems)
+    if len(data["tenants"]) > MAX_TENANTS:
+        raise PolicyError(file, [Problem(plain.line(("tenants",)), "tenants",
+                                         f"{len(data['tenants'])} tenants; one policy holds at most {MAX_TENANTS}")])
+    check = _Checker(data, plain)
+    models = check.models()
+    aliases = check.aliases(models)
+    gateways = {
+        name: spec.DedicatedGateway(name=name, namespace=g["namespace"], hosts=tuple(g.get("hosts", ("*",))),
+                                    port=g.get("port", 80), replicas=g.get("replicas", 2),
+                                    max_replicas=max(g.get("replicas", 2), g.get("max_replicas", 5)))
+        for name, g in data.get("dedicated_gateways", {}).items()
+    }
+    tenants, allowed = check.tenants(models, aliases, gateways)
+    check.shares(tenants, allowed, models)
+    gateway = _gateway(data.get("gateway", {}))
+    for name, g in gateways.items():
+        if g.namespace == gateway.namespace:
+            check.problem(("dedicated_gateways", name, "namespace"),
+                          f"namespace {g.namespace!r} is the shared gateway's; a dedicated gateway needs its own")
+    if check.problems:
+        raise PolicyError(file, check.problems)
+    defaults = data.get("defaults", {})
+    svc = data.get("services", {})
+    return spec.Policy(
+        file=file,
+        unit=defaults.get("unit", "second"),
+        algorithm=defaults.get("algorithm", "fixed_window"),
+        tenant_limit=defaults.get("tenant_limit"),
+        tenant_model_limit=defaults.get("tenant_model_limit"),
+        shadow_mode=defaults.get("shadow_mode", False),
+        gateway=gateway,
+        dedicated_gateways=gateways,
+        services=spec.Services(
+            namespace=svc.get("namespace", "igw-system"),
+            image=svc.get("image", spec.DEFAULT_IMAGE),
+            redis_url=svc.get("redis_url", "redis://redis.igw-system.svc.cluster.local:6379/0"),
+            ext_proc=_service(svc.get("ext_proc", {}), 2, "500m", "256Mi"),
+            ratelimit=_service(svc.get("ratelimit", {}), 2, "500m", "256Mi"),
+            replica_watcher=_service(svc.get("replica_watcher", {}), 2, "100m", "128Mi"),
+        ),
+        tenants=tenants,
+        models=models,
+        aliases=aliases,
+        allowed=allowed,
+    )
+
+
+def load_policy_file(path: str | Path) -> spec.Policy:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(str(path), [Problem(None, "", f"cannot read the file: {exc}")]) from None
+    return load_policy(str(path), text)
