@@ -53,7 +53,12 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayBed]:
     """Two replicas of every service and model: failure tests need a survivor."""
     deaths: list[Death] = []
     log_dir = tmp_path_factory.mktemp("bed")
-    with GatewayBed(BedOptions(replicas=2, model_replicas=2, log_dir=log_dir), on_death=deaths.append) as running:
+    # A quota the tests never reach: these tests are about processes and routing, not about 429s.
+    quota = tmp_path_factory.mktemp("quota")
+    (quota / "igw.yaml").write_text(
+        "domain: igw\ndescriptors:\n  - key: tenant\n    rate_limit: {unit: second, requests_per_unit: 100000}\n")
+    options = BedOptions(replicas=2, model_replicas=2, log_dir=log_dir, rate_limit_config=quota)
+    with GatewayBed(options, on_death=deaths.append) as running:
         yield running
 
 
