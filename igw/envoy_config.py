@@ -53,6 +53,7 @@ HCM_TYPE = _TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.
 FILE_LOG_TYPE = _TYPE + "envoy.extensions.access_loggers.file.v3.FileAccessLog"
 HTTP_OPTIONS_TYPE = _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
+LISTENER_BUFFER_BYTES = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMITTED_LOCAL = REPO_ROOT / "envoy" / "envoy.yaml"
 COMMITTED_COMPOSE = REPO_ROOT / "envoy" / "envoy.compose.yaml"
@@ -68,7 +69,9 @@ def duration(seconds: float) -> str:
 class Timeouts:
     """Every timeout the gateway config sets, in seconds, in one place."""
 
-    ext_proc_message: float = 0.2  # per ext_proc message (headers, or a buffered body)
+    # Per ext_proc message (headers, or a buffered body). Above ext_proc's Redis timeout (250 ms), so an
+    # uncached lookup that fails is answered by ext_proc itself (a clear 503) rather than cut off by Envoy.
+    ext_proc_message: float = 0.5
     ext_proc_max_message: float = 2.0  # ext_proc may raise its own message timeout up to this
     ratelimit: float = 0.2  # one ShouldRateLimit call
     connect: float = 0.25  # TCP connect to any upstream (loopback or cluster network)
@@ -390,6 +393,8 @@ def bootstrap(
             "listeners": [{
                 "name": "gateway",
                 "address": {"socket_address": {"address": listen, "port_value": topology.gateway.port}},
+                # Must stay >= ext_proc's --max-buffer-bytes (1 MiB) or Envoy answers 413 to BUFFERED bodies.
+                "per_connection_buffer_limit_bytes": LISTENER_BUFFER_BYTES,
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                 "typed_config": hcm}]}],
             }],

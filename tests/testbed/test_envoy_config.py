@@ -88,7 +88,7 @@ def test_ext_proc_fails_closed_and_sends_request_headers_only() -> None:
         "response_body_mode": "NONE", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
     }
     assert cfg["allow_mode_override"] is True
-    assert cfg["message_timeout"] == "0.2s"
+    assert cfg["message_timeout"] == "0.5s"
     assert cfg["request_attributes"] == []
 
 
