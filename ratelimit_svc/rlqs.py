@@ -43,6 +43,8 @@ DEMAND_TTL = 30  # seconds a stream's demand stays visible to other server repli
 DEMAND_MAX_AGE = 15.0  # reports come every 5 s; three missed reports and the stream no longer counts
 ASSIGNMENT_TTL = 60  # whole seconds (Envoy 1.40: unset means "expire now")
 REFRESH_EVERY = 20.0  # re-send unchanged assignments well before their TTL runs out
+DEMAND_SMOOTHING = 0.5  # weight of the newest report in a stream's demand estimate
+FLOOR_FRACTION = 0.2  # share of a budget split evenly between the gateways that report the bucket
 TENANT_KEY, MODEL_KEY, GATEWAY_KEY = "tenant", "model", "gw"
 
 STREAMS = Gauge("rlqs_streams", "Open gateway streams on this server")
@@ -138,7 +140,7 @@ def bucket_action(bucket_id: rlqs_pb2.BucketId, assignment: Assignment) -> rlqs_
 
 
 class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
-    def __init__(self, budgets: QuotaBudgets, redis_url: str, floor_fraction: float = 0.1) -> None:
+    def __init__(self, budgets: QuotaBudgets, redis_url: str, floor_fraction: float = FLOOR_FRACTION) -> None:
         self.budgets = budgets
         self.floor_fraction = floor_fraction
         self.streams: dict[str, GatewayStream] = {}
@@ -186,15 +188,21 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
             for usage in report.bucket_quota_usages:
                 key = bucket_key(usage.bucket_id)
                 state = stream.buckets.get(key)
+                new_bucket = state is None
                 if state is None:
                     state = stream.buckets[key] = BucketState(usage.bucket_id)
                     new = True
                 elapsed = usage.time_elapsed.seconds + usage.time_elapsed.nanos / 1e9
                 count = usage.num_requests_allowed + usage.num_requests_denied
-                state.demand = count / elapsed if elapsed >= 0.5 else float(count)
+                demand = count / elapsed if elapsed >= 0.5 else float(count)
+                # Smoothed: two gateways' 5 s report windows never line up, and every shift of slices
+                # lets the growing side spend its new rate while the shrinking side already spent its old.
+                state.demand = demand if new_bucket else DEMAND_SMOOTHING * demand + (1 - DEMAND_SMOOTHING) * state.demand
                 state.reported_at = now
             await self._publish_demand(stream, now)
-            await self.recompute([stream], reason="new_bucket" if new else "report")
+            # Every local gateway holding these buckets gets its new slice now, not at the next sweep:
+            # otherwise one gateway's grown slice and another's shrunk one overlap for up to a second.
+            await self.recompute(keys=set(stream.buckets), reason="new_bucket" if new else "report")
 
     # -- coordination -------------------------------------------------------------------------
 
@@ -235,24 +243,31 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
             result[key] = demands
         return result
 
-    async def recompute(self, streams: list[GatewayStream] | None = None, reason: str = "change") -> None:
-        """Compute every bucket's slice for the given streams and push the ones that changed."""
+    async def recompute(self, keys: set[BucketKey] | None = None, reason: str = "change") -> None:
+        """Compute the slices of the given buckets (all by default) for every local gateway holding them
+        and push the ones that changed, shrinking slices first so that the sum never overshoots."""
         now = time.time()
-        targets = list(self.streams.values()) if streams is None else streams
-        keys = sorted({k for s in targets for k in s.buckets})
-        if not keys:
+        targets = list(self.streams.values())
+        wanted = sorted({k for s in targets for k in s.buckets} if keys is None else keys)
+        if not wanted:
             return
-        demands = await self._global_demands(keys, now)
-        for key in keys:
+        demands = await self._global_demands(wanted, now)
+        pushes: list[tuple[float, GatewayStream, BucketKey, Assignment]] = []
+        for key in wanted:
             holders = [s for s in targets if key in s.buckets]
-            any_state = holders[0].buckets[key]
-            entries = dict(any_state.bucket_id.bucket)
+            if not holders:
+                continue
+            entries = dict(holders[0].buckets[key].bucket_id.bucket)
             budget = self.budgets.budget(holders[0].domain, entries, now)
             BUDGET.labels(key).set(-1 if budget is None else budget)
             slices = self._slices(budget, demands[key])
             for stream in holders:
                 rate = None if budget is None else slices.get(stream.stream_id, 0.0)
-                self._send(stream, key, assignment_for(rate), now, reason)
+                previous = stream.sent.get(key)
+                growth = (rate or 0.0) - (previous[0][2] / max(1, previous[0][3]) if previous else 0.0)
+                pushes.append((growth, stream, key, assignment_for(rate)))
+        for _, stream, key, assignment in sorted(pushes, key=lambda p: p[0]):
+            self._send(stream, key, assignment, now, reason)
 
     def _slices(self, budget: float | None, demands: dict[str, float]) -> dict[str, float]:
         if budget is None:
@@ -270,6 +285,7 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         response.bucket_action.append(bucket_action(stream.buckets[key].bucket_id, assignment))
         stream.outbox.put_nowait(response)
         stream.sent[key] = (assignment, now)
+        log.debug("push %s to %s: %s (%s)", key, stream.stream_id, assignment, reason)
         PUSHES.labels(reason if previous is None or previous[0] != assignment else "refresh").inc()
 
     def wake(self) -> None:

@@ -81,7 +81,8 @@ def test_two_gateways_share_one_budget(gateways) -> None:  # type: ignore[no-unt
     per_gw = [admitted_per_bin(bins) for bins in results]
     together = [per_gw[0].get(s, 0) + per_gw[1].get(s, 0) for s in range(1, 11)]
     rate = sum(together) / len(together)
-    print(f"admitted per second by both gateways: {together} (budget 40)")
+    print(f"admitted per second by both gateways: {together} (budget 40); "
+          f"a: {[per_gw[0].get(s, 0) for s in range(11)]}, b: {[per_gw[1].get(s, 0) for s in range(11)]}")
     assert within(rate, 40), f"two gateways together admitted {rate:.1f}/s, budget 40/s"
 
 
