@@ -197,7 +197,9 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                 demand = count / elapsed if elapsed >= 0.5 else float(count)
                 # Smoothed: two gateways' 5 s report windows never line up, and every shift of slices
                 # lets the growing side spend its new rate while the shrinking side already spent its old.
-                state.demand = demand if new_bucket else DEMAND_SMOOTHING * demand + (1 - DEMAND_SMOOTHING) * state.demand
+                if not new_bucket:
+                    demand = DEMAND_SMOOTHING * demand + (1 - DEMAND_SMOOTHING) * state.demand
+                state.demand = demand
                 state.reported_at = now
             await self._publish_demand(stream, now)
             # Every local gateway holding these buckets gets its new slice now, not at the next sweep:
