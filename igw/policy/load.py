@@ -151,9 +151,10 @@ def _parse(file: str, text: str) -> tuple[Any, _Plain]:
     if node is None:
         raise PolicyError(file, [Problem(None, "", "the file is empty")])
     if isinstance(node, yaml.MappingNode):
-        models = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == "models"), None)
-        if isinstance(models, yaml.MappingNode) and len(models.value) > MAX_MODELS:
-            raise PolicyError(file, [Problem(models.start_mark.line + 1, "models",
+        key, models = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == "models"),
+                           (None, None))
+        if key is not None and isinstance(models, yaml.MappingNode) and len(models.value) > MAX_MODELS:
+            raise PolicyError(file, [Problem(key.start_mark.line + 1, "models",
                                              f"{len(models.value)} models; one policy holds at most {MAX_MODELS} "
                                              "(split the models across dedicated gateways and policies)")])
     plain = _Plain()
@@ -181,12 +182,11 @@ def _explain(error: jsonschema.ValidationError, plain: _Plain) -> Iterator[Probl
                 yield Problem(plain.line((*path, key)), dotted((*path, key)),
                               f"unknown field {key!r} (allowed: {allowed})")
         return
-    if kind == "propertyNames":
-        name = error.instance
-        cause = error.context[0].message if error.context else ""
-        pattern = error.schema.get("propertyNames", {})
+    if "propertyNames" in error.schema_path:  # a bad key: point at the key itself
+        name = str(error.instance)
+        parent = path[-1] if path else ""
         yield Problem(plain.line((*path, name)), dotted((*path, name)),
-                      f"invalid name {name!r}{_pattern_hint(pattern) or (': ' + cause if cause else '')}")
+                      f"invalid name {name!r}{_NAME_HINTS.get(str(parent), f': {error.message}')}")
         return
     if kind == "not" and path and path[0] == "models":
         yield Problem(plain.line(path), dotted(path), "give either per_replica or limit, not both")
@@ -204,14 +204,10 @@ def _explain(error: jsonschema.ValidationError, plain: _Plain) -> Iterator[Probl
     yield Problem(plain.line(path), dotted(path), error.message)
 
 
-def _pattern_hint(subschema: dict[str, Any]) -> str:
-    ref = subschema.get("$ref", "")
-    hints = {
-        "#/$defs/tenant_id": ": use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
-        "#/$defs/model_name": ": use up to 128 letters, digits or . _ : / @ -, starting with a letter or digit",
-        "#/$defs/dns_label": ": use a DNS label (lowercase letters, digits, '-', at most 63)",
-    }
-    return hints.get(ref, "")
+_TENANT_HINT = ": use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+_MODEL_HINT = ": use up to 128 letters, digits or . _ : / @ -, starting with a letter or digit"
+_NAME_HINTS = {"tenants": _TENANT_HINT, "models": _MODEL_HINT, "aliases": _MODEL_HINT, "overrides": _MODEL_HINT,
+               "dedicated_gateways": ": use a DNS label (lowercase letters, digits, '-', at most 63)"}
 
 
 # --------------------------------------------------------------------------------- pass 3: meaning
@@ -320,7 +316,7 @@ class _Checker:
             if tier is None and len(explicit) < 3:
                 self.problem((*path, "tier"), f"unknown tier {t['tier']!r}: use one of {', '.join(TIERS)} or set "
                                               "max_body_bytes, timeout_ms and priority")
-                tier = TIERS["free"]
+            tier = tier or TIERS["free"]  # only read where all three values are explicit
             globs = tuple(t.get("models", ("*",)))
             regex = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
             mine = tuple(n for n in names if regex.match(n))

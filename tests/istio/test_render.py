@@ -1,0 +1,181 @@
+"""The Istio manifests: committed = fresh render, every object valid against the CRD and Kubernetes schemas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from igw.commands.policy import RENDER_MARK
+from igw.policy import istio
+from igw.policy.kube_schema import MAX_OBJECT_BYTES, validate_object, validate_objects
+from igw.policy.load import load_policy, load_policy_file
+from igw.procs import REPO_ROOT
+from tests.policy.helpers import many_models
+
+DEMO = REPO_ROOT / "config" / "policy" / "demo.yaml"
+ISTIO_DIR = REPO_ROOT / "istio"
+
+
+@pytest.fixture(scope="module")
+def demo() -> dict[str, list[dict]]:
+    return istio.render(load_policy_file(DEMO))
+
+
+def all_objects(files: dict[str, list[dict]]) -> list[dict]:
+    return [o for objs in files.values() for o in objs]
+
+
+def test_committed_manifests_equal_a_fresh_render() -> None:
+    # As the CLI renders it: the policy named by its path relative to the repository.
+    fresh = istio.render_text(load_policy("config/policy/demo.yaml", DEMO.read_text()))
+    committed = {p.name: p.read_text() for p in ISTIO_DIR.glob("*.yaml") if p.read_text().startswith(RENDER_MARK)}
+    assert committed == fresh, "istio/ is stale: run igw render istio --policy config/policy/demo.yaml --out istio"
+
+
+def test_every_committed_manifest_validates(shared_dir: Path) -> None:
+    for path in sorted(ISTIO_DIR.glob("*.yaml")):
+        objects = [o for o in yaml.safe_load_all(path.read_text()) if o]
+        assert objects, path
+        assert validate_objects(objects) == [], path
+
+
+def test_every_rendered_object_validates(demo: dict[str, list[dict]], shared_dir: Path) -> None:
+    problems = validate_objects(all_objects(demo))
+    assert problems == [], "\n".join(map(str, problems))
+
+
+@pytest.mark.parametrize(("kind", "path", "field"), [
+    ("DestinationRule", ("spec", "trafficPolicy", "outlierDetection"), "consecutiveErrorz"),
+    ("VirtualService", ("spec",), "gateway"),
+    ("EnvoyFilter", ("spec",), "configPatch"),
+    ("Gateway", ("spec", "servers", 0), "tls_mode"),
+    ("Deployment", ("spec", "template", "spec", "containers", 0), "readynessProbe"),
+    ("HorizontalPodAutoscaler", ("spec",), "minReplica"),
+    ("PodDisruptionBudget", ("spec",), "maxUnavailible"),
+    ("ConfigMap", (), "date"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_an_unknown_field_fails_validation(demo: dict[str, list[dict]], kind: str, path: tuple, field: str) -> None:
+    import copy
+
+    obj = copy.deepcopy(next(o for o in all_objects(demo) if o["kind"] == kind))
+    target = obj
+    for part in path:
+        target = target[part]
+    target[field] = 1
+    problems = validate_object(obj)
+    assert any(field in p.message for p in problems), problems
+
+
+def test_a_wrong_enum_fails_validation(demo: dict[str, list[dict]]) -> None:
+    import copy
+
+    dr = copy.deepcopy(next(o for o in all_objects(demo) if o["kind"] == "DestinationRule"))
+    dr["spec"]["trafficPolicy"]["loadBalancer"]["simple"] = "FASTEST"
+    assert validate_object(dr) != []
+
+
+def test_model_namespaces_and_the_services_namespace_get_no_sidecars(demo: dict[str, list[dict]]) -> None:
+    namespaces = {o["metadata"]["name"]: o["metadata"]["labels"] for o in demo["00-namespaces.yaml"]}
+    assert set(namespaces) == {"igw-system", "models"}
+    assert all(labels["istio-injection"] == "disabled" for labels in namespaces.values())
+
+
+def test_each_model_gets_a_least_request_destination_rule_with_outlier_detection(demo) -> None:
+    rules = {o["spec"]["host"]: o["spec"]["trafficPolicy"] for o in demo["30-models.yaml"]
+             if o["kind"] == "DestinationRule"}
+    assert set(rules) == {"demo-linear.models.svc.cluster.local", "demo-logistic.models.svc.cluster.local"}
+    logistic = rules["demo-logistic.models.svc.cluster.local"]
+    assert logistic["loadBalancer"] == {"simple": "LEAST_REQUEST"}
+    assert logistic["connectionPool"]["tcp"]["maxConnections"] == 256
+    assert logistic["connectionPool"]["http"]["http2MaxRequests"] == 512
+    assert logistic["outlierDetection"]["consecutiveGatewayErrors"] == 3
+    assert logistic["outlierDetection"]["minHealthPercent"] == 0
+
+
+def test_routes_match_the_model_header_and_keep_dedicated_tenants_off_the_shared_gateway(demo) -> None:
+    (vs,) = demo["21-virtual-services.yaml"]
+    routes = {r["name"]: r for r in vs["spec"]["http"]}
+    linear = routes["model-demo-linear"]
+    assert linear["match"] == [{"headers": {"x-igw-model": {"exact": "demo-linear"}},
+                                "withoutHeaders": {"x-igw-tenant": {"regex": "^(secure)$"}}}]
+    assert linear["route"] == [{"destination": {"host": "demo-linear.models.svc.cluster.local",
+                                                "port": {"number": 8080}}}]
+    dedicated = next(o for o in demo["40-dedicated-secure-gw.yaml"] if o["kind"] == "VirtualService")
+    assert [r["name"] for r in dedicated["spec"]["http"]] == ["model-demo-logistic"]
+    assert dedicated["spec"]["http"][0]["match"][0]["headers"]["x-igw-tenant"] == {"regex": "^(secure)$"}
+    assert dedicated["spec"]["gateways"] == ["team-secure/secure-gw"]
+
+
+def test_dedicated_gateway_has_its_own_workload_and_filters(demo) -> None:
+    objects = demo["40-dedicated-secure-gw.yaml"]
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds.count("EnvoyFilter") == 2
+    assert {"Deployment", "Service", "Gateway", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(kinds)
+    assert all(o["metadata"].get("namespace", "team-secure") == "team-secure" for o in objects)
+    for ef in (o for o in objects if o["kind"] == "EnvoyFilter"):
+        assert ef["spec"]["workloadSelector"]["labels"] == {"istio": "secure-gw"}
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["metadata"]["annotations"] == {"inject.istio.io/templates": "gateway"}
+
+
+def test_services_have_deployments_services_and_disruption_budgets(demo) -> None:
+    objects = demo["10-services.yaml"]
+    for app in ("ext-proc", "ratelimit", "replica-watcher"):
+        assert {o["kind"] for o in objects if o["metadata"]["name"] == app} >= {
+            "Deployment", "Service", "PodDisruptionBudget"}
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"} == {
+        "ext-proc", "ratelimit"}
+    grpc = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Service"}
+    assert grpc["ext-proc"]["clusterIP"] == "None"  # Envoy's STRICT_DNS cluster sees every pod
+    assert grpc["ratelimit"]["clusterIP"] == "None"
+
+
+def test_the_rate_limit_config_map_is_mounted_where_the_service_watches(demo) -> None:
+    (cm,) = demo["11-ratelimit-config.yaml"]
+    rl = next(o for o in demo["10-services.yaml"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "ratelimit")
+    pod = rl["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    mount = container["volumeMounts"][0]["mountPath"]
+    assert container["args"][container["args"].index("--config-dir") + 1] == mount
+    assert pod["volumes"][0]["projected"]["sources"] == [{"configMap": {"name": cm["metadata"]["name"]}}]
+    from ratelimit_svc.config import parse_config
+
+    assert parse_config(sorted(cm["data"].items())).limit_count() > 0
+
+
+def test_model_deployments_use_the_pre_warm_hook_for_startup(demo) -> None:
+    deployment = next(o for o in demo["30-models.yaml"] if o["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"  # the default prewarm_path
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    service = next(o for o in demo["30-models.yaml"] if o["kind"] == "Service")
+    assert service["metadata"]["labels"]["igw.ai/model"] == "demo-linear"  # the replica watcher's selector
+
+
+def test_a_prewarm_path_moves_the_startup_probe() -> None:
+    text = DEMO.read_text().replace("      replicas: 2\n  demo-logistic:",
+                                    "      replicas: 2\n      prewarm_path: /warm\n  demo-logistic:")
+    files = istio.render(load_policy("demo.yaml", text))
+    deployment = next(o for o in files["30-models.yaml"] if o["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["httpGet"]["path"] == "/warm"
+
+
+def test_two_hundred_models_render_valid_objects_under_the_size_limit(shared_dir: Path) -> None:
+    files = istio.render(load_policy("p.yaml", many_models(200)))
+    objects = all_objects(files)
+    assert len([o for o in objects if o["kind"] == "DestinationRule"]) == 200
+    assert validate_objects(objects) == []
+    assert max(len(json.dumps(o)) for o in objects) < MAX_OBJECT_BYTES
+
+
+def test_routes_are_split_across_virtual_services_past_the_size_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(istio, "ROUTES_BYTES", 8 * 1024)
+    files = istio.render(load_policy("p.yaml", many_models(200)))
+    services = files["21-virtual-services.yaml"]
+    assert len(services) > 1
+    names = [r["name"] for vs in services for r in vs["spec"]["http"]]
+    assert len(names) == len(set(names)) == 200
+    assert len({tuple(vs["spec"]["hosts"]) for vs in services}) == 1  # merged by Istio on the same host
