@@ -26,7 +26,7 @@ from ext_proc.records import (
     check_tenant_id,
     parse_model_globs,
 )
-from igw.runtime import parse_duration, positive_int
+from igw.runtime import non_negative_int, positive_duration, positive_int
 
 
 def _arg(check: Callable[[str], Any]) -> Callable[[str], str]:
@@ -41,21 +41,6 @@ def _arg(check: Callable[[str], Any]) -> Callable[[str], str]:
     return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
-def _positive_duration(text: str) -> float:
-    value = parse_duration(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"duration {text!r} must be greater than zero")
-    return value
 
 
 def _output(parser: argparse.ArgumentParser) -> None:
@@ -75,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--models", required=True, type=_arg(parse_model_globs),
                         help="allowed models: comma-separated names or globs, e.g. 'llama-*,mistral-7b'")
     create.add_argument("--max-body-bytes", type=positive_int, help="largest request body (default: from tier)")
-    create.add_argument("--timeout", type=_positive_duration, help="upstream request timeout, e.g. 60s")
-    create.add_argument("--priority", type=_non_negative_int, help="x-igw-priority value; higher is more urgent")
+    create.add_argument("--timeout", type=positive_duration, help="upstream request timeout, e.g. 60s")
+    create.add_argument("--priority", type=non_negative_int, help="x-igw-priority value; higher is more urgent")
     _output(create)
     create.set_defaults(func=_tenants_create)
     for name, func, text in (
@@ -97,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     secret_help = "HMAC secret the keys are hashed with; must match the service's (env IGW_KEY_SECRET)"
     issue = keys.add_parser("issue", help="issue a key for a tenant; the key is printed once")
     issue.add_argument("tenant_id", type=tenant_id, metavar="TENANT")
-    issue.add_argument("--expires-in", type=_positive_duration, help="key lifetime, e.g. 30m or 24h (default: none)")
+    issue.add_argument("--expires-in", type=positive_duration, help="key lifetime, e.g. 30m or 24h (default: none)")
     issue.add_argument("--key-secret", default=os.environ.get("IGW_KEY_SECRET") or DEFAULT_KEY_SECRET,
                        help=secret_help)
     _output(issue)

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 
 from ext_proc.apikeys import DEFAULT_KEY_SECRET
 from igw.redis_conn import parse_redis_url
-from igw.runtime import EnvDefaults, add_common_flags, parse_bool, parse_duration, parse_port, positive_int
+from igw.runtime import (
+    EnvDefaults,
+    add_common_flags,
+    parse_bool,
+    parse_duration,
+    parse_port,
+    positive_duration,
+    positive_int,
+)
 
 
 def redis_url_arg(text: str) -> str:
@@ -21,13 +29,6 @@ def redis_url_arg(text: str) -> str:
 
 def _non_negative_duration(text: str) -> float:
     return parse_duration(text)
-
-
-def _positive_duration(text: str) -> float:
-    value = parse_duration(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"duration {text!r} must be greater than zero")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +66,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     env.add("--http-port", "HTTP_PORT", default=9003, type=parse_port, help="HTTP port for /healthcheck and /metrics")
     env.add("--key-secret", "IGW_KEY_SECRET", default=DEFAULT_KEY_SECRET,
             help="HMAC secret API keys are hashed with; must match the one `igw keys issue` used")
-    env.add("--cache-ttl", "CACHE_TTL", default=10.0, type=_positive_duration,
+    env.add("--cache-ttl", "CACHE_TTL", default=10.0, type=positive_duration,
             help="how long a tenant/key/model read from Redis is reused (changes arrive sooner via pub/sub)")
     env.add("--stale-if-error", "STALE_IF_ERROR", default=0.0, type=_non_negative_duration,
             help="while Redis is unreachable, keep using expired cache entries this much longer (0: fail closed "
                  "at TTL)")
     env.add("--cache-max-entries", "CACHE_MAX_ENTRIES", default=100_000, type=positive_int,
             help="entries per cache (keys, tenants, models)")
-    env.add("--redis-timeout", "REDIS_TIMEOUT", default=0.25, type=_positive_duration,
+    env.add("--redis-timeout", "REDIS_TIMEOUT", default=0.25, type=positive_duration,
             help="deadline of one Redis lookup; a slower Redis means 503 for uncached callers")
     env.add("--max-buffer-bytes", "MAX_BUFFER_BYTES", default=1024 * 1024, type=positive_int,
             help="largest body read whole (BUFFERED); larger bodies are STREAMED; keep <= Envoy's buffer limit")

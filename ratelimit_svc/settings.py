@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from igw.redis_conn import parse_redis_url
-from igw.runtime import EnvDefaults, add_common_flags, parse_bool, parse_duration, parse_port
+from igw.runtime import EnvDefaults, add_common_flags, non_negative_int, parse_bool, parse_duration, parse_port
 
 
 def _ratio(text: str) -> float:
@@ -34,15 +34,6 @@ def _backend(text: str) -> str:
         raise argparse.ArgumentTypeError(f"invalid backend {text!r} (redis or memory)")
     return text
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
 
 
 @dataclass(frozen=True)
@@ -99,7 +90,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     env.add("--merge-domain-config", "MERGE_DOMAIN_CONFIG", default=False, type=parse_bool,
             help="merge files that declare the same domain instead of rejecting them")
     env.add("--expiration-jitter-max-seconds", "EXPIRATION_JITTER_MAX_SECONDS", default=300,
-            type=_non_negative_int, help="random extra TTL on counter keys, spreads expiry load")
+            type=non_negative_int, help="random extra TTL on counter keys, spreads expiry load")
     env.add("--response-headers", "LIMIT_RESPONSE_HEADERS_ENABLED", default=False, type=parse_bool,
             help="add draft RateLimit-* headers to responses")
     env.add("--limit-header", "LIMIT_LIMIT_HEADER", default="RateLimit-Limit", help="limit header name")

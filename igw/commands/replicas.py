@@ -10,7 +10,7 @@ import re
 import threading
 import time
 
-from igw.runtime import EnvDefaults, parse_duration, setup_logging
+from igw.runtime import EnvDefaults, non_negative_int, parse_duration, positive_duration, setup_logging
 
 _MODEL = re.compile(r"^[^\s\x00-\x1f]{1,253}$")
 
@@ -28,21 +28,6 @@ def _ttl(text: str) -> int:
     return math.ceil(seconds)
 
 
-def _positive_duration(text: str) -> float:
-    seconds = parse_duration(text)
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"duration {text!r} must be positive")
-    return seconds
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"count {value} must not be negative")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     set_ = cmds.add_parser("set", help="publish a model's ready replicas by hand (operators, test bed)")
     set_.add_argument("model", type=_model_name)
-    set_.add_argument("--ready", type=_count, help="ready replicas (default: the number of --replica)")
+    set_.add_argument("--ready", type=non_negative_int, help="ready replicas (default: the number of --replica)")
     set_.add_argument("--version", action="append", default=[], metavar="V[=N]",
                       help="version of the replicas; repeat as V=N to split them between versions")
     set_.add_argument("--replica", action="append", default=[], metavar="ID", help="a ready replica's identity")
@@ -62,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     list_ = cmds.add_parser("list", help="show the published replica counts")
     list_.add_argument("--output", choices=("text", "json"), default="text")
-    list_.add_argument("--stale-after", type=_positive_duration, default=10.0,
+    list_.add_argument("--stale-after", type=positive_duration, default=10.0,
                        help="flag counts older than this as stale (default 10s, the rate limiter's max age)")
     list_.set_defaults(func=_list)
 
@@ -79,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     env.add("--model-label", "IGW_REPLICAS_MODEL_LABEL", default="igw.ai/model", help="label naming the model")
     env.add("--version-label", "IGW_REPLICAS_VERSION_LABEL", default="igw.ai/model-version",
             help="label naming the model version")
-    env.add("--heartbeat", "IGW_REPLICAS_HEARTBEAT", default=5.0, type=_positive_duration,
+    env.add("--heartbeat", "IGW_REPLICAS_HEARTBEAT", default=5.0, type=positive_duration,
             help="rewrite every model this often")
     env.add("--ttl", "IGW_REPLICAS_TTL", default=15, type=_ttl, help="expiry of each model's key")
     env.add("--publisher", "IGW_REPLICAS_PUBLISHER", default="", help="identity written with each count")
@@ -118,7 +103,7 @@ def _versions(specs: list[str], ready: int | None) -> tuple[dict[str, int], int]
         if not sep or not name:
             raise CommandError(f"--version {spec!r}: with several versions write each as VERSION=COUNT")
         try:
-            versions[name] = _count(number)
+            versions[name] = non_negative_int(number)
         except argparse.ArgumentTypeError as exc:
             raise CommandError(f"--version {spec!r}: {exc}") from None
     total = sum(versions.values())
