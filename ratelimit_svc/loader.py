@@ -94,8 +94,6 @@ class ConfigHolder:
         self.generation += 1
         metrics.CONFIG_LOAD_SUCCESS.inc()
         metrics.CONFIG_LIMITS.set(config.limit_count())
-        for listener in self.listeners:
-            listener()
         log.info(
             "config loaded: %d file(s), %d domain(s), %d limit(s)",
             len(config.files), len(config.domains), config.limit_count(),
@@ -115,6 +113,10 @@ class ConfigHolder:
                 if self.changed():
                     # Editors and ConfigMap updates write in several steps: let the directory settle.
                     await asyncio.sleep(min(interval, 0.1))
-                    self.reload()
+                    # A 1,000-model config takes over a second to parse: in a thread, requests keep being
+                    # answered (with the old config) meanwhile; the swap itself is one reference assignment.
+                    if await asyncio.to_thread(self.reload):
+                        for listener in self.listeners:
+                            listener()
             except OSError as exc:
                 log.error("cannot scan config directory %s: %s", self.directory, exc)

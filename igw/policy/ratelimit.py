@@ -73,16 +73,7 @@ def share_totals(policy: spec.Policy) -> dict[str, float]:
     return totals
 
 
-def share_scale(policy: spec.Policy) -> int:
-    """The rate-limit config takes integer shares only (floats are not valid there); only ratios
-    matter, so fractional shares are scaled by 1000 for every tenant alike."""
-    shares = [t.share for t in policy.tenants.values()]
-    shares += [o.share for t in policy.tenants.values() for o in t.overrides.values() if o.share is not None]
-    return 1 if all(float(s).is_integer() for s in shares) else 1000
-
-
-def _tenant_model(policy: spec.Policy, tenant: spec.Tenant, model: spec.Model, total: float,
-                  scale: int) -> Entry | None:
+def _tenant_model(policy: spec.Policy, tenant: spec.Tenant, model: spec.Model, total: float) -> Entry | None:
     shadow = policy.shadow_mode or tenant.shadow_mode or model.shadow_mode
     override = tenant.overrides.get(model.name)
     if override is not None and override.unlimited:
@@ -101,7 +92,7 @@ def _tenant_model(policy: spec.Policy, tenant: spec.Tenant, model: spec.Model, t
         return _entry("model", model.name, _limit(
             policy, requests_per_unit_per_replica=model.per_replica, model=model.name,
             min=part(model.min) or None, max=None if model.max is None else part(model.max),
-            share=max(1, round(share * scale)), share_key=TENANTS_GROUP), shadow)
+            share=int(share) if float(share).is_integer() else share, share_key=TENANTS_GROUP), shadow)
     if model.limit is not None:
         return _entry("model", model.name, _limit(policy, requests_per_unit=part(model.limit)), shadow)
     return None
@@ -119,11 +110,10 @@ def descriptors(policy: spec.Policy) -> list[Entry]:
         default_limit = None if policy.tenant_limit is None else _limit(policy, requests_per_unit=policy.tenant_limit)
         out.append(_entry("tenant", None, default_limit, policy.shadow_mode, default_children(policy.shadow_mode)))
     totals = share_totals(policy)
-    scale = share_scale(policy)
     for tenant in policy.tenants.values():
         children = []
         for name in policy.allowed.get(tenant.id, ()):
-            child = _tenant_model(policy, tenant, policy.models[name], totals.get(name, 0.0), scale)
+            child = _tenant_model(policy, tenant, policy.models[name], totals.get(name, 0.0))
             if child is not None:
                 children.append(child)
         children += default_children(policy.shadow_mode or tenant.shadow_mode)

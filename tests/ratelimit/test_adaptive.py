@@ -153,3 +153,16 @@ def test_model_level_limit_uses_clamps(adaptive_client: RlsClient, redis_url: st
     while adaptive_client.call([("model", "big")], domain="igw").statuses[0].current_limit.requests_per_unit != 35:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_share_may_be_fractional() -> None:
+    text = ("domain: d\ndescriptors:\n  - key: m\n"
+            "    rate_limit: {unit: second, requests_per_unit_per_replica: 1, share: 0.5}\n")
+    limit = parse_config([("c.yaml", text)]).domains["d"].root.children["m"].limit
+    assert limit is not None and limit.adaptive is not None and limit.adaptive.share == 0.5
+
+
+def test_floats_stay_invalid_in_upstream_keys() -> None:
+    text = "domain: d\ndescriptors:\n  - key: m\n    rate_limit: {unit: second, requests_per_unit: 1.5}\n"
+    with pytest.raises(ConfigError, match="error checking config"):
+        parse_config([("c.yaml", text)])
