@@ -13,6 +13,10 @@ Choices that matter (and why):
   whatever tenant header a client sent. A failure answers 503 (status_on_error).
 - The rate limit fails open (failure_mode_deny false): a rate-limit outage should not take inference
   down; callers were already authenticated, and the filter's error stats show the gap.
+- Two rate-limit modes (`RATE_LIMIT_MODES`): "rls" asks the rate-limit service per request
+  (ShouldRateLimit, exact across gateways); "rlqs" puts Envoy's rate_limit_quota filter
+  (igw/envoy_quota.py) in the same place, enforcing token buckets pushed by the same service over a
+  stream (no call per request). Everything else is identical in both.
 - gRPC service clusters speak HTTP/2, use active gRPC health checks (also while idle) and outlier
   detection, and disable panic routing: a dead or unready replica gets no traffic. Without them one
   dead endpoint among 8 failed 1 request in 8 (PERF_NOTES.md).
@@ -57,6 +61,9 @@ LISTENER_BUFFER_BYTES = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMITTED_LOCAL = REPO_ROOT / "envoy" / "envoy.yaml"
 COMMITTED_COMPOSE = REPO_ROOT / "envoy" / "envoy.compose.yaml"
+COMMITTED_RLQS = REPO_ROOT / "envoy" / "envoy.rlqs.yaml"
+RATE_LIMIT_MODES = ("rls", "rlqs")
+GATEWAY_NAME = "igw-testbed"  # node id, and the static `gw` entry of quota-push bucket ids
 
 
 def duration(seconds: float) -> str:
@@ -145,13 +152,29 @@ def router_filter() -> Config:
     return {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}
 
 
+def check_rate_limit_mode(mode: str) -> str:
+    if mode not in RATE_LIMIT_MODES:
+        raise ValueError(f"rate-limit mode must be one of {', '.join(RATE_LIMIT_MODES)}, got {mode!r}")
+    return mode
+
+
 def http_filters(
     ext_proc_cluster: str = EXT_PROC_CLUSTER,
     ratelimit_cluster: str = RATELIMIT_CLUSTER,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    *,
+    rate_limit_mode: str = "rls",
+    gateway_name: str = GATEWAY_NAME,
 ) -> list[Config]:
-    """In this order: see the module docstring."""
-    return [ext_proc_filter(ext_proc_cluster, timeouts), ratelimit_filter(ratelimit_cluster, timeouts), router_filter()]
+    """In this order: see the module docstring. In "rlqs" mode `ratelimit_cluster` names the RLQS
+    cluster and `gateway_name` is the static part of every bucket id."""
+    if check_rate_limit_mode(rate_limit_mode) == "rlqs":
+        from igw.envoy_quota import rate_limit_quota_filter  # imports this module: not at the top
+
+        limiter = rate_limit_quota_filter(gateway_name, ratelimit_cluster, RATELIMIT_DOMAIN, timeouts)
+    else:
+        limiter = ratelimit_filter(ratelimit_cluster, timeouts)
+    return [ext_proc_filter(ext_proc_cluster, timeouts), limiter, router_filter()]
 
 
 def route_rate_limits() -> list[Config]:
@@ -362,10 +385,22 @@ def bootstrap(
     discovery: str = "STATIC",
     listen_host: str | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    rate_limit_mode: str = "rls",
+    gateway_name: str = GATEWAY_NAME,
 ) -> Config:
     """The whole static bootstrap of the test bed. `listen_host` overrides the listener/admin bind address
-    (compose binds 0.0.0.0 while the topology names the 'envoy' host)."""
+    (compose binds 0.0.0.0 while the topology names the 'envoy' host). In "rlqs" mode the rate-limit
+    service replicas are reached as the RLQS cluster (same process, same gRPC port) instead of the
+    RLS cluster. Model clusters list every endpoint of `topology.model_endpoints` (spares included)."""
     models = list(topology.models)
+    if check_rate_limit_mode(rate_limit_mode) == "rlqs":
+        from igw.envoy_quota import RLQS_CLUSTER, RLQS_HEALTH_SERVICE
+
+        limiter_cluster = service_cluster(RLQS_CLUSTER, [s.grpc for s in topology.ratelimit], discovery=discovery,
+                                          timeouts=timeouts, grpc_health_service=RLQS_HEALTH_SERVICE)
+    else:
+        limiter_cluster = service_cluster(RATELIMIT_CLUSTER, [s.grpc for s in topology.ratelimit],
+                                          discovery=discovery, timeouts=timeouts)
     listen = listen_host or topology.gateway.host
     hcm: Config = {
         "@type": HCM_TYPE,
@@ -378,16 +413,17 @@ def bootstrap(
         "request_headers_timeout": duration(timeouts.request_headers),
         "access_log": access_log(access_log_path),
         "route_config": route_config(models, timeouts),
-        "http_filters": http_filters(EXT_PROC_CLUSTER, RATELIMIT_CLUSTER, timeouts),
+        "http_filters": http_filters(EXT_PROC_CLUSTER, limiter_cluster["name"], timeouts,
+                                     rate_limit_mode=rate_limit_mode, gateway_name=gateway_name),
     }
     clusters = [
         service_cluster(EXT_PROC_CLUSTER, [s.grpc for s in topology.ext_proc], discovery=discovery, timeouts=timeouts),
-        service_cluster(RATELIMIT_CLUSTER, [s.grpc for s in topology.ratelimit], discovery=discovery,
-                        timeouts=timeouts),
-        *(model_cluster(m, list(eps), discovery=discovery, timeouts=timeouts) for m, eps in topology.models.items()),
+        limiter_cluster,
+        *(model_cluster(m, list(topology.model_endpoints(m)), discovery=discovery, timeouts=timeouts)
+          for m in models),
     ]
     return {
-        "node": {"id": "igw-testbed", "cluster": "igw-testbed"},
+        "node": {"id": gateway_name, "cluster": "igw-testbed"},
         "admin": {"address": {"socket_address": {"address": listen, "port_value": topology.admin.port}}},
         "static_resources": {
             "listeners": [{
@@ -417,8 +453,10 @@ def compose_hostname(component: str) -> str:
 
 
 def committed_files() -> dict[Path, str]:
-    """The committed renderings: loopback with the documented ports, and compose hostnames."""
+    """The committed renderings: loopback with the documented ports (per-request rate limits, and quota
+    push), and compose hostnames."""
     local = bootstrap(documented_topology())
+    rlqs = bootstrap(documented_topology(), rate_limit_mode="rlqs")
     compose = bootstrap(
         documented_topology(host=compose_hostname), access_log_path="/dev/stdout", discovery="STRICT_DNS",
         listen_host="0.0.0.0",
@@ -426,13 +464,15 @@ def committed_files() -> dict[Path, str]:
     return {
         COMMITTED_LOCAL: render_yaml(local, "documented ports on 127.0.0.1"),
         COMMITTED_COMPOSE: render_yaml(compose, "docker-compose hostnames, documented ports"),
+        COMMITTED_RLQS: render_yaml(rlqs, "documented ports on 127.0.0.1, quota push (rate_limit_quota filter)"),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m igw.envoy_config",
                                      description="Render the committed Envoy configs, or check them for drift.")
-    parser.add_argument("--write", action="store_true", help="rewrite envoy/envoy.yaml and envoy/envoy.compose.yaml")
+    parser.add_argument("--write", action="store_true",
+                        help="rewrite envoy/envoy.yaml, envoy/envoy.rlqs.yaml and envoy/envoy.compose.yaml")
     args = parser.parse_args(argv)
     stale = []
     for path, text in committed_files().items():

@@ -55,6 +55,8 @@ class ModelServer:
         app.router.add_get("/v2/models/{model}", self.model_metadata)
         app.router.add_get("/v2/models/{model}/ready", self.model_ready)
         app.router.add_post("/v2/models/{model}/infer", self.infer)
+        # OpenAI-style calls name the model in the body; the gateway routed here on x-igw-model.
+        app.router.add_post("/v1/{tail:.+}", self.infer_by_header)
         return app
 
     def _json(self, status: int, body: dict[str, Any]) -> web.Response:
@@ -93,6 +95,17 @@ class ModelServer:
     async def infer(self, request: web.Request) -> web.Response:
         if not self._serves(request):
             return self._error(404, f"model {request.match_info['model']!r} is not served here")
+        return await self._infer(request)
+
+    async def infer_by_header(self, request: web.Request) -> web.Response:
+        """`POST /v1/...` with the model in the JSON body (OpenAI style): served when the gateway's
+        x-igw-model names this model; the body carries KServe v2 `inputs` next to `model`."""
+        named = request.headers.get("x-igw-model")
+        if named != self.model_name:
+            return self._error(404, f"x-igw-model {named!r} does not name the model served here")
+        return await self._infer(request)
+
+    async def _infer(self, request: web.Request) -> web.Response:
         if self.model is None or not self.ready:
             return self._error(503, f"model {self.model_name!r} is not ready")
         try:

@@ -60,6 +60,14 @@ class Topology:
     ratelimit: tuple[ServiceEndpoint, ...]
     ext_proc: tuple[ServiceEndpoint, ...]
     models: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)
+    # Endpoints declared in Envoy's model clusters beyond the running ones (`models`), so the test bed can
+    # start more replicas later without reconfiguring Envoy; unstarted ones fail health checks and get no
+    # traffic. Empty: Envoy lists exactly `models`.
+    spare_models: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)
+
+    def model_endpoints(self, model: str) -> tuple[Endpoint, ...]:
+        """Every endpoint Envoy's cluster for `model` lists: the running replicas first, then the spares."""
+        return self.models[model] + self.spare_models.get(model, ())
 
     @property
     def redis_url(self) -> str:
@@ -89,10 +97,17 @@ def validate_model_names(models: Sequence[str]) -> None:
         seen.add(name)
 
 
-def _check_counts(replicas: int, model_replicas: int) -> None:
+def _check_counts(replicas: int, model_replicas: int, max_model_replicas: int | None = None) -> int:
+    """Validates the counts; returns how many endpoints each model cluster declares."""
     for label, value in (("replicas", replicas), ("model replicas", model_replicas)):
         if not 1 <= value <= MAX_REPLICAS:
             raise ValueError(f"{label} must be between 1 and {MAX_REPLICAS}, got {value}")
+    if max_model_replicas is None:
+        return model_replicas
+    if not model_replicas <= max_model_replicas <= MAX_REPLICAS:
+        raise ValueError(f"max model replicas must be between the model replicas ({model_replicas}) and "
+                         f"{MAX_REPLICAS}, got {max_model_replicas}")
+    return max_model_replicas
 
 
 def documented_topology(
@@ -103,11 +118,13 @@ def documented_topology(
     host: str | Callable[[str], str] = "127.0.0.1",
     gateway_port: int = GATEWAY_PORT,
     admin_port: int = ADMIN_PORT,
+    max_model_replicas: int | None = None,
 ) -> Topology:
     """The fixed layout. `host` is one address for all (loopback), or a function of the component name
-    giving its hostname (compose: 'redis', 'ratelimit', 'ext-proc', 'model-<name>', 'envoy')."""
+    giving its hostname (compose: 'redis', 'ratelimit', 'ext-proc', 'model-<name>', 'envoy').
+    `max_model_replicas` declares spare model endpoints up to that many per model (see Topology)."""
     validate_model_names(models)
-    _check_counts(replicas, model_replicas)
+    slots = _check_counts(replicas, model_replicas, max_model_replicas)
     at = host if callable(host) else (lambda _name, _h=host: _h)
     return Topology(
         gateway=Endpoint(at("envoy"), gateway_port),
@@ -128,6 +145,11 @@ def documented_topology(
                         for i in range(model_replicas))
             for j, name in enumerate(models)
         },
+        spare_models={
+            name: tuple(Endpoint(at(model_cluster_name(name)), MODEL_BASE + 10 * j + i)
+                        for i in range(model_replicas, slots))
+            for j, name in enumerate(models) if slots > model_replicas
+        },
     )
 
 
@@ -139,12 +161,13 @@ def free_topology(
     gateway_port: int | None = None,
     admin_port: int | None = None,
     pick: Callable[[], int] | None = None,
+    max_model_replicas: int | None = None,
 ) -> Topology:
     """Every port not given is picked free on 127.0.0.1 (ports are distinct within the bed)."""
     from igw.procs import free_port
 
     validate_model_names(models)
-    _check_counts(replicas, model_replicas)
+    slots = _check_counts(replicas, model_replicas, max_model_replicas)
     chosen: set[int] = {p for p in (gateway_port, admin_port) if p}
     pick_one = pick or free_port
 
@@ -166,4 +189,6 @@ def free_topology(
         ratelimit=tuple(ServiceEndpoint(ep(), ep()) for _ in range(replicas)),
         ext_proc=tuple(ServiceEndpoint(ep(), ep()) for _ in range(replicas)),
         models={name: tuple(ep() for _ in range(model_replicas)) for name in models},
+        spare_models={name: tuple(ep() for _ in range(slots - model_replicas))
+                      for name in models if slots > model_replicas},
     )

@@ -20,6 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--models", type=_models, default=None,
                     help="comma-separated demo model names (default: demo-linear,demo-logistic)")
     up.add_argument("--model-replicas", type=positive_int, default=1, help="replicas of each demo model")
+    up.add_argument("--max-model-replicas", type=positive_int, default=None,
+                    help="model endpoints Envoy declares per model, so replicas can be added later (default 6)")
+    up.add_argument("--rate-limit-mode", choices=("rls", "rlqs"), default="rls",
+                    help="rls: ask the rate-limit service per request (ShouldRateLimit); rlqs: quota push, "
+                         "Envoy enforces token buckets the same service assigns (default rls)")
     up.add_argument("--replicas", type=positive_int, default=1,
                     help="replicas of ext_proc and of the rate-limit service")
     up.add_argument("--envoy-port", type=parse_port, default=None, help="gateway listener port (default 10000)")
@@ -52,7 +57,7 @@ def _up(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from igw.cli import CommandError
-    from igw.launcher import DEFAULT_RATELIMIT_CONFIG, BedOptions, GatewayBed
+    from igw.launcher import DEFAULT_MAX_MODEL_REPLICAS, DEFAULT_RATELIMIT_CONFIG, BedOptions, GatewayBed
     from igw.procs import ProcessError
     from igw.topology import DEFAULT_MODELS
 
@@ -60,6 +65,8 @@ def _up(args: argparse.Namespace) -> int:
     options = BedOptions(
         models=args.models or DEFAULT_MODELS,
         model_replicas=args.model_replicas,
+        max_model_replicas=args.max_model_replicas or max(DEFAULT_MAX_MODEL_REPLICAS, args.model_replicas),
+        rate_limit_mode=args.rate_limit_mode,
         replicas=args.replicas,
         free_ports=args.free_ports,
         envoy_port=args.envoy_port,
@@ -127,10 +134,15 @@ def _table(bed: object, state: dict) -> object:
 
 def _summary(state: dict) -> list[str]:
     lines = [f"gateway:      {state['gateway_url']}", f"envoy admin:  {state['envoy_admin_url']}",
+             f"rate limits:  {state.get('rate_limit_mode', 'rls')} (config {state.get('rate_limit_config', '-')})",
              f"access log:   {state['access_log']}", f"logs:         {state['log_dir']}"]
     tenant = state.get("tenant")
     if tenant:
         lines.append(f"demo tenant:  {tenant['tenant_id']}  API key: {tenant['api_key']}")
+        for other in state.get("tenants", {}).values():
+            if other["tenant_id"] != tenant["tenant_id"]:
+                lines.append(f"tenant:       {other['tenant_id']} (models {other['models']})  API key: "
+                             f"{other['api_key']}")
         model = state["demo_models"][0]
         lines.append(f"try:          curl -H 'authorization: Bearer {tenant['api_key']}' -H 'content-type: "
                      f"application/json' -d '{{\"inputs\":[{{\"name\":\"input\",\"shape\":[1,4],"

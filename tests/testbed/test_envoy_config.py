@@ -39,10 +39,11 @@ def test_committed_envoy_configs_equal_the_generator_output() -> None:
         assert path.read_text() == text, f"{path} is stale: run python -m igw.envoy_config --write"
 
 
-def test_the_repo_holds_both_committed_envoy_configs() -> None:
+def test_the_repo_holds_every_committed_envoy_config() -> None:
     files = _envoy_yaml_files()
     assert envoy_config.COMMITTED_LOCAL in files
     assert envoy_config.COMMITTED_COMPOSE in files
+    assert envoy_config.COMMITTED_RLQS in files  # so the validate test below covers quota push too
 
 
 @pytest.mark.parametrize("path", _envoy_yaml_files(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
@@ -61,6 +62,44 @@ def test_envoy_accepts_the_bed_bootstrap_with_two_replicas_of_everything(tmp_pat
     clusters = {c["name"]: c for c in yaml.safe_load(path.read_text())["static_resources"]["clusters"]}
     assert len(clusters[EXT_PROC_CLUSTER]["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
     assert len(clusters["model-demo-linear"]["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+
+
+def test_bed_bootstrap_declares_spare_model_endpoints_up_to_max_model_replicas(tmp_path: Path) -> None:
+    topology = free_topology(model_replicas=2, max_model_replicas=5)
+    config = envoy_config.bootstrap(topology, access_log_path=str(tmp_path / "access.log"))
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in clusters["model-demo-linear"]["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert ports == [e.port for e in topology.model_endpoints("demo-linear")]
+    assert len(ports) == len(set(ports)) == 5
+    assert len(topology.models["demo-linear"]) == 2  # the running ones; the rest are spares
+    assert clusters["model-demo-linear"]["common_lb_config"]["healthy_panic_threshold"]["value"] == 0.0
+
+
+def test_rlqs_mode_puts_the_quota_filter_between_ext_proc_and_router_and_targets_the_ratelimit_replicas(
+        tmp_path: Path) -> None:
+    topology = free_topology(replicas=2)
+    config = envoy_config.bootstrap(topology, access_log_path=str(tmp_path / "a.log"), rate_limit_mode="rlqs")
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.ext_proc", "envoy.filters.http.rate_limit_quota", "envoy.filters.http.router"]
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    assert RATELIMIT_CLUSTER not in clusters
+    rlqs = clusters["rlqs"]
+    assert rlqs["health_checks"][0]["grpc_health_check"]["service_name"] == \
+        "envoy.service.rate_limit_quota.v3.RateLimitQuotaService"
+    ports = {e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in rlqs["load_assignment"]["endpoints"][0]["lb_endpoints"]}
+    assert ports == {s.grpc.port for s in topology.ratelimit}
+    path = tmp_path / "rlqs.yaml"
+    path.write_text(envoy_config.render_yaml(config, "test"))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_unknown_rate_limit_mode_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="rate-limit mode must be one of rls, rlqs, got 'local'"):
+        envoy_config.bootstrap(free_topology(), rate_limit_mode="local")
 
 
 def test_envoy_rejects_a_broken_config(tmp_path: Path) -> None:

@@ -100,3 +100,21 @@ def test_infer_names_the_replica_and_echoes_the_gateway_headers(server: tuple[Ma
         bad = client.post(f"{base}/v2/models/m/infer", content=b"{not json")
         assert bad.status_code == 400 and "not JSON" in bad.json()["error"]
         assert client.get(f"{base}/v2/models/m").json()["inputs"][0]["shape"] == [-1, FEATURES]
+
+
+def test_an_openai_style_call_is_served_only_when_the_gateway_header_names_the_model(
+        server: tuple[ManagedProcess, str]) -> None:
+    _, base = server
+    body = {"model": "some-alias", **_request([1, 4], [1, 0, 0, 1])}
+    with httpx.Client(timeout=2) as client:
+        deadline = time.monotonic() + 5
+        while client.get(f"{base}/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        served = client.post(f"{base}/v1/chat/completions", json=body, headers={"x-igw-model": "m"})
+        refused = client.post(f"{base}/v1/chat/completions", json=body, headers={"x-igw-model": "other"})
+        unnamed = client.post(f"{base}/v1/chat/completions", json=body)
+    assert served.status_code == 200 and served.json()["model_name"] == "m"
+    assert served.headers["x-igw-replica"] == "m-r0"
+    assert refused.status_code == 404 and "'other'" in refused.json()["error"]
+    assert unnamed.status_code == 404
