@@ -19,9 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from igw.policy import istio, ratelimit
+from igw.policy.generate import generate_policy
 from igw.policy.kube_schema import MAX_OBJECT_BYTES, validate_objects
 from igw.policy.load import PolicyError, load_policy
-from tests.policy.helpers import many_models
+
+
+def many_models(n: int, tenants: int) -> str:
+    """The platform-shaped policy of `igw policy generate` (20 namespaces, 4 replicas, seed 1)."""
+    return generate_policy(n, tenants, namespaces=20, replicas=4, seed=1)
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
@@ -82,7 +87,7 @@ def rejection(n: int) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="200,1000,5000")
-    parser.add_argument("--tenants", type=int, default=20)
+    parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
