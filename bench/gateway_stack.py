@@ -173,6 +173,19 @@ class Stack:
             out["envoy"] = cpu_seconds(self.envoys[envoy].proc.pid)
         return out
 
+    def idle_cores(self, seconds: float = 2.0) -> dict[str, float]:
+        """Background CPU with no load (health checks, timers, sweeps), per component; `envoy` is the mean of
+        the running Envoys. Subtracted from loaded runs to get CPU per request net of the background."""
+        envoys = [e.proc.pid for e in self.envoys.values()]
+        before, started = self.cpu(None), time.monotonic()
+        envoy_before = [cpu_seconds(p) for p in envoys]
+        time.sleep(seconds)
+        elapsed = time.monotonic() - started
+        after = self.cpu(None)
+        out = {c: (after[c] - before[c]) / elapsed for c in after}
+        out["envoy"] = (sum(cpu_seconds(p) for p in envoys) - sum(envoy_before)) / elapsed / max(1, len(envoys))
+        return out
+
     def close(self) -> None:
         for envoy in self.envoys.values():
             envoy.proc.stop()

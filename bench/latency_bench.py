@@ -74,7 +74,10 @@ def run_one(stack: Stack, path: str, rate: float, body_file: str, args: argparse
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     result["generator_cores"] = result.pop("cpu_cores")
     sent = rate * (args.duration + args.warmup)
-    result["cpu_us"] = {c: (after.get(c, 0.0) - before.get(c, 0.0)) / sent * 1e6 for c in COMPONENTS}
+    result["cpu_us_gross"] = {c: (after.get(c, 0.0) - before.get(c, 0.0)) / sent * 1e6 for c in COMPONENTS}
+    # Net of the background measured with no load (health checks, sweeps), which does not grow with the rate.
+    result["cpu_us"] = {c: max(0.0, after.get(c, 0.0) - before.get(c, 0.0) - args.idle.get(c, 0.0) * elapsed)
+                        / sent * 1e6 for c in COMPONENTS}
     result["cpu_cores"] = {c: (after.get(c, 0.0) - before.get(c, 0.0)) / elapsed for c in COMPONENTS}
     return result
 
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant_name in {v for v in PATHS.values() if v}:
             envoy = start_envoy(stack, VARIANTS[variant_name])
             gateway_ok(f"{envoy.url}/v2/models/{MODEL}/infer", request_headers(stack, envoy.variant), infer_body())
+        args.idle = stack.idle_cores()
         others = set(range(os.cpu_count() or 1)) - {args.generator_cpu}
         if args.isolate and others:
             isolate(stack, others)
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 "generator_cores": max(r["generator_cores"] for r in results),
                 "achieved_send_rate": min(r["achieved_send_rate"] for r in results),
                 "cpu_us": {c: median(r["cpu_us"][c] for r in results) for c in COMPONENTS},
+                "cpu_us_gross": {c: median(r["cpu_us_gross"][c] for r in results) for c in COMPONENTS},
                 "cpu_cores": {c: median(r["cpu_cores"][c] for r in results) for c in COMPONENTS},
             }
 
@@ -142,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             f"processes {'pinned to CPUs ' + ','.join(map(str, sorted(others))) if args.isolate else 'unpinned'}; "
             f"{args.duration:.0f} s per run after {args.warmup:.0f} s warm-up, {args.rounds} round(s), medians; "
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        out("no-load background (subtracted from CPU per request): "
+            + ", ".join(f"{c} {v:.3f}" for c, v in args.idle.items()) + " cores")
         checks: list[tuple[str, bool | None, str]] = []
         generator_limited = []
         for body in bodies:
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         for what, ok, value in checks:
             out(f"{verdict(ok)}  {what}: {value}")
         out("Noise: other sessions share these cores; p99 moves with their load. Compare paths within one block.")
-        path = write_results(args.results_name, {"settings": vars(args), "summary": summary,
+        path = write_results(args.results_name, {"settings": vars(args), "idle_cores": args.idle, "summary": summary,
                                                  "runs": runs, "generator_limited": generator_limited,
                                                  "checks": [{"what": w, "ok": o, "value": v} for w, o, v in checks]},
                              out.text)
