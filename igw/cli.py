@@ -10,7 +10,10 @@ import argparse
 import importlib
 import sys
 
+from igw.errors import CommandError
 from igw.runtime import EnvDefaults
+
+__all__ = ["CommandError", "main"]
 
 COMMAND_MODULES = [
     "igw.commands.ratelimit",
@@ -20,10 +23,6 @@ COMMAND_MODULES = [
     "igw.commands.up",
     "igw.commands.policy",
 ]
-
-
-class CommandError(Exception):
-    """A failure the user should see as one clear line (exit code 1)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
                              ("apply", _apply, "write the rate-limit config and the ext_proc records")):
         cmd = cmds.add_parser(name, help=text)
         cmd.add_argument("file", metavar="FILE")
-        cmd.add_argument("--rate-limit-config-dir", required=True, type=Path, metavar="DIR",
+        cmd.add_argument("--rate-limit-config-dir", required=name == "apply", type=Path, metavar="DIR",
                          help="the directory the rate-limit service watches (igw.yaml there is replaced)")
         cmd.add_argument("--prune", action="store_true",
                          help="also remove models and aliases in Redis that the policy does not name")
@@ -39,6 +39,12 @@ def register(subparsers: Any) -> None:
                          help="the service runs with --merge-domain-config (other files may declare domain igw)")
         if name == "diff":
             cmd.add_argument("--exit-code", action="store_true", help="exit 1 when there are differences")
+            kube = cmd.add_argument_group("cluster", "compare the rendered manifests with the live objects")
+            kube.add_argument("--kube", action="store_true", help="diff against the cluster too")
+            kube.add_argument("--kubeconfig", metavar="PATH", help="default: ~/.kube/config")
+            kube.add_argument("--context", help="kubeconfig context")
+            kube.add_argument("--api-server", metavar="URL", help="unauthenticated API URL, e.g. kubectl proxy")
+            kube.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
         cmd.set_defaults(func=func)
 
     generate = cmds.add_parser("generate", help="write a realistic platform-sized policy (deterministic per seed)")
@@ -133,12 +139,39 @@ def _plan(args: argparse.Namespace, do_apply: bool) -> Any:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    result = _plan(args, do_apply=False)
-    for line in result.lines():
-        print(line)
-    if result.empty:
-        print("no changes")
-    return 1 if args.exit_code and not result.empty else 0
+    from igw.cli import CommandError
+
+    if args.rate_limit_config_dir is None and not args.kube:
+        raise CommandError("nothing to compare: give --rate-limit-config-dir (Redis and config) and/or --kube")
+    empty = True
+    if args.rate_limit_config_dir is not None:
+        result = _plan(args, do_apply=False)
+        for line in result.lines():
+            print(line)
+        if result.empty:
+            print("no changes")
+        empty = result.empty
+    if args.kube:
+        cluster = _kube_diff(args)
+        for line in cluster.lines():
+            print(line)
+        empty = empty and cluster.empty
+    return 1 if args.exit_code and not empty else 0
+
+
+def _kube_diff(args: argparse.Namespace) -> Any:
+    from igw.cli import CommandError
+    from igw.policy import istio
+    from igw.policy.kube_diff import compare, kube_fetcher
+
+    policy = _load(args.file)
+    objects = [o for objs in istio.render(policy).values() for o in objs]
+    try:
+        fetch = kube_fetcher(kubeconfig=args.kubeconfig, context=args.context, api_server=args.api_server,
+                             in_cluster=args.in_cluster)
+        return compare(objects, fetch)
+    except Exception as exc:  # config errors, API errors, unreachable cluster: one clear line
+        raise CommandError(f"cannot read the cluster: {type(exc).__name__}: {exc}") from None
 
 
 def _apply(args: argparse.Namespace) -> int:
