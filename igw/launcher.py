@@ -165,6 +165,17 @@ class BedOptions:
 
 
 @dataclass(frozen=True)
+class ScaleEvent:
+    """When a scaling step took effect (time.time()): the replicas it started were ready (or those it
+    stopped were stopped), and the new ready count was written to Redis. Switch-time measurements start here."""
+
+    model: str
+    replicas: int  # running replicas after the step
+    changed_at: float
+    published_at: float | None  # None: no publisher, or Redis refused the write
+
+
+@dataclass(frozen=True)
 class Death:
     name: str
     exit_code: int | None
@@ -244,6 +255,7 @@ class GatewayBed:
         self._publish_thread: threading.Thread | None = None
         self.last_publish: float | None = None  # time.time() of the last successful replica publish
         self._tenants: dict[str, dict[str, Any]] = {}
+        self.scale_events: list[ScaleEvent] = []
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -375,7 +387,7 @@ class GatewayBed:
                     self._forget(name)
                 raise
             self.model_slots[model] = sorted(self.model_slots[model] + added)
-            self.publish_replicas()
+            self._record_scale(model, time.time())
             if wait_routable:
                 self._wait_routed(model, added, True)
             self._refresh_state()
@@ -394,11 +406,16 @@ class GatewayBed:
             for name in names:
                 self._forget(name)
             self.model_slots[model] = running[:-count]
-            self.publish_replicas()
+            self._record_scale(model, time.time())
             if wait_unrouted:
                 self._wait_routed(model, removed, False)
             self._refresh_state()
             return names
+
+    def _record_scale(self, model: str, changed_at: float) -> None:
+        published = self.publish_replicas()
+        self.scale_events.append(ScaleEvent(model, len(self.model_slots[model]), changed_at,
+                                            time.time() if published else None))
 
     def publish_replicas(self) -> dict[str, int]:
         """Probe and publish every model's ready replicas now (the publisher also does it every second);
