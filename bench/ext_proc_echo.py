@@ -21,7 +21,7 @@ from ext_proc.responses import CONTINUE
 from ext_proc.server import grpc_server
 from ext_proc.settings import Settings, parse_settings
 from igw.http_admin import start_admin_server
-from igw.runtime import run_async, run_workers, setup_logging
+from igw.runtime import service_main
 
 
 class EchoProcessor(pb_grpc.ExternalProcessorServicer):
@@ -49,12 +49,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    settings = parse_settings(argv)
-    setup_logging(settings.log_level, settings.log_format)
-    if settings.workers > 1:
-        return run_workers(settings.workers, ["-m", "bench.ext_proc_echo", *argv])
-    return run_async(lambda stop: serve(settings, stop))
+    return service_main("bench.ext_proc_echo", parse_settings, serve, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 
 from ext_proc.apikeys import DEFAULT_KEY_SECRET
-from igw.redis_conn import parse_redis_url
 from igw.runtime import (
     EnvDefaults,
     add_common_flags,
@@ -16,15 +15,8 @@ from igw.runtime import (
     parse_port,
     positive_duration,
     positive_int,
+    redis_url_arg,
 )
-
-
-def redis_url_arg(text: str) -> str:
-    try:
-        parse_redis_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def _non_negative_duration(text: str) -> float:

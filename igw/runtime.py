@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
@@ -41,6 +41,16 @@ def parse_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (use true or false)")
+
+
+def redis_url_arg(text: str) -> str:
+    from igw.redis_conn import parse_redis_url
+
+    try:
+        parse_redis_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def parse_port(text: str) -> int:
@@ -183,6 +193,28 @@ def run_workers(n: int, argv: list[str]) -> int:
                 forward(signal.SIGTERM, None)
         time.sleep(0.1)
     return code
+
+
+class ServiceSettings(Protocol):
+    log_level: str
+    log_format: str
+    workers: int
+
+
+def service_main(
+    module: str,
+    parse: Callable[[list[str]], ServiceSettings],
+    serve: Callable[[Any, asyncio.Event], Coroutine[Any, Any, int]],
+    argv: list[str] | None = None,
+) -> int:
+    """`python -m <module>` of a service: parse flags (exit 2 on bad ones), log, then either supervise
+    --workers copies of itself or serve until SIGTERM/SIGINT."""
+    argv = sys.argv[1:] if argv is None else argv
+    settings = parse(argv)
+    setup_logging(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        return run_workers(settings.workers, ["-m", module, *argv])
+    return run_async(lambda stop: serve(settings, stop))
 
 
 def run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:

@@ -7,8 +7,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from igw.redis_conn import parse_redis_url
-from igw.runtime import EnvDefaults, add_common_flags, non_negative_int, parse_bool, parse_duration, parse_port
+from igw.runtime import (
+    EnvDefaults,
+    add_common_flags,
+    non_negative_int,
+    parse_bool,
+    parse_duration,
+    parse_port,
+    redis_url_arg,
+)
 
 
 def _ratio(text: str) -> float:
@@ -20,13 +27,6 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"ratio {value} must be in (0, 1]")
     return value
 
-
-def _redis_url(text: str) -> str:
-    try:
-        parse_redis_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def _backend(text: str) -> str:
@@ -74,7 +74,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     env = EnvDefaults(parser)
     env.add("--config-dir", "CONFIG_DIR", default=None,
             help="directory of *.yaml configs; default RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY")
-    env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0", type=_redis_url,
+    env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0", type=redis_url_arg,
             help="redis://[:password@]host:port/db or unix:///path")
     env.add("--backend", "BACKEND_TYPE", default="redis", type=_backend,
             help="where counters live: redis (shared by replicas) or memory (this process only)")
