@@ -101,6 +101,49 @@ def send(requests: Sequence[Request], *, concurrency: int = 32, timeout: float =
     return asyncio.run(_send_all(requests, max(1, concurrency), timeout, on_done))
 
 
+async def _offer(request: Request, rate: float, seconds: float, timeout: float) -> list[Result]:
+    """Open loop: request i is sent at start + i/rate whatever the answers before it (as independent
+    clients would), so an overloaded gateway cannot slow the offered rate down."""
+    connector = aiohttp.TCPConnector(limit=256)
+    results: list[Result] = []
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+
+        async def one() -> None:
+            sent_at, started = time.time(), time.perf_counter()
+            try:
+                async with session.request(request.method, request.url, headers=request.headers,
+                                           data=request.body or None) as response:
+                    body = await response.read()
+                    results.append(Result(response.status, {k.lower(): v for k, v in response.headers.items()}, body,
+                                          sent_at, (time.perf_counter() - started) * 1000))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                results.append(Result(0, {}, b"", sent_at, (time.perf_counter() - started) * 1000, str(exc)))
+
+        start = time.perf_counter()
+        tasks = []
+        for i in range(int(rate * seconds)):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    return sorted(results, key=lambda r: r.sent_at)
+
+
+def offer(request: Request, *, rate: float, seconds: float, timeout: float = 10.0) -> list[Result]:
+    """Send `request` at a fixed `rate` per second for `seconds` (open loop); results by send time."""
+    return asyncio.run(_offer(request, rate, seconds, timeout))
+
+
+def admitted_per_second(results: Sequence[Result], since: float) -> list[int]:
+    """200s per whole second after `since` (time.time()), for every second the results cover."""
+    counts: dict[int, int] = {}
+    for result in results:
+        second = int(result.sent_at - since)
+        counts[second] = counts.get(second, 0) + (result.status == 200)
+    return [counts.get(s, 0) for s in range(max(counts) + 1)] if counts else []
+
+
 class WindowMissed(RuntimeError):
     """No attempt fitted inside one rate-limit window (the machine is too slow or too busy)."""
 
