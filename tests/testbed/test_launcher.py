@@ -211,3 +211,33 @@ def test_children_die_with_a_killed_igw_up(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
     _wait(lambda: not any(_alive(p) for p in pids), 10, "the children to exit after their parent died")
+
+
+def test_an_added_model_replica_gets_traffic_and_is_published_and_a_removed_one_is_gone(bed: GatewayBed) -> None:
+    import redis
+
+    from igw.replicas import decode_state, replica_key
+
+    client = redis.Redis.from_url(bed.state["redis_url"])
+
+    def published() -> int:
+        state = decode_state("demo-linear", client.hgetall(replica_key("demo-linear")))
+        return state.ready if state else -1
+
+    assert published() == 2
+    (name,) = bed.add_model_replica("demo-linear")
+    assert published() == 3 and name == "model-demo-linear-2"
+    assert [r["name"] for r in bed.state["models"]["demo-linear"]][-1] == name
+    with httpx.Client(timeout=5) as client_http:
+        seen = {_infer(bed.state, "demo-linear", client_http).headers["x-igw-replica"] for _ in range(9)}
+    assert name in seen
+    pid = bed.procs[name].pid
+    assert bed.remove_model_replica("demo-linear") == [name]
+    assert published() == 2 and name not in bed.procs and not _alive(pid)
+    assert len(bed.state["models"]["demo-linear"]) == 2
+    client.close()
+
+
+def test_adding_more_model_replicas_than_envoy_declares_is_refused(bed: GatewayBed) -> None:
+    with pytest.raises(ValueError, match="Envoy declares 6 \\(max_model_replicas\\): cannot add 5"):
+        bed.add_model_replica("demo-linear", 5)
