@@ -90,7 +90,7 @@ class MemoryCounters:
 
     def __init__(self) -> None:
         self.fixed: dict[str, tuple[int, float]] = {}
-        self.tats: dict[str, int] = {}
+        self.tats: dict[str, float] = {}
         self._next_sweep = 0.0
 
     async def apply(self, hits: list[Hit]) -> list[Counted]:
@@ -100,7 +100,7 @@ class MemoryCounters:
         results: list[Counted] = []
         for hit in hits:
             if hit.algorithm == "gcra":
-                result = gcra(self.tats.get(hit.key), int(now * 1000), hit.interval_ms, hit.burst, hit.hits)
+                result = gcra(self.tats.get(hit.key), now * 1000, hit.interval_ms, hit.burst, hit.hits)
                 if result.allowed and hit.hits:
                     self.tats[hit.key] = result.tat_ms
                 results.append(result)

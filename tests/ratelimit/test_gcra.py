@@ -102,3 +102,31 @@ def test_fixed_window_admits_double_at_an_edge_but_gcra_does_not(
     assert elapsed < 0.6, f"burst took {elapsed:.2f}s; machine too slow for this measurement"
     assert fixed.count(OK) == 10
     assert smooth.count(OK) <= 5 + int(elapsed * 5) + 1
+
+
+def test_a_fractional_interval_is_not_rounded_into_a_higher_rate() -> None:
+    """150/s is one hit every 6.67 ms: over 10 s of one offer per ms, 150 x 10 + the burst are admitted."""
+    interval, burst = 1000 / 150, 5
+    tat = None
+    admitted = 0
+    for now in range(10_000):
+        result = gcra(tat, now, interval, burst, 1)
+        if result.allowed:
+            tat = result.tat_ms
+            admitted += 1
+    assert admitted <= 1500 + burst
+
+
+def test_gcra_in_redis_holds_a_rate_with_a_fractional_interval(
+    services: ServiceFactory, tmp_path: Path, redis_url: str
+) -> None:
+    directory = tmp_path / "cfg"
+    directory.mkdir()
+    (directory / "d.yaml").write_text(
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 7, algorithm: gcra, "
+        "burst: 1}\n")
+    client = RlsClient(services.ratelimit(directory, redis_url).grpc_target, domain="d")
+    # 7/min is one hit per 8571.43 ms: after the first hit the next is due then, not a fraction earlier.
+    assert client.call([("k", "x")]).overall_code == OK
+    status = client.call([("k", "x")]).statuses[0]
+    assert 8.0 < status.duration_until_reset.seconds + status.duration_until_reset.nanos / 1e9 <= 8.6
