@@ -164,8 +164,8 @@ class AdaptiveLimits:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             with contextlib.suppress(Exception):
-                asyncio.get_event_loop().create_task(client.aclose())
+                await asyncio.wait_for(client.aclose(), 1.0)

@@ -308,4 +308,4 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await self.redis.aclose()
+            await asyncio.wait_for(self.redis.aclose(), 1.0)

@@ -121,6 +121,6 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     redis.close()
-    adaptive.close()
+    await adaptive.close()
     await quota.close()
     return 0
