@@ -9,8 +9,10 @@ multiplies each component's measured CPU per request by the rate. Two modes, eve
   quota push   ext_proc (headers) + rate_limit_quota filter, RLQS reports only
                (gateway_bench variant f; latency_bench path e)
 Two sources: gateway_bench runs every component flat out (closed loop; batching makes CPU per request
-lowest there), latency_bench at a fixed 1,000 req/s (less batching, higher CPU per request). The
-planning figure is the larger of the two. Python services use one core per process (GIL), so
+lowest there), latency_bench at a fixed 1,000 req/s (processes well below a core busy: less batching,
+higher CPU per request). Processes planned at --headroom (70 %) busy are close to the saturated case,
+so that is the planning figure by default (--planning saturated); --planning max takes the larger of
+the two (a pessimistic bound, also printed as its own cores column). Python services use one core per process (GIL), so
 processes = ceil(cores / headroom); Envoy workers likewise. Redis is single-threaded: above one core
 it needs sharding, which the rate-limit service's multi-key script does not support (flagged).
 """
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=66_000, help="requests per second to size for")
     parser.add_argument("--headroom", type=float, default=0.7,
                         help="busy fraction of a core each process is planned at (1.0: run flat out)")
+    parser.add_argument("--planning", choices=("saturated", "max"), default="saturated",
+                        help="planning CPU per request: gateway_bench's (saturated) or the larger of both sources")
     parser.add_argument("--latency-block", default="small/1000",
                         help="which latency_bench run supplies the second source (BODY/RATE)")
     args = parser.parse_args(argv)
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     costs = source_costs(gateway, latency, args.latency_block)
     result: dict[str, Any] = {"rate": args.rate, "headroom": args.headroom, "modes": {}}
     out(f"\nCapacity for {args.rate:,.0f} requests/s, every feature on (ext_proc auth + quota), from measured CPU per "
-        f"request; processes/workers planned at {args.headroom:.0%} of a core each (one Python process = one core)")
+        f"request ({args.planning}); processes/workers planned at {args.headroom:.0%} of a core each (one Python "
+        "process = one core)")
     for source_name, data in (("gateway_bench", gateway), ("latency_bench", latency)):
         if data:
             out(f"  {source_name}: {data['machine']['time']}, {data['machine']['cpus']} CPUs, load average "
@@ -81,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         if not sources:
             out(f"\n{mode}: no measurement")
             continue
-        planning = {c: max(s[c] for s in sources.values()) for c in COMPONENTS}
+        saturated = next((s for name, s in sources.items() if name.startswith("gateway_bench")), None)
+        if args.planning == "max" or saturated is None:
+            planning = {c: max(s[c] for s in sources.values()) for c in COMPONENTS}
+        else:
+            planning = dict(saturated)
+        worst = {c: max(s[c] for s in sources.values()) for c in COMPONENTS}
         rows = []
         for component in COMPONENTS:
             per_source = [f"{s[component]:.0f}" for s in sources.values()]
@@ -89,21 +99,24 @@ def main(argv: list[str] | None = None) -> int:
             kind = "Envoy workers" if component == "envoy" else (
                 "processes" if component in PYTHON else "redis-server")
             rows.append([component, *per_source, f"{planning[component]:.0f}", f"{cores:.1f}",
-                         processes(component, cores, args.headroom), kind])
+                         processes(component, cores, args.headroom), kind,
+                         f"{args.rate * worst[component] / 1e6:.1f}"])
         total_us = sum(planning.values())
         total_cores = args.rate * total_us / 1e6
         rows.append(["total", *(f"{sum(s.values()):.0f}" for s in sources.values()), f"{total_us:.0f}",
-                     f"{total_cores:.1f}", "", ""])
+                     f"{total_cores:.1f}", "", "", f"{args.rate * sum(worst.values()) / 1e6:.1f}"])
         out(f"\n{mode}")
         out(table(["component", *(f"µs/req {name}" for name in sources), "µs/req planned", "cores",
-                   "count", "of"], rows))
+                   "count", "of", "cores (pessimistic)"], rows))
         result["modes"][mode] = {"sources": sources, "planning_us": planning,
                                  "cores": {c: args.rate * planning[c] / 1e6 for c in COMPONENTS},
                                  "total_cores": total_cores}
     if all(m in result["modes"] for m in MODES):
         per_request, quota = (result["modes"][m]["total_cores"] for m in MODES)
         out(f"\nquota push needs {quota:.1f} cores against {per_request:.1f} for per-request rate limiting "
-            f"({per_request - quota:.1f} fewer, {quota / per_request:.0%}); ext_proc dominates both.")
+            f"({per_request - quota:.1f} fewer, {quota / per_request:.0%}); largest component: "
+            + "; ".join(f"{m.split(' ')[0]} {max(result['modes'][m]['cores'], key=result['modes'][m]['cores'].get)}"
+                        for m in MODES))
     out("Not counted: the model servers, the load balancer in front, TLS, access logs (off in the benches), and "
         "multi-process scaling losses (PERF_NOTES: about 0.7-0.75 efficiency per added process).")
     write_results("capacity", result, out.text)

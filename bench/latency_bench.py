@@ -1,6 +1,6 @@
 """Latency each gateway feature adds, under open-loop load at fixed rates (not closed loop).
 
-    .venv/bin/python -m bench.latency_bench [--rates 500,1000] [--duration 7] [--bodies small,64k] [--rounds 1]
+    .venv/bin/python -m bench.latency_bench [--rates 500,1000] [--duration 4] [--bodies small,64k] [--rounds 3]
                                             [--isolate]
 
 Paths (same stack as bench.gateway_bench; one Envoy --concurrency 1 per path, all running at once):
@@ -85,10 +85,11 @@ def run_one(stack: Stack, path: str, rate: float, body_file: str, args: argparse
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", default="500,1000", help="comma-separated requests/s")
-    parser.add_argument("--duration", type=float, default=7.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds sent first and not measured")
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds sent first and not measured")
     parser.add_argument("--bodies", default="small,64k", help="comma-separated: small, 64k")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat every (body, rate) block; medians")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat every (body, rate) block; medians, added latency from paired rounds")
     parser.add_argument("--generator-cpu", type=int, default=(os.cpu_count() or 1) - 1)
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 4,
                         help="pin the gateway processes to the CPUs the generator does not use")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 "p99_ms": median(r["p99_ms"] for r in results),
                 "p999_ms": median(r["p999_ms"] for r in results),
                 "errors": sum(r["errors"] for r in results),
-                "send_lag_p99_ms": max(r["send_lag_p99_ms"] for r in results),
+                "send_lag_p99_ms": median(r["send_lag_p99_ms"] for r in results),
                 "generator_cores": max(r["generator_cores"] for r in results),
                 "achieved_send_rate": min(r["achieved_send_rate"] for r in results),
                 "cpu_us": {c: median(r["cpu_us"][c] for r in results) for c in COMPONENTS},
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
         out(f"\nOpen-loop latency (from scheduled send time): generator pinned to CPU {args.generator_cpu}, gateway "
             f"processes {'pinned to CPUs ' + ','.join(map(str, sorted(others))) if args.isolate else 'unpinned'}; "
-            f"{args.duration:.0f} s per run after {args.warmup:.0f} s warm-up, {args.rounds} round(s), medians; "
+            f"{args.duration:g} s per run after {args.warmup:g} s warm-up, {args.rounds} round(s), medians; "
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         out("no-load background (subtracted from CPU per request): "
             + ", ".join(f"{c} {v:.3f}" for c, v in args.idle.items()) + " cores")
@@ -153,21 +154,23 @@ def main(argv: list[str] | None = None) -> int:
         generator_limited = []
         for body in bodies:
             for rate in rates:
-                base = summary[f"{body}/{rate:.0f}/a"]
                 rows = []
                 for path in PATHS:
                     s = summary[f"{body}/{rate:.0f}/{path}"]
-                    added = "-" if path == "a" else (f"{s['p50_ms'] - base['p50_ms']:+.2f}",
-                                                     f"{s['p99_ms'] - base['p99_ms']:+.2f}")
-                    s["added_p50_ms"] = 0.0 if path == "a" else s["p50_ms"] - base["p50_ms"]
-                    s["added_p99_ms"] = 0.0 if path == "a" else s["p99_ms"] - base["p99_ms"]
+                    added: str | tuple[str, str] = "-"
+                    # Paired: each round's difference to (a) measured right before it, then the median.
+                    pairs = list(zip(runs[f"{body}/{rate:.0f}/{path}"], runs[f"{body}/{rate:.0f}/a"], strict=True))
+                    s["added_p50_ms"] = median(r["p50_ms"] - b["p50_ms"] for r, b in pairs)
+                    s["added_p99_ms"] = median(r["p99_ms"] - b["p99_ms"] for r, b in pairs)
+                    if path != "a":
+                        added = (f"{s['added_p50_ms']:+.2f}", f"{s['added_p99_ms']:+.2f}")
                     rows.append([path, TITLES[path], f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}",
                                  *(added if isinstance(added, tuple) else ("-", "-")), s["errors"],
                                  f"{s['send_lag_p99_ms']:.2f}", f"{s['generator_cores']:.2f}"])
                     if s["send_lag_p99_ms"] > LAG_LIMIT_MS or s["achieved_send_rate"] < 0.98 * rate:
                         generator_limited.append(f"{body}/{rate:.0f}/{path}")
                 out(f"\nbody {body} ({len(infer_body(BODIES[body]))} bytes), {rate:.0f} requests/s")
-                out(table(["", "path", "p50 ms", "p99 ms", "+p50 vs a", "+p99 vs a", "errors", "send lag p99",
+                out(table(["", "path", "p50 ms", "p99 ms", "+p50 vs a", "+p99 vs a", "errors", "send lag p99 (median)",
                            "gen cores"], rows))
         key = f"small/{500:.0f}/d"
         if key in summary:
@@ -177,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             checks.append(("(d) at 500 req/s with the small body was not run", None, ""))
         errors = sum(s["errors"] for s in summary.values())
+        for key, results in runs.items():
+            for i, r in enumerate(results):
+                if r["errors"]:
+                    kinds = ", ".join(f"{k} x{v}" for k, v in r["statuses"].items() if not (k.isdigit() and
+                                                                                           200 <= int(k) < 300))
+                    out(f"errors in {key} round {i + 1}: {kinds}; slowest answer {r['max_ms']:.0f} ms "
+                        "(pool_exhausted: all 512 connections were waiting on answers; 504: ext_proc's 0.5 s message "
+                        "timeout)")
         checks.append(("zero errors", errors == 0, str(errors)))
         top = max(rates)
         gen_cores = max(s["generator_cores"] for k, s in summary.items() if k.split("/")[1] == f"{top:.0f}")
