@@ -125,8 +125,9 @@ def envoy_bootstrap(variant: Variant, topology: Topology, rlqs: Endpoint, access
     if variant.direct:
         hcm["route_config"] = _direct_routes()
     config["node"] = {"id": f"bench-{variant.name}", "cluster": "igw-bench"}
-    config["static_resources"]["clusters"].append(
-        service_cluster(RLQS_CLUSTER, [rlqs], grpc_health_service=RLQS_HEALTH_SERVICE))
+    clusters = config["static_resources"]["clusters"]
+    if RLQS_CLUSTER not in {c["name"] for c in clusters}:
+        clusters.append(service_cluster(RLQS_CLUSTER, [rlqs], grpc_health_service=RLQS_HEALTH_SERVICE))
     return config
 
 
