@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from prometheus_client import Gauge
 
 from igw.replicas import CHANGED_CHANNEL, MODELS_SET, ReplicaState, decode_state, replica_key
 from ratelimit_svc import metrics
@@ -77,6 +78,7 @@ class AdaptiveLimits:
         self._totals: dict[tuple[str, str, str | None], float] = {}
         self._client: aioredis.Redis | None = None
         self.listeners: list[Callable[[], None]] = []  # told when a model's ready count changes
+        self._gauges: dict[tuple[str, str | None], Gauge] = {}
 
     def _total(self, config: RateLimitConfig, domain: str, adaptive: Adaptive) -> float:
         if self._totals_for is not config:
@@ -100,7 +102,12 @@ class AdaptiveLimits:
         model = model_of(adaptive, match)
         ready = self.ready(model, now) if model else None
         value = effective_limit(adaptive, ready, self._total(config, domain, adaptive))
-        metrics.EFFECTIVE_LIMIT.labels(domain, match.stats_key.partition(".")[2], model or "").set(value)
+        gauge_key = (match.stats_key, model)
+        gauge = self._gauges.get(gauge_key)
+        if gauge is None:  # prometheus-client's labels() takes a lock and builds a tuple: once per series
+            gauge = self._gauges[gauge_key] = metrics.EFFECTIVE_LIMIT.labels(
+                domain, match.stats_key.partition(".")[2], model or "")
+        gauge.set(value)
         return value
 
     # -- I/O -----------------------------------------------------------------------------------
