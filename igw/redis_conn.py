@@ -102,6 +102,7 @@ class _RespProtocol(asyncio.Protocol):
         self.pending: deque[_Batch] = deque()
         self.transport: asyncio.Transport | None = None
         self.watchdog: asyncio.TimerHandle | None = None
+        self.outgoing: list[bytes] = []  # commands of this loop iteration, written together
         self._on_lost = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -232,11 +233,19 @@ class PipelinedRedis:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[object]] = loop.create_future()
         protocol.pending.append(_Batch(future, len(commands), loop.time() + timeout))
-        assert protocol.transport is not None
-        protocol.transport.write(b"".join([encode_command(c) for c in commands]))
+        if not protocol.outgoing:
+            # Coalesce: every caller of this event-loop iteration shares one write (one syscall).
+            loop.call_soon(self._flush, protocol)
+        protocol.outgoing.extend([encode_command(c) for c in commands])
         if protocol.watchdog is None:
             protocol.watchdog = loop.call_later(timeout / 4, self._watch, protocol)
         return await future
+
+    @staticmethod
+    def _flush(protocol: _RespProtocol) -> None:
+        data, protocol.outgoing = protocol.outgoing, []
+        if protocol.transport is not None and not protocol.transport.is_closing():
+            protocol.transport.write(b"".join(data))
 
     def _watch(self, protocol: _RespProtocol) -> None:
         protocol.watchdog = None
