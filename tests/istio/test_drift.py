@@ -104,7 +104,7 @@ def test_the_gateway_runs_the_test_beds_http_filters_in_the_same_order(policy, s
 
 def test_the_gateway_sends_the_test_beds_rate_limit_descriptors(policy, shared_filters, testbed) -> None:
     gateway = gateway_check.gateway_bootstrap(policy, shared_filters, policy.gateway.hosts, policy.gateway.port)
-    bed_routes = hcm_of(testbed)["route_config"]["virtual_hosts"][0]["routes"]
+    bed_routes = envoy_config.routes_of(hcm_of(testbed)["route_config"]["virtual_hosts"][0])
     bed_actions = [r["route"]["rate_limits"] for r in bed_routes if "route" in r]
     assert bed_actions and all(a == bed_actions[0] for a in bed_actions)
     for vhost in hcm_of(gateway)["route_config"]["virtual_hosts"]:

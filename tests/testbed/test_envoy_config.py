@@ -153,14 +153,35 @@ def test_route_rate_limits_build_tenant_tenant_model_and_model_descriptors() -> 
     ]
 
 
-def test_each_model_routes_by_header_to_its_cluster_and_anything_else_gets_a_json_404() -> None:
-    routes = envoy_config.route_config(["a", "b"])["virtual_hosts"][0]["routes"]
-    assert [(r["match"]["headers"][0]["string_match"]["exact"], r["route"]["cluster"]) for r in routes[:2]] == [
-        ("a", "model-a"), ("b", "model-b")]
+def test_the_virtual_host_looks_the_model_header_up_in_an_exact_match_map_not_a_route_list() -> None:
+    vhost = envoy_config.route_config(["a", "b"])["virtual_hosts"][0]
+    assert "routes" not in vhost
+    tree = vhost["matcher"]["matcher_tree"]
+    assert tree["input"]["typed_config"]["header_name"] == "x-igw-model"
+    assert set(tree["exact_match_map"]["map"]) == {"a", "b"}
+
+
+def test_each_model_routes_to_its_cluster_with_the_rate_limit_actions_and_anything_else_gets_a_json_404() -> None:
+    routes = envoy_config.routes_of(envoy_config.route_config(["a", "b"])["virtual_hosts"][0])
+    assert [(r["name"], r["route"]["cluster"]) for r in routes[:2]] == [("model-a", "model-a"), ("model-b", "model-b")]
     assert all(r["route"]["rate_limits"] == envoy_config.route_rate_limits() for r in routes[:2])
+    # The matcher already compared the header; Envoy checks a selected route's `match` again.
+    assert all(r["match"] == {"prefix": "/"} for r in routes)
     fallback = routes[-1]
     assert fallback["direct_response"]["status"] == 404
-    assert "headers" not in fallback["match"]
+
+
+def test_a_model_route_retries_refused_connections_on_another_replica_of_the_same_cluster() -> None:
+    route = envoy_config.routes_of(envoy_config.route_config(["a"])["virtual_hosts"][0])[0]["route"]
+    assert route["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
+    assert route["retry_policy"]["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+    assert route["cluster"] == "model-a"
+
+
+def test_routes_of_reads_a_plain_route_list_too() -> None:
+    routes = [envoy_config.model_route("a"), envoy_config.unknown_model_route()]
+    vhost = {"name": "v", "domains": ["*"], "routes": routes}
+    assert [r["name"] for r in envoy_config.routes_of(vhost)] == ["model-a", "unknown-model"]
 
 
 def test_grpc_service_clusters_use_http2_grpc_health_checks_and_outlier_detection() -> None:

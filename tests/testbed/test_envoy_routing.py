@@ -1,0 +1,84 @@
+"""Model routing through the real Envoy: the bed's route config (x-igw-model looked up by the virtual host's
+matcher) sends each model to its own cluster, whatever the path, and anything else to the JSON 404.
+
+Envoy runs the bed's bootstrap with only the router filter (the header is sent by the test instead of
+ext_proc) in front of two small HTTP servers, one per model, that name themselves in x-igw-replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from igw import envoy_config
+from igw.launcher import _envoy_hosts_healthy, envoy_args, envoy_binary
+from igw.procs import ManagedProcess, http_ok
+from igw.topology import Endpoint, free_topology, model_cluster_name
+
+MODELS = ("alpha", "beta")
+
+
+def _server(name: str) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # health checks and test requests alike
+            self.send_response(200)
+            self.send_header("x-igw-replica", name)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    servers = {m: _server(f"{m}-0") for m in MODELS}
+    work = tmp_path_factory.mktemp("routing")
+    topology = dataclasses.replace(
+        free_topology(MODELS), models={m: (Endpoint("127.0.0.1", s.server_address[1]),) for m, s in servers.items()})
+    config = envoy_config.bootstrap(topology, access_log_path=str(work / "access.log"))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [envoy_config.router_filter()]
+    path = Path(work / "envoy.yaml")
+    path.write_text(envoy_config.render_yaml(config, "routing test"))
+    envoy = ManagedProcess("envoy-routing", [envoy_binary(), *envoy_args(str(path), base_id=topology.admin.port)],
+                           log_dir=work)
+    try:
+        envoy.start()
+        envoy.wait_ready(lambda: http_ok(f"{topology.admin_url}/ready"), 20, "ready")
+        expected = {model_cluster_name(m): {e.address for e in topology.models[m]} for m in MODELS}
+        envoy.wait_ready(lambda: _envoy_hosts_healthy(topology.admin_url, expected), 20, "model hosts healthy")
+        yield topology.gateway_url
+    finally:
+        envoy.stop()
+        for server in servers.values():
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.mark.parametrize("path", ["/v2/models/alpha/infer", "/v1/chat/completions", "/"])
+def test_the_model_header_picks_that_models_cluster_whatever_the_path(gateway: str, path: str) -> None:
+    with httpx.Client(timeout=5) as client:
+        replicas = {m: client.get(gateway + path, headers={"x-igw-model": m}).headers.get("x-igw-replica")
+                    for m in MODELS}
+    assert replicas == {"alpha": "alpha-0", "beta": "beta-0"}
+
+
+@pytest.mark.parametrize("headers", [{"x-igw-model": "gamma"}, {"x-igw-model": ""}, {}, {"x-igw-model": "ALPHA"}],
+                         ids=["unknown", "empty", "missing", "other-case"])
+def test_an_unknown_or_missing_model_gets_the_json_404(gateway: str, headers: dict[str, str]) -> None:
+    response = httpx.get(gateway + "/v2/models/gamma/infer", headers=headers, timeout=5)
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    assert "x-igw-replica" not in response.headers
+    assert "no model route" in response.json()["error"]
