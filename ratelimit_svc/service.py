@@ -11,8 +11,10 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from types import MappingProxyType
 
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
@@ -33,6 +35,7 @@ UINT32_MAX = 2**32 - 1
 Response = rls_pb2.RateLimitResponse
 DescriptorStatus = rls_pb2.RateLimitResponse.DescriptorStatus
 LimitProto = rls_pb2.RateLimitResponse.RateLimit
+RateLimitOverride = RateLimitDescriptor.RateLimitOverride
 
 
 class InvalidRequest(ValueError):
@@ -123,10 +126,11 @@ class Limiter:
         return response
 
     def _override(
-        self, domain: str, entries: tuple[tuple[str, str], ...], override: object
+        self, domain: str, entries: tuple[tuple[str, str], ...], override: RateLimitOverride
     ) -> Match:
+        """Envoy's per-descriptor limit override: counted like a config limit, never shadow or named."""
         key = domain + "." + ".".join(f"{k}_{v}" if v else k for k, v in entries)
-        limit = RateLimit(full_key=key, requests_per_unit=override.requests_per_unit, unit=override.unit)  # type: ignore[attr-defined]
+        limit = RateLimit(full_key=key, requests_per_unit=override.requests_per_unit, unit=override.unit)
         counter = domain + "_" + "".join(f"{k}_{v}_" for k, v in entries)
         return Match(limit, key, counter, entries)
 
@@ -245,8 +249,6 @@ class Limiter:
 
 
 def _thaw(value: object) -> object:
-    from types import MappingProxyType
-
     if isinstance(value, MappingProxyType):
         return {k: _thaw(v) for k, v in value.items()}
     if isinstance(value, tuple):
