@@ -135,6 +135,17 @@ def offer(request: Request, *, rate: float, seconds: float, timeout: float = 10.
     return asyncio.run(_offer(request, rate, seconds, timeout))
 
 
+def offer_many(
+    requests: Sequence[Request], *, rate: float, seconds: float, timeout: float = 10.0
+) -> list[list[Result]]:
+    """`offer` to several targets at once (e.g. two gateways sharing one budget), each at `rate`."""
+
+    async def run() -> list[list[Result]]:
+        return list(await asyncio.gather(*(_offer(r, rate, seconds, timeout) for r in requests)))
+
+    return asyncio.run(run())
+
+
 def admitted_per_second(results: Sequence[Result], since: float) -> list[int]:
     """200s per whole second after `since` (time.time()), for every second the results cover."""
     counts: dict[int, int] = {}

@@ -4,17 +4,16 @@ generator that offers a fixed rate and counts what Envoy admitted."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import yaml
 
 from igw.envoy_config import HCM_TYPE, router_filter, service_cluster
 from igw.envoy_quota import RLQS_CLUSTER, RLQS_HEALTH_SERVICE, rate_limit_quota_filter
+from igw.gateway_client import Request, offer_many
 from igw.procs import VENV_BIN, ManagedProcess, free_port, http_ok
 from igw.topology import Endpoint
 
@@ -65,42 +64,14 @@ def start_gateway(name: str, rlqs_port: int, work: Path, log_dir: Path) -> Quota
     return QuotaGateway(proc, f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}")
 
 
-async def _offer(url: str, headers: dict[str, str], rate: float, seconds: float, bins: Counter[tuple[int, int]],
-                 start: float, bin_s: float) -> None:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
-        tasks = []
-
-        async def one(sent_at: float) -> None:
-            try:
-                async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=5)) as response:
-                    await response.read()
-                    status = response.status
-            except (TimeoutError, aiohttp.ClientError):
-                status = 0
-            bins[(int((sent_at - start) / bin_s), status)] += 1
-
-        n = int(rate * seconds)
-        for i in range(n):
-            due = start + i / rate
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(time.monotonic())))
-        await asyncio.gather(*tasks)
-
-
 def offer_load(targets: list[tuple[str, dict[str, str]]], rate: float, seconds: float,
                bin_s: float = 1.0) -> list[Counter[tuple[int, int]]]:
-    """Offer `rate` requests/s to each target for `seconds`; per target, (bin, status) -> count."""
-
-    async def main() -> list[Counter[tuple[int, int]]]:
-        start = time.monotonic() + 0.05
-        results: list[Counter[tuple[int, int]]] = [Counter() for _ in targets]
-        await asyncio.gather(*(_offer(url, h, rate, seconds, results[i], start, bin_s)
-                               for i, (url, h) in enumerate(targets)))
-        return results
-
-    return asyncio.run(main())
+    """Offer `rate` requests/s to each target for `seconds` (open loop, igw.gateway_client); per target,
+    (bin of send time, status) -> count."""
+    start = time.time()
+    requests = [Request("GET", url, headers) for url, headers in targets]
+    per_target = offer_many(requests, rate=rate, seconds=seconds, timeout=5)
+    return [Counter((int((r.sent_at - start) / bin_s), r.status) for r in results) for results in per_target]
 
 
 def admitted_per_bin(bins: Counter[tuple[int, int]]) -> dict[int, int]:
