@@ -10,6 +10,7 @@ the response type of its phase. Whatever the real processor costs beyond this is
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import AsyncIterator
 
@@ -18,10 +19,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from ext_proc.responses import CONTINUE
-from ext_proc.server import grpc_server
+from ext_proc.server import SERVICE_NAME, grpc_server
 from ext_proc.settings import Settings, parse_settings
-from igw.http_admin import start_admin_server
 from igw.runtime import service_main
+from igw.service_runtime import ServiceRuntime
 
 
 class EchoProcessor(pb_grpc.ExternalProcessorServicer):
@@ -35,16 +36,16 @@ class EchoProcessor(pb_grpc.ExternalProcessorServicer):
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
     server = grpc_server(settings)
     pb_grpc.add_ExternalProcessorServicer_to_server(EchoProcessor(), server)
-    server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
-    await server.start()
+    runtime = ServiceRuntime(server, [SERVICE_NAME], logging.getLogger("ext_proc_echo"))
 
     async def healthy() -> tuple[bool, str]:
         return True, "OK"
 
-    http = await start_admin_server(settings.host, settings.http_port, healthy)
+    if not await runtime.start(settings.host, settings.grpc_port, settings.http_port, healthy):
+        return 1
+    await runtime.set_serving(True)
     await stop.wait()
-    await server.stop(0.5)
-    http.close()
+    await runtime.stop(0.5)
     return 0
 
 

@@ -16,14 +16,13 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ext_proc import metrics
 from ext_proc.cache import Directory
 from ext_proc.processor import ProcessorConfig, ProcessorShared, ProtocolError, RequestProcessor
 from ext_proc.settings import Settings
-from igw.http_admin import start_admin_server
 from igw.redis_conn import PipelinedRedis
+from igw.service_runtime import ServiceRuntime
 
 log = logging.getLogger("ext_proc")
 
@@ -79,29 +78,17 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     pb_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorServicer(lambda: RequestProcessor(config, directory, shared)), server
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = f"{settings.host}:{settings.grpc_port}"
-    if server.add_insecure_port(address) == 0:
-        log.error("cannot bind gRPC port %s", address)
-        return 1
-    await server.start()
-    # Serving even while Redis is down: cached callers still pass and uncached ones get a clean 503,
-    # which beats Envoy failing every request because no endpoint is healthy.
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
+    runtime = ServiceRuntime(server, [SERVICE_NAME], log)
     redis_ok = False
 
     async def health_state() -> tuple[bool, str]:
         return True, f"OK (redis {'up' if redis_ok else 'down'}, pubsub {'up' if directory.subscribed else 'down'})"
 
-    try:
-        http = await start_admin_server(settings.host, settings.http_port, health_state)
-    except OSError as exc:
-        log.error("cannot bind HTTP port %s:%d: %s", settings.host, settings.http_port, exc)
-        await server.stop(0)
+    if not await runtime.start(settings.host, settings.grpc_port, settings.http_port, health_state):
         return 1
+    # Serving even while Redis is down: cached callers still pass and uncached ones get a clean 503,
+    # which beats Envoy failing every request because no endpoint is healthy.
+    await runtime.set_serving(True)
 
     async def probe_redis() -> None:
         nonlocal redis_ok
@@ -115,14 +102,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         asyncio.create_task(probe_redis()),
         asyncio.create_task(directory.watch_invalidations(settings.redis_url, stop)),
     ]
-    log.info("ext_proc ready: grpc=%s http=%s:%d redis=%s pid=%d", address, settings.host, settings.http_port,
-             redis.address.url, os.getpid())
+    log.info("ext_proc ready: grpc=%s http=%s:%d redis=%s pid=%d", runtime.address, settings.host,
+             settings.http_port, redis.address.url, os.getpid())
     await stop.wait()
     log.info("ext_proc stopping")
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(1.0)
-    http.close()
+    await runtime.stop()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

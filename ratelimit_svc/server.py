@@ -10,10 +10,9 @@ import os
 import grpc
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from igw.http_admin import start_admin_server
 from igw.redis_conn import PipelinedRedis, RedisError
+from igw.service_runtime import ServiceRuntime
 from ratelimit_svc import metrics
 from ratelimit_svc.adaptive import AdaptiveLimits
 from ratelimit_svc.counters import MemoryCounters, RedisCounters
@@ -25,7 +24,7 @@ from ratelimit_svc.settings import Settings
 log = logging.getLogger("ratelimit_svc")
 
 SERVICE_NAME = "envoy.service.ratelimit.v3.RateLimitService"
-HEALTH_NAMES = ("", SERVICE_NAME, "envoy.service.rate_limit_quota.v3.RateLimitQuotaService")
+HEALTH_NAMES = (SERVICE_NAME, "envoy.service.rate_limit_quota.v3.RateLimitQuotaService")
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
@@ -62,14 +61,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(quota, server)
     holder.listeners.append(quota.wake)
     adaptive.listeners.append(quota.wake)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = f"{settings.host}:{settings.grpc_port}"
-    if server.add_insecure_port(address) == 0:
-        log.error("cannot bind gRPC port %s", address)
-        return 1
-    await server.start()
-
+    runtime = ServiceRuntime(server, HEALTH_NAMES, log)
     redis_ok = False
 
     async def health_state() -> tuple[bool, str]:
@@ -79,11 +71,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             return False, "redis unreachable"
         return True, "OK"
 
-    try:
-        http = await start_admin_server(settings.host, settings.http_port, health_state)
-    except OSError as exc:
-        log.error("cannot bind HTTP port %s:%d: %s", settings.host, settings.http_port, exc)
-        await server.stop(0)
+    if not await runtime.start(settings.host, settings.grpc_port, settings.http_port, health_state):
         return 1
 
     async def probe_redis() -> None:
@@ -94,10 +82,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             except RedisError:
                 redis_ok = False
             metrics.REDIS_UP.set(1 if redis_ok else 0)
-            serving = (redis_ok or settings.backend == "memory") and holder.config is not None
-            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in HEALTH_NAMES:
-                await health_servicer.set(name, status)
+            await runtime.set_serving((redis_ok or settings.backend == "memory") and holder.config is not None)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
 
@@ -109,14 +94,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     ]
     log.info(
         "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s pid=%d",
-        address, settings.host, settings.http_port, settings.config_dir, redis.address.url, os.getpid(),
+        runtime.address, settings.host, settings.http_port, settings.config_dir, redis.address.url, os.getpid(),
     )
     await stop.wait()
     log.info("ratelimit_svc stopping")
-    for name in HEALTH_NAMES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(1.0)
-    http.close()
+    await runtime.stop()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
