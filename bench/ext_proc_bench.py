@@ -7,27 +7,30 @@
 Starts redis-server (seeded through ext_proc.store: one tenant, one key, a model and an alias), the
 processor and the echo processor, then drives each with separate load-generator processes
 (bench/ext_proc_load.py, one Process stream per simulated request), alternating in every round so
-drift on a shared machine hits both. Two request shapes: headers-only (KServe v2 path, 13 headers)
+drift on a shared machine hits both. The services and the load generators run on CPUs of their own
+when the machine has enough (as the gateway benches pin wrk; --no-pin to let them share), so the
+ratio measures the processors rather than how the scheduler splits two cores between four processes. Two request shapes: headers-only (KServe v2 path, 13 headers)
 and buffered body (OpenAI-style path, headers + a 1 KB JSON body whose "model" is an alias).
 
 Prints medians: requests/s, messages/s, p50/p99 per request, service CPU per request, and the ratio
 processor/echo, with pass/fail against the targets (ratio >= 0.85, >= 2500 requests/s per process in
-headers-only mode). The load generator is Python too and shares the box: when it, not the service,
-is the bottleneck, the throughput ratio understates the gap and the CPU-per-request ratio (also
-printed) is the better measure of what the processor's logic costs.
+headers-only mode). The load generator is Python too: when it, not the service, is the bottleneck,
+the throughput ratio understates the gap and the CPU-per-request ratio (also printed) is the better
+measure of what the processor's logic costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.procstat import cpu_seconds
+from bench.procstat import cpu_seconds, pin
 from igw.procs import ManagedProcess, RedisServer, free_port, http_ok, python_module
 
 MODES = ("headers", "buffered")
@@ -55,13 +58,14 @@ def start(name: str, module: str, work: Path, workers: int, *extra: str) -> tupl
     return proc, grpc_port
 
 
-def load(port: int, mode: str, key: str, args: argparse.Namespace) -> dict[str, float]:
-    """Run args.clients load processes at once and add up what they measured."""
+def load(port: int, mode: str, key: str, args: argparse.Namespace, cpus: set[int] | None) -> dict[str, float]:
+    """Run args.clients load processes at once (on `cpus` when given) and add up what they measured."""
     per_client = max(1, args.concurrency // args.clients)
     procs = [subprocess.Popen(
         [sys.executable, "-m", "bench.ext_proc_load", f"127.0.0.1:{port}", "--mode", mode, "--key", key,
          "--concurrency", str(per_client), "--duration", str(args.duration)],
-        stdout=subprocess.PIPE, text=True) for _ in range(args.clients)]
+        stdout=subprocess.PIPE, text=True,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None) for _ in range(args.clients)]
     results = []
     for proc in procs:
         out, _ = proc.communicate(timeout=args.duration + 60)
@@ -81,7 +85,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent streams in total")
     parser.add_argument("--workers", type=int, default=1, help="service processes (SO_REUSEPORT), as the services")
     parser.add_argument("--clients", type=int, default=1, help="load-generator processes")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="do not give the services and the load generators CPUs of their own")
     args = parser.parse_args()
+    cpus = os.cpu_count() or 1
+    service_cpus = set(range(args.workers)) if args.pin and args.workers < cpus else None
+    load_cpus = set(range(args.workers, cpus)) if service_cpus else None
 
     work = Path(tempfile.mkdtemp(prefix="igw-epbench-"))
     redis = RedisServer(log_dir=work).start()
@@ -91,13 +100,14 @@ def main() -> int:
         procs["echo"] = start("echo", "bench.ext_proc_echo", work, args.workers)
         procs["ext_proc"] = start("ext_proc", "ext_proc", work, args.workers, "--redis-url", redis.url,
                                   "--cache-ttl", "1h")
+        pinned = service_cpus is not None and all(pin(proc.pid, service_cpus) for proc, _ in procs.values())
         results: dict[tuple[str, str], list[dict[str, float]]] = {(m, s): [] for m in MODES for s in SERVICES}
         for _ in range(args.rounds):
             for mode in MODES:
                 for service in SERVICES:
                     proc, port = procs[service]
                     cpu_before = cpu_seconds(proc.pid)
-                    result = load(port, mode, key, args)
+                    result = load(port, mode, key, args, load_cpus if pinned else None)
                     result["cpu_us"] = (cpu_seconds(proc.pid) - cpu_before) / max(1, result["requests"]) * 1e6
                     results[(mode, service)].append(result)
 
@@ -105,7 +115,9 @@ def main() -> int:
             return statistics.median(r[field] for r in results[(mode, service)])
 
         print(f"\nProcess streams, {args.concurrency} concurrent, {args.workers} service process(es), "
-              f"{args.clients} load process(es), {args.rounds} rounds of {args.duration:.0f} s, medians")
+              f"{args.clients} load process(es), {args.rounds} rounds of {args.duration:.0f} s, medians, "
+              + (f"services on CPU {sorted(service_cpus)}, load on {sorted(load_cpus)}" if pinned  # type: ignore[arg-type]
+                 else "not pinned"))
         header = f"{'mode':<9} {'service':<9} {'req/s':>7} {'msg/s':>7} {'p50 ms':>7} {'p99 ms':>7} " \
                  f"{'CPU/req':>9} {'errors':>6} {'denied':>6}"
         print(header)

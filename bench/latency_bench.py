@@ -31,6 +31,7 @@ from typing import Any
 
 from bench.gateway_stack import MODEL, VARIANTS, Stack, infer_body, request_headers, start_envoy, start_stack
 from bench.gateway_stack import wait_until_ok as gateway_ok
+from bench.procstat import pin
 from bench.report import Printer, median, table, verdict, write_results
 
 # latency path -> gateway_stack variant (None: straight to the model server)
@@ -55,8 +56,7 @@ def path_target(stack: Stack, path: str) -> tuple[str, dict[str, str]]:
 def isolate(stack: Stack, cpus: set[int]) -> None:
     pids = [p for group in stack.pids().values() for p in group] + [e.proc.pid for e in stack.envoys.values()]
     for pid in pids:
-        subprocess.run(["taskset", "-a", "-p", "-c", ",".join(map(str, sorted(cpus))), str(pid)],
-                       capture_output=True, check=False)
+        pin(pid, cpus)
 
 
 def run_one(stack: Stack, path: str, rate: float, body_file: str, args: argparse.Namespace) -> dict[str, Any]:

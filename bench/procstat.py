@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -31,3 +33,19 @@ def cpu_seconds(pid: int, include_children: bool = True) -> float:
         if include_children:
             pids += _children(current)
     return total
+
+
+def pin(pid: int, cpus: set[int]) -> bool:
+    """Restrict pid, all its threads and its live descendants to `cpus` (taskset -a). False when the
+    machine has no taskset or too few CPUs, so callers can say the run was not pinned."""
+    if not shutil.which("taskset") or not cpus <= set(range(os.cpu_count() or 1)):
+        return False
+    pids = [pid]
+    ok = True
+    while pids:
+        current = pids.pop()
+        done = subprocess.run(["taskset", "-a", "-p", "-c", ",".join(map(str, sorted(cpus))), str(current)],
+                              capture_output=True, check=False)
+        ok = ok and done.returncode == 0
+        pids += _children(current)
+    return ok

@@ -1,7 +1,8 @@
 """gRPC and HTTP wiring of the ext_proc service: the Process stream, health, cache invalidation.
 
 The servicer is glue only: read a message, let the RequestProcessor answer it, write the answer, time
-it. Protocol misuse ends the stream with INVALID_ARGUMENT and a message naming what was wrong.
+it. Protocol misuse ends the stream with INVALID_ARGUMENT and a message naming what was wrong; a message
+over the size limit with RESOURCE_EXHAUSTED before it is buffered.
 """
 
 from __future__ import annotations
@@ -11,56 +12,63 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
 
 from ext_proc import metrics
 from ext_proc.cache import Directory
 from ext_proc.processor import ProcessorConfig, ProcessorShared, ProtocolError, RequestProcessor
 from ext_proc.settings import Settings
+from igw.grpclib_server import GrpclibBackend, recv_bounded
 from igw.redis_conn import PipelinedRedis
 from igw.service_runtime import ServiceRuntime
 
 log = logging.getLogger("ext_proc")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+PROCESS_METHOD = f"/{SERVICE_NAME}/Process"
 
 
-class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, new_processor: Callable[[], RequestProcessor]) -> None:
+class ExternalProcessorServicer:
+    """grpclib handler of ExternalProcessor/Process (igw/grpclib_server.py says why not grpc.aio)."""
+
+    def __init__(self, new_processor: Callable[[], RequestProcessor], max_message_bytes: int) -> None:
         self.new_processor = new_processor
+        self.max_message_bytes = max_message_bytes
 
-    async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+    def __mapping__(self) -> dict[str, Handler]:
+        return {PROCESS_METHOD: Handler(self.Process, Cardinality.STREAM_STREAM, pb.ProcessingRequest,
+                                        pb.ProcessingResponse)}
+
+    async def Process(self, stream: Stream[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
         processor = self.new_processor()
         observe = metrics.observe_phase
         perf_counter = time.perf_counter
+        limit = self.max_message_bytes
         try:
-            async for request in request_iterator:
+            while (request := await recv_bounded(stream, pb.ProcessingRequest, limit)) is not None:
                 started = perf_counter()
                 phase, response = await processor.handle(request)
                 observe(phase, perf_counter() - started)
                 if not request.observability_mode:  # Envoy does not wait for (or read) answers then
-                    yield response
+                    await stream.send_message(response)
         except ProtocolError as exc:
             metrics.STREAM_ERRORS.labels(exc.reason).inc()
             log.warning("ext_proc protocol error: %s", exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+        except GRPCError as exc:
+            metrics.STREAM_ERRORS.labels(exc.status.name.lower()).inc()
+            log.warning("ext_proc stream refused: %s", exc.message)
+            raise
 
 
-def grpc_server(settings: Settings) -> grpc.aio.Server:
-    """The gRPC server both the service and the bench's echo processor use (same framework and options)."""
-    max_message = max(4 * 1024 * 1024, settings.max_buffer_bytes + 64 * 1024)
-    return grpc.aio.server(options=[
-        ("grpc.so_reuseport", 1),
-        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
-        ("grpc.max_receive_message_length", max_message),
-        ("grpc.max_send_message_length", max_message),
-    ])
+def max_message_bytes(settings: Settings) -> int:
+    """A buffered body arrives as one message: room for the largest one plus its envelope."""
+    return max(4 * 1024 * 1024, settings.max_buffer_bytes + 64 * 1024)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
@@ -74,11 +82,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     # Half the TTL: a memo made from a cache entry near its end must not outlive it by much.
     shared = ProcessorShared(config, memo_ttl=settings.cache_ttl / 2)
 
-    server = grpc_server(settings)
-    pb_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorServicer(lambda: RequestProcessor(config, directory, shared)), server
-    )
-    runtime = ServiceRuntime(server, [SERVICE_NAME], log)
+    servicer = ExternalProcessorServicer(lambda: RequestProcessor(config, directory, shared),
+                                         max_message_bytes(settings))
+    runtime = ServiceRuntime(GrpclibBackend([servicer], settings.max_concurrent_streams), [SERVICE_NAME], log)
     redis_ok = False
 
     async def health_state() -> tuple[bool, str]:

@@ -1,55 +1,82 @@
 """What every service process does around its gRPC servicers: bind the gRPC port, serve the standard
 health service (what Envoy's active health checks ask), serve /healthcheck and /metrics, and go
 NOT_SERVING before it stops so Envoy drains it first. One implementation for ext_proc and the rate-limit
-service, so both behave the same to Envoy and to operators."""
+service, so both behave the same to Envoy and to operators, whichever gRPC framework carries them
+(grpc.aio for the rate-limit service's unary calls, grpclib for ext_proc's streams: igw/grpclib_server.py
+says why)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Iterable
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from igw.http_admin import HealthCheck, start_admin_server
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+class GrpcBackend(Protocol):
+    async def bind(self, host: str, port: int, health_names: Iterable[str]) -> str | None:
+        """Start serving; None on success, else why the port could not be bound."""
+
+    async def set_status(self, name: str, serving: bool) -> None: ...
+    async def stop(self, grace: float) -> None: ...
+
+
+class AioBackend:
+    """A grpc.aio server plus grpc's own health servicer."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+
+    async def bind(self, host: str, port: int, health_names: Iterable[str]) -> str | None:
+        if self.server.add_insecure_port(f"{host}:{port}") == 0:
+            return "address in use or not available"
+        await self.server.start()
+        return None
+
+    async def set_status(self, name: str, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
 
 
 class ServiceRuntime:
-    def __init__(self, server: grpc.aio.Server, health_names: Iterable[str], log: logging.Logger) -> None:
-        self.server = server
+    def __init__(self, backend: GrpcBackend, health_names: Iterable[str], log: logging.Logger) -> None:
+        self.backend = backend
         self.names = ("", *health_names)
         self.log = log
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.http: asyncio.Server | None = None
         self.address = ""
 
     async def start(self, host: str, grpc_port: int, http_port: int, health_check: HealthCheck) -> bool:
         """Bind and start both ports; False (after logging which port) if either cannot be bound."""
         self.address = f"{host}:{grpc_port}"
-        if self.server.add_insecure_port(self.address) == 0:
-            self.log.error("cannot bind gRPC port %s", self.address)
+        error = await self.backend.bind(host, grpc_port, self.names)
+        if error is not None:
+            self.log.error("cannot bind gRPC port %s: %s", self.address, error)
             return False
-        await self.server.start()
         try:
             self.http = await start_admin_server(host, http_port, health_check)
         except OSError as exc:
             self.log.error("cannot bind HTTP port %s:%d: %s", host, http_port, exc)
-            await self.server.stop(0)
+            await self.backend.stop(0)
             return False
         return True
 
     async def set_serving(self, serving: bool) -> None:
-        status = SERVING if serving else NOT_SERVING
         for name in self.names:
-            await self.health.set(name, status)
+            await self.backend.set_status(name, serving)
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.set_serving(False)
-        await self.server.stop(grace)
+        await self.backend.stop(grace)
         if self.http is not None:
             self.http.close()

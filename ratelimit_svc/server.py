@@ -12,7 +12,7 @@ from envoy.service.rate_limit_quota.v3 import rlqs_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from igw.redis_conn import PipelinedRedis, RedisError
-from igw.service_runtime import ServiceRuntime
+from igw.service_runtime import AioBackend, ServiceRuntime
 from ratelimit_svc import metrics
 from ratelimit_svc.adaptive import AdaptiveLimits
 from ratelimit_svc.counters import MemoryCounters, RedisCounters
@@ -61,7 +61,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(quota, server)
     holder.listeners.append(quota.wake)
     adaptive.listeners.append(quota.wake)
-    runtime = ServiceRuntime(server, HEALTH_NAMES, log)
+    runtime = ServiceRuntime(AioBackend(server), HEALTH_NAMES, log)
     redis_ok = False
 
     async def health_state() -> tuple[bool, str]:

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.ext_proc.conftest import World
 from tests.ext_proc.helpers import ExtProcClient, Mode, request_body, request_headers
-from tests.helpers import Service
+from tests.helpers import Service, ServiceFactory
 
 
 def rpc_error(client: ExtProcClient, messages: list[pb.ProcessingRequest]) -> grpc.RpcError:
@@ -82,3 +82,67 @@ def test_grpc_health_service_reports_serving(client: ExtProcClient) -> None:
     for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_of_an_unknown_service_is_not_found(client: ExtProcClient) -> None:
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_watch_streams_the_current_status(client: ExtProcClient) -> None:
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    replies = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert next(replies).status == health_pb2.HealthCheckResponse.SERVING
+    replies.cancel()
+
+
+def test_message_over_the_size_limit_is_refused_before_it_is_buffered(
+    client: ExtProcClient, processor: Service
+) -> None:
+    # The limit is max(4 MiB, max buffer + 64 KiB); the prefix alone announces the size.
+    raw = client.channel.stream_stream("/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                                       request_serializer=lambda b: b, response_deserializer=lambda b: b,
+                                       _registered_method=False)
+    big = request_body(b"x" * (5 * 1024 * 1024)).SerializeToString()
+    with pytest.raises(grpc.RpcError) as info:
+        list(raw(iter([big]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than the 4194304-byte limit" in info.value.details()
+    assert processor.proc.alive()
+
+
+def test_server_advertises_its_max_concurrent_streams(services: ServiceFactory, world: World) -> None:
+    service = services.start_module("ext_proc", "--redis-url", world.redis_url, "--max-concurrent-streams", "7")
+    assert http2_server_settings(service.grpc_port)[0x3] == 7  # SETTINGS_MAX_CONCURRENT_STREAMS
+
+
+def http2_server_settings(port: int) -> dict[int, int]:
+    """The SETTINGS in force after a server's opening frames (later SETTINGS frames override earlier
+    ones), read off a plain socket after an HTTP/2 client preface."""
+    import socket
+    import struct
+
+    settings: dict[int, int] = {}
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        buffer = b""
+        sock.settimeout(1.0)
+        try:
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                buffer += chunk
+                while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+                    length = int.from_bytes(buffer[:3], "big")
+                    kind, flags, payload = buffer[3], buffer[4], buffer[9:9 + length]
+                    buffer = buffer[9 + length:]
+                    if kind == 0x4 and not flags & 0x1:
+                        for i in range(0, length, 6):
+                            ident, value = struct.unpack(">HI", payload[i:i + 6])
+                            settings[ident] = value
+        except TimeoutError:
+            pass  # the server has said all it says unprompted
+    return settings
