@@ -9,8 +9,9 @@ processor and the echo processor, then drives each with separate load-generator 
 (bench/ext_proc_load.py, one Process stream per simulated request), alternating in every round so
 drift on a shared machine hits both. The services and the load generators run on CPUs of their own
 when the machine has enough (as the gateway benches pin wrk; --no-pin to let them share), so the
-ratio measures the processors rather than how the scheduler splits two cores between four processes. Two request shapes: headers-only (KServe v2 path, 13 headers)
-and buffered body (OpenAI-style path, headers + a 1 KB JSON body whose "model" is an alias).
+ratio measures the processors rather than how the scheduler splits two cores between four processes.
+Two request shapes: headers-only (KServe v2 path, 13 headers) and buffered body (OpenAI-style path,
+headers + a 1 KB JSON body whose "model" is an alias).
 
 Prints medians: requests/s, messages/s, p50/p99 per request, service CPU per request, and the ratio
 processor/echo, with pass/fail against the targets (ratio >= 0.85, >= 2500 requests/s per process in

@@ -50,7 +50,7 @@ def _output(parser: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     tenant_id = _arg(check_tenant_id)
 
-    tenants = sub.add_parser("tenants", help="create, list, suspend and activate tenants").add_subparsers(
+    tenants = sub.add_parser("tenants", help="create, update, list, suspend and activate tenants").add_subparsers(
         dest="tenants_command", metavar="COMMAND", required=True)
     create = tenants.add_parser("create", help="create an active tenant")
     create.add_argument("tenant_id", type=tenant_id, metavar="ID")
@@ -64,6 +64,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--priority", type=non_negative_int, help="x-igw-priority value; higher is more urgent")
     _output(create)
     create.set_defaults(func=_tenants_create)
+    update = tenants.add_parser("update", help="change a tenant's department, tier, models or limits")
+    update.add_argument("tenant_id", type=tenant_id, metavar="ID")
+    update.add_argument("--department", type=_arg(lambda v: check_label("department", v)))
+    update.add_argument("--tier", type=_arg(lambda v: check_label("tier", v)),
+                        help="the tier label; limits keep their values unless given too")
+    update.add_argument("--models", type=_arg(parse_model_globs), help="replaces the allowed models")
+    update.add_argument("--max-body-bytes", type=positive_int)
+    update.add_argument("--timeout", type=positive_duration)
+    update.add_argument("--priority", type=non_negative_int)
+    _output(update)
+    update.set_defaults(func=_tenants_update)
     for name, func, text in (
         ("suspend", _tenants_suspend, "refuse the tenant's keys (403) until activated"),
         ("activate", _tenants_activate, "accept the tenant's keys again"),
@@ -184,6 +195,16 @@ def _tenants_create(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes, timeout_ms=None if args.timeout is None else round(args.timeout * 1000),
         priority=args.priority))
     return _emit(args, _tenant_doc(tenant), f"created {_tenant_line(tenant)}")
+
+
+def _tenants_update(args: argparse.Namespace) -> int:
+    from ext_proc import store
+
+    tenant = _run(args, lambda c: store.update_tenant(
+        c, args.tenant_id, department=args.department, tier=args.tier, models=args.models,
+        max_body_bytes=args.max_body_bytes, timeout_ms=None if args.timeout is None else round(args.timeout * 1000),
+        priority=args.priority))
+    return _emit(args, _tenant_doc(tenant), f"updated {_tenant_line(tenant)}")
 
 
 def _tenants_suspend(args: argparse.Namespace) -> int:

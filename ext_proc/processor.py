@@ -93,6 +93,16 @@ class _Memo:
     response: pb.ProcessingResponse
 
 
+@dataclass(frozen=True, slots=True)
+class _BodyMemo:
+    """The body answer of an allowed model-in-body request: the canonical model and the routing headers."""
+
+    generation: int
+    until: float
+    model: str
+    response: pb.ProcessingResponse
+
+
 class ProcessorShared:
     """State shared by every stream of one process: the key hasher and the memo of headers answers.
 
@@ -106,18 +116,16 @@ class ProcessorShared:
         self.memo: dict[tuple[object, ...], _Memo] = {}
         self.memo_ttl = memo_ttl
         self.max_entries = max_entries
-        self._body_responses: dict[tuple[str, str | None], pb.ProcessingResponse] = {}
+        # (tenant id, model named in the body, version) -> the allowed body answer, as for `memo`
+        self.body_memo: dict[tuple[str, str, str | None], _BodyMemo] = {}
 
-    def body_response(self, model: str, version: str | None) -> pb.ProcessingResponse:
-        """The body answer that routes to `model`: the same message for every request to it."""
-        key = (model, version)
-        response = self._body_responses.get(key)
-        if response is None:
-            if len(self._body_responses) >= self.max_entries:
-                self._body_responses.clear()
-            response = self._body_responses[key] = r.request_body_response(
-                model_headers(model, version), clear_route_cache=True)
-        return response
+    def remember_body(self, key: tuple[str, str, str | None], generation: int, model: str) -> _BodyMemo:
+        if len(self.body_memo) >= self.max_entries:
+            self.body_memo.clear()
+        memo = self.body_memo[key] = _BodyMemo(generation, time.monotonic() + self.memo_ttl, model,
+                                               r.request_body_response(model_headers(model, key[2]),
+                                                                       clear_route_cache=True))
+        return memo
 
     def remember(self, key: tuple[object, ...], memo: _Memo) -> None:
         if len(self.memo) >= self.max_entries:
@@ -406,8 +414,15 @@ class RequestProcessor:
             name = model_from_document(document)
         except BodyError as exc:
             return self._deny(d.INVALID_JSON if exc.reason == "invalid_json" else d.MISSING_MODEL)
+        memo_key = (plan.tenant.id, name, plan.version)
+        memo = self.shared.body_memo.get(memo_key)
+        if memo is not None and memo.generation == self.lookups.generation and memo.until > time.monotonic():
+            self.model = memo.model
+            self._allow()
+            return memo.response
         if not MODEL_NAME.match(name):
             return self._deny(d.INVALID_MODEL_NAME)
+        generation = self.lookups.generation
         try:
             resolved = await self._resolve_model(plan.tenant, name)
         except Unavailable:
@@ -415,7 +430,7 @@ class RequestProcessor:
         if isinstance(resolved, d.Denial):
             return self._deny(resolved)
         self._allow()
-        return self.shared.body_response(resolved.name, plan.version)
+        return self.shared.remember_body(memo_key, generation, resolved.name).response
 
     # --- outcomes --------------------------------------------------------------------------------------
 

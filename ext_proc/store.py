@@ -176,6 +176,49 @@ def set_tenant_status(client: redis.Redis, tenant_id: str, status: str) -> Tenan
     return get_tenant(client, tenant_id)
 
 
+def update_tenant(
+    client: redis.Redis,
+    tenant_id: str,
+    *,
+    department: str | None = None,
+    tier: str | None = None,
+    models: str | None = None,
+    max_body_bytes: int | None = None,
+    timeout_ms: int | None = None,
+    priority: int | None = None,
+) -> Tenant:
+    """Change the given fields of an existing tenant (others, status included, stay as they are).
+
+    Only the changed fields are written, so an update racing with a suspension cannot undo it; changing
+    the tier does not reset the limits (give them explicitly)."""
+    changes: dict[str, str] = {}
+    if department is not None:
+        check_label("department", department)
+        changes["department"] = department
+    if tier is not None:
+        check_label("tier", tier)
+        changes["tier"] = tier
+    if models is not None:
+        changes["models"] = ",".join(parse_model_globs(models))
+    for name, value in (("max_body_bytes", max_body_bytes), ("timeout_ms", timeout_ms)):
+        if value is not None:
+            if value < 1:
+                raise RecordError(f"{name.replace('_', ' ')} must be positive")
+            changes[name] = str(value)
+    if priority is not None:
+        if priority < 0:
+            raise RecordError("priority must not be negative")
+        changes["priority"] = str(priority)
+    if not changes:
+        raise RecordError("nothing to update: give at least one field")
+    get_tenant(client, tenant_id)
+    pipe = client.pipeline()
+    pipe.hset(tenant_key(tenant_id), mapping=changes)
+    pipe.publish(INVALIDATION_CHANNEL, f"tenant:{tenant_id}")
+    pipe.execute()
+    return get_tenant(client, tenant_id)
+
+
 def suspend_tenant(client: redis.Redis, tenant_id: str) -> Tenant:
     return set_tenant_status(client, tenant_id, "suspended")
 

@@ -76,3 +76,30 @@ def test_unreachable_redis_exits_1_with_one_line() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("igw: error: cannot use Redis at redis://127.0.0.1:1/0")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_tenant_update_changes_only_the_given_fields(redis_url: str) -> None:
+    igw(redis_url, "tenants", "create", "acme", "--department", "r", "--tier", "free", "--models", "llama-*")
+    igw(redis_url, "tenants", "suspend", "acme")
+    updated = igw(redis_url, "tenants", "update", "acme", "--models", "mistral-*,llama-3-8b", "--priority", "7",
+                  "--output", "json")
+    assert updated.returncode == 0, updated.stderr
+    document = json.loads(updated.stdout)
+    assert document["models"] == ["mistral-*", "llama-3-8b"] and document["priority"] == 7
+    assert document["status"] == "suspended" and document["department"] == "r"
+
+
+def test_tenant_update_without_fields_exits_1_naming_the_problem(redis_url: str) -> None:
+    igw(redis_url, "tenants", "create", "acme", "--department", "r", "--tier", "free", "--models", "*")
+    result = igw(redis_url, "tenants", "update", "acme")
+    assert result.returncode == 1 and "nothing to update" in result.stderr
+
+
+def test_tenant_update_of_an_unknown_tenant_exits_1(redis_url: str) -> None:
+    result = igw(redis_url, "tenants", "update", "ghost", "--priority", "1")
+    assert result.returncode == 1 and "tenant 'ghost' does not exist" in result.stderr
+
+
+def test_tenant_update_with_empty_models_exits_2(redis_url: str) -> None:
+    result = igw(redis_url, "tenants", "update", "acme", "--models", " , ")
+    assert result.returncode == 2 and "--models needs at least one model" in result.stderr
