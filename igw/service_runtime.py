@@ -8,6 +8,7 @@ says why)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Iterable
 from typing import Protocol
@@ -48,6 +49,15 @@ class AioBackend:
         await self.server.stop(grace)
 
 
+def freeze_startup_objects() -> None:
+    """Move what startup allocated (modules, protobuf descriptors, the loaded config: ~50k objects) out
+    of the cyclic collector's reach: a full collection walking them takes 7-11 ms on our machines, a
+    pause every request in flight pays. Objects allocated later (a reloaded config too) are collected
+    as usual."""
+    gc.collect()
+    gc.freeze()
+
+
 class ServiceRuntime:
     def __init__(self, backend: GrpcBackend, health_names: Iterable[str], log: logging.Logger) -> None:
         self.backend = backend
@@ -69,6 +79,7 @@ class ServiceRuntime:
             self.log.error("cannot bind HTTP port %s:%d: %s", host, http_port, exc)
             await self.backend.stop(0)
             return False
+        freeze_startup_objects()
         return True
 
     async def set_serving(self, serving: bool) -> None:
