@@ -50,6 +50,12 @@ class RequestHead:
 # Headers the processor reads, by the RequestHead slot they fill.
 _READ = {":path": "path", ":method": "method", "content-type": "content_type", "content-length": "content_length",
          "authorization": "authorization", "x-api-key": "x_api_key", H_REQUEST_ID: "request_id"}
+# Headers Envoy commonly sends that are neither read nor ours: one dict lookup settles them (None).
+_PLAIN = (":authority", ":scheme", "user-agent", "accept", "accept-encoding", "accept-language", "connection",
+          "te", "cookie", "origin", "referer", "cache-control", "pragma", "x-forwarded-proto", "x-forwarded-for",
+          "x-forwarded-host", "x-forwarded-port", "x-real-ip", "traceparent", "tracestate", "x-b3-traceid",
+          "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-amzn-trace-id", "x-cloud-trace-context")
+_CLASSIFY: dict[str, str | None] = {**dict.fromkeys(_PLAIN), **_READ}
 _SPOOFABLE = (INTERNAL_PREFIX, ENVOY_PREFIX)
 
 
@@ -57,10 +63,13 @@ def read_request_head(headers: Iterable[HeaderLike]) -> RequestHead:
     """One pass over Envoy's header list, decoding only the values we use. Envoy sends lowercase names and
     values in `raw_value` (bytes); other senders may use mixed case or the `value` field."""
     head = RequestHead()
+    classify = _CLASSIFY.get
     for header in headers:
         key = header.key
-        slot = _READ.get(key)
+        slot = classify(key, "")
         if slot is None:
+            continue
+        if not slot:
             lowered = key.lower()
             if lowered.startswith(_SPOOFABLE):
                 head.spoofable.append(key)
