@@ -6,6 +6,8 @@ Variants (each its own Envoy, all running at once, driven in turn; rounds altern
 shared machine hits all of them):
   a   plain Envoy routing to the demo model server (client sends x-igw-model itself)
   b   + ext_proc, headers only (API key -> tenant -> model; the production filter settings)
+  b0  the same filter calling bench/ext_proc_echo.py (same framework, no logic; the client sends x-igw-*):
+      b against b0 is ext_proc's cost over an empty processor with Envoy as the client
   c   + ext_proc + the rate-limit filter (RLS; limits exist, are counted in Redis, never reached)
   d   + ext_proc with the body read (model registered with body inspection: BUFFERED, full JSON parse)
   e   the quota filter (rate_limit_quota, RLQS = ratelimit_svc) with a budget never reached, no ext_proc
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Printer()
     body = infer_body()
-    stack = start_stack(ext_proc_workers=args.ext_proc_workers)
+    stack = start_stack(ext_proc_workers=args.ext_proc_workers,
+                        echo_processor=any(VARIANTS[n].processor == "ext_proc_echo" for n in names))
     try:
         for name in names:
             envoy = start_envoy(stack, VARIANTS[name], access_log=args.access_log)
@@ -197,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
                                        " (not saturated: the load generator / shared CPU bounded (a'), so the "
                                        "RPS ratio understates the filter's cost; the CPU ratio is the capacity "
                                        "reading)"))
+        if "b" in summary and "b0" in summary:
+            pairs = zip(results["b"], results["b0"], strict=True)
+            rps_ratio = median(b["rps"] / max(1e-9, e["rps"]) for b, e in pairs)
+            cpu_b, cpu_e = summary["b"]["cpu_us"]["ext_proc"], summary["b0"]["cpu_us"]["ext_proc"]
+            summary["b"]["vs_echo"] = {"rps_ratio": rps_ratio, "cpu_ratio": cpu_e / max(1e-9, cpu_b)}
+            out(f"  ext_proc against the echo processor through Envoy: RPS (b)/(b0) = {rps_ratio:.2f}; processor CPU "
+                f"per request {cpu_e:.0f} -> {cpu_b:.0f} µs, capacity ratio echo/ext_proc = "
+                f"{cpu_e / max(1e-9, cpu_b):.2f} (issue 4's 0.85, here with Envoy as the client)")
         errors = sum(s["errors"] for s in summary.values())
         checks.append(("zero errors (non-2xx and socket errors) in every variant", errors == 0, f"{errors}"))
         out("")

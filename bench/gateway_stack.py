@@ -78,6 +78,7 @@ class Variant:
     direct: bool = False  # answer with a direct_response route instead of routing to the model server
     model: str = MODEL
     ext_proc: bool = True  # requests are authenticated by ext_proc (else the client sends x-igw-* itself)
+    processor: str = "ext_proc"  # the service behind Envoy's ext_proc cluster: ext_proc or ext_proc_echo
 
 
 def _ext_proc_only() -> list[Config]:
@@ -95,6 +96,8 @@ def _ext_proc_quota(gateway: str) -> Callable[[], list[Config]]:
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("a", "plain Envoy -> model server", lambda: [router_filter()], ext_proc=False),
     Variant("b", "+ ext_proc (headers)", _ext_proc_only),
+    Variant("b0", "+ echo processor (same framework, no logic)", _ext_proc_only, ext_proc=False,
+            processor="ext_proc_echo"),
     Variant("c", "+ ext_proc + rate limit (RLS)", http_filters),
     Variant("d", "+ ext_proc (buffered body)", _ext_proc_only, model=BODY_MODEL),
     Variant("e", "+ quota filter (RLQS push)", _quota("bench-e"), ext_proc=False),
@@ -160,9 +163,10 @@ class Stack:
     model_ports: dict[str, int] = field(default_factory=dict)
 
     def pids(self) -> dict[str, list[int]]:
-        """Process groups whose CPU the benches report, by component."""
+        """Process groups whose CPU the benches report, by component (the echo processor, when started,
+        counts as ext_proc: only one of them works in any variant)."""
         return {
-            "ext_proc": [self.services["ext_proc"].pid],
+            "ext_proc": [self.services[s].pid for s in ("ext_proc", "ext_proc_echo") if s in self.services],
             "ratelimit": [self.services["ratelimit"].pid],
             "redis": [self.redis.pid],
             "model": [self.services[f"model-{m}"].pid for m in MODELS],
@@ -214,7 +218,8 @@ def _start_service(name: str, args: list[str], work: Path, http_port: int, log_l
     return proc
 
 
-def start_stack(work: Path | None = None, *, ext_proc_workers: int = 1, ratelimit_workers: int = 1) -> Stack:
+def start_stack(work: Path | None = None, *, ext_proc_workers: int = 1, ratelimit_workers: int = 1,
+                echo_processor: bool = False) -> Stack:
     work = work or Path(tempfile.mkdtemp(prefix="igw-gwbench-"))
     redis = RedisServer(log_dir=work).start()
     stack = Stack(work=work, redis=redis, key="")
@@ -223,8 +228,13 @@ def start_stack(work: Path | None = None, *, ext_proc_workers: int = 1, ratelimi
         config_dir = work / "ratelimit"
         config_dir.mkdir(exist_ok=True)
         (config_dir / "igw.yaml").write_text(RLS_CONFIG)
-        for name in ("ext_proc", "ratelimit"):
+        for name in ("ext_proc", "ratelimit", "ext_proc_echo"):
             stack.ports[f"{name}_grpc"], stack.ports[f"{name}_http"] = free_port(), free_port()
+        if echo_processor:
+            stack.services["ext_proc_echo"] = _start_service("ext_proc_echo", python_module(
+                "bench.ext_proc_echo", "--host", "127.0.0.1", "--grpc-port", str(stack.ports["ext_proc_echo_grpc"]),
+                "--http-port", str(stack.ports["ext_proc_echo_http"]), "--workers", str(ext_proc_workers)),
+                work, stack.ports["ext_proc_echo_http"])
         stack.services["ext_proc"] = _start_service("ext_proc", python_module(
             "ext_proc", "--redis-url", redis.url, "--host", "127.0.0.1", "--cache-ttl", "1h",
             "--grpc-port", str(stack.ports["ext_proc_grpc"]), "--http-port", str(stack.ports["ext_proc_http"]),
@@ -246,7 +256,7 @@ def start_stack(work: Path | None = None, *, ext_proc_workers: int = 1, ratelimi
         raise
 
 
-def topology_for(stack: Stack, gateway_port: int, admin_port: int) -> Topology:
+def topology_for(stack: Stack, gateway_port: int, admin_port: int, processor: str = "ext_proc") -> Topology:
     def svc(name: str) -> tuple[ServiceEndpoint, ...]:
         return (ServiceEndpoint(Endpoint("127.0.0.1", stack.ports[f"{name}_grpc"]),
                                 Endpoint("127.0.0.1", stack.ports[f"{name}_http"])),)
@@ -256,7 +266,7 @@ def topology_for(stack: Stack, gateway_port: int, admin_port: int) -> Topology:
         admin=Endpoint("127.0.0.1", admin_port),
         redis=Endpoint("127.0.0.1", stack.redis.port),
         ratelimit=svc("ratelimit"),
-        ext_proc=svc("ext_proc"),
+        ext_proc=svc(processor),
         models={m: (Endpoint("127.0.0.1", p),) for m, p in stack.model_ports.items()},
     )
 
@@ -283,7 +293,7 @@ def healthy_clusters(admin_port: int) -> set[str]:
 
 def start_envoy(stack: Stack, variant: Variant, *, access_log: bool = False, concurrency: int = 1) -> EnvoyProc:
     port, admin = free_port(), free_port()
-    config = envoy_bootstrap(variant, topology_for(stack, port, admin),
+    config = envoy_bootstrap(variant, topology_for(stack, port, admin, variant.processor),
                              Endpoint("127.0.0.1", stack.ports["ratelimit_grpc"]),
                              str(stack.work / f"access-{variant.name}.log") if access_log else None)
     safe = variant.name.replace("'", "2")
