@@ -187,23 +187,24 @@ def _model_doc(m: Model) -> dict[str, Any]:
 
 # --- commands ----------------------------------------------------------------------------------------------
 
+def _tenant_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The tenant fields `tenants create` and `tenants update` share, as the store takes them."""
+    return {"department": args.department, "tier": args.tier, "models": args.models,
+            "max_body_bytes": args.max_body_bytes, "priority": args.priority,
+            "timeout_ms": None if args.timeout is None else round(args.timeout * 1000)}
+
+
 def _tenants_create(args: argparse.Namespace) -> int:
     from ext_proc import store
 
-    tenant = _run(args, lambda c: store.create_tenant(
-        c, args.tenant_id, department=args.department, tier=args.tier, models=args.models,
-        max_body_bytes=args.max_body_bytes, timeout_ms=None if args.timeout is None else round(args.timeout * 1000),
-        priority=args.priority))
+    tenant = _run(args, lambda c: store.create_tenant(c, args.tenant_id, **_tenant_fields(args)))
     return _emit(args, _tenant_doc(tenant), f"created {_tenant_line(tenant)}")
 
 
 def _tenants_update(args: argparse.Namespace) -> int:
     from ext_proc import store
 
-    tenant = _run(args, lambda c: store.update_tenant(
-        c, args.tenant_id, department=args.department, tier=args.tier, models=args.models,
-        max_body_bytes=args.max_body_bytes, timeout_ms=None if args.timeout is None else round(args.timeout * 1000),
-        priority=args.priority))
+    tenant = _run(args, lambda c: store.update_tenant(c, args.tenant_id, **_tenant_fields(args)))
     return _emit(args, _tenant_doc(tenant), f"updated {_tenant_line(tenant)}")
 
 
