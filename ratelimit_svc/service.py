@@ -16,7 +16,7 @@ from types import MappingProxyType
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3 import rls_pb2
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import struct_pb2
 
 from igw.redis_conn import RedisError
 from ratelimit_svc import metrics
@@ -114,11 +114,14 @@ class Limiter:
                     matches[i] = None
 
         now = int(self.clock())
-        statuses = await self._count(config, domain, matches, hits_list, now)
+        # Statuses are filled in place in the response (building them apart and copying them in cost twice as much).
+        response = Response()
+        statuses = [response.statuses.add(code=OK) for _ in range(count)]
+        await self._count(config, domain, matches, hits_list, now, statuses)
         for i in range(count):
             if unlimited[i]:
-                statuses[i] = DescriptorStatus(code=OK, limit_remaining=UINT32_MAX)
-        response = Response(overall_code=self._overall(matches, statuses), statuses=statuses)
+                statuses[i].limit_remaining = UINT32_MAX
+        response.overall_code = self._overall(matches, statuses)
         if self.settings.response_headers:
             self._add_headers(response, statuses)
         if self.settings.response_dynamic_metadata:
@@ -135,8 +138,10 @@ class Limiter:
         return Match(limit, key, counter, entries)
 
     async def _count(
-        self, config: RateLimitConfig, domain: str, matches: list[Match | None], hits_list: list[int], now: int
-    ) -> list[DescriptorStatus]:
+        self, config: RateLimitConfig, domain: str, matches: list[Match | None], hits_list: list[int], now: int,
+        statuses: list[DescriptorStatus],
+    ) -> None:
+        """Count the matched descriptors and fill their statuses (each starts as a bare OK)."""
         batch: list[Hit] = []
         plan: list[tuple[int, Match, int, int, int]] = []  # (index, match, hits, limit, window)
         for i, match in enumerate(matches):
@@ -160,9 +165,8 @@ class Limiter:
                                  "fixed_window", ttl=ttl))
             plan.append((i, match, hits, requests, window))
 
-        statuses = [DescriptorStatus(code=OK) for _ in matches]
         if not plan:
-            return statuses
+            return
         try:
             counted = await self.counters.apply(batch)
         except RedisError:
@@ -170,35 +174,34 @@ class Limiter:
             if not self.settings.fail_open:
                 raise
             metrics.FAILED_OPEN.inc()
-            return statuses
+            return
         near_ratio = self.settings.near_limit_ratio
         for (i, match, hits, requests, window), value in zip(plan, counted, strict=True):
+            status = statuses[i]
+            reset = status.duration_until_reset
+            reset.SetInParent()
             if isinstance(value, GcraResult):
                 result = gcra_outcome(value, requests, hits, near_ratio)
-                reset = duration_pb2.Duration(seconds=value.wait_ms // 1000, nanos=value.wait_ms % 1000 * 1_000_000)
+                reset.seconds, reset.nanos = value.wait_ms // 1000, value.wait_ms % 1000 * 1_000_000
             else:
                 result = outcome(requests, value, hits, near_ratio)
-                reset = duration_pb2.Duration(seconds=seconds_until_reset(now, window))
+                reset.seconds = seconds_until_reset(now, window)
             stats = metrics.limit_stats(match.stats_key)
-            stats.total_hits.inc(hits)  # type: ignore[attr-defined]
+            stats.total_hits += hits
             code = result.code
             if result.over:
-                stats.over_limit.inc(result.over)  # type: ignore[attr-defined]
+                stats.over_limit += result.over
                 if match.limit.shadow_mode:
-                    stats.shadow_mode.inc(result.over)  # type: ignore[attr-defined]
+                    stats.shadow_mode += result.over
                     code = OK
-            if result.near:
-                stats.near_limit.inc(result.near)  # type: ignore[attr-defined]
-            if result.within:
-                stats.within_limit.inc(result.within)  # type: ignore[attr-defined]
+            stats.near_limit += result.near
+            stats.within_limit += result.within
             limit = match.limit
-            statuses[i] = DescriptorStatus(
-                code=code,
-                current_limit=LimitProto(name=limit.name, requests_per_unit=requests, unit=limit.unit),
-                limit_remaining=result.remaining,
-                duration_until_reset=reset,
-            )
-        return statuses
+            status.code = code
+            current = status.current_limit
+            current.SetInParent()
+            current.name, current.requests_per_unit, current.unit = limit.name, requests, limit.unit
+            status.limit_remaining = result.remaining
 
     def _overall(self, matches: list[Match | None], statuses: list[DescriptorStatus]) -> int:
         quota_total = quota_over = 0

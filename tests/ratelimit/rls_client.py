@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -23,6 +24,14 @@ def descriptor(entries: Entries, *, hits: int | None = None) -> ratelimit_pb2.Ra
     return d
 
 
+def avoid_window_edges(margin_s: float = 0.3, minute_margin_s: float = 1.0) -> None:
+    now = time.time()
+    if now % 60 > 60 - minute_margin_s:
+        time.sleep(60 - now % 60 + 0.01)
+    elif now % 1 > 1 - margin_s:
+        time.sleep(1 - now % 1 + 0.01)
+
+
 class RlsClient:
     def __init__(self, target: str, domain: str = "test-domain") -> None:
         self.channel = grpc.insecure_channel(target)
@@ -40,6 +49,9 @@ class RlsClient:
         return self.stub.ShouldRateLimit(request, timeout=timeout)
 
     def codes(self, entries: Entries, n: int) -> list[int]:
+        """n calls in a row, started where they all fall in one fixed window of a second or a minute (a burst
+        that straddled a window boundary would be counted in two windows)."""
+        avoid_window_edges()
         return [self.call(entries).overall_code for _ in range(n)]
 
     def close(self) -> None:
