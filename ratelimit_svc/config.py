@@ -141,6 +141,8 @@ class Domain:
 class RateLimitConfig:
     domains: MappingProxyType[str, Domain]
     files: tuple[str, ...] = ()
+    # (domain, entries) -> Match or None, filled by lookup.find_limit; lives and dies with this config.
+    lookups: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
     def limit_count(self) -> int:
         def count(node: Node) -> int:

@@ -22,11 +22,25 @@ class Match:
     entries: tuple[tuple[str, str], ...]
 
 
+LOOKUP_CACHE_MAX = 65_536  # 1,000 models x 50 tenants fit; beyond that the cache starts over
+
+
 def find_limit(config: RateLimitConfig, domain_name: str, entries: tuple[tuple[str, str], ...]) -> Match | None:
+    """Remembered per config: the same descriptors come back on every request of a tenant and model, and the
+    walk below costs ~10x the dict lookup. High-cardinality values (a client IP, say) only make the cache
+    start over when full, so memory stays bounded."""
+    key = (domain_name, entries)
+    cache = config.lookups
+    try:
+        return cache[key]  # type: ignore[return-value]
+    except KeyError:
+        pass
     domain = config.domains.get(domain_name)
-    if domain is None or not entries:
-        return None
-    return find_in_domain(domain, entries)
+    match = None if domain is None or not entries else find_in_domain(domain, entries)
+    if len(cache) >= LOOKUP_CACHE_MAX:
+        cache.clear()
+    cache[key] = match
+    return match
 
 
 def find_in_domain(domain: Domain, entries: tuple[tuple[str, str], ...]) -> Match | None:

@@ -82,7 +82,7 @@ class Limiter:
         unlimited = [False] * count
         replaced_names: set[str] = set()
         for i, descriptor in enumerate(request.descriptors):
-            entries = tuple((e.key, e.value) for e in descriptor.entries)
+            entries = tuple([(e.key, e.value) for e in descriptor.entries])
             if not entries:
                 metrics.SERVICE_ERRORS.labels("empty_entries").inc()
                 raise InvalidRequest(f"descriptor {i} has no entries")
@@ -160,7 +160,7 @@ class Limiter:
                     burst=(limit.burst or requests) if requests else 0,
                 ))
             else:
-                ttl = window + (random.randrange(self._jitter) if self._jitter > 0 else 0)
+                ttl = window + (int(random.random() * self._jitter) if self._jitter > 0 else 0)
                 batch.append(Hit(f"{self._prefix}{match.counter_key}{window_start(now, window)}", hits,
                                  "fixed_window", ttl=ttl))
             plan.append((i, match, hits, requests, window))
