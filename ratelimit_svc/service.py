@@ -34,7 +34,6 @@ log = logging.getLogger("ratelimit_svc")
 UINT32_MAX = 2**32 - 1
 Response = rls_pb2.RateLimitResponse
 DescriptorStatus = rls_pb2.RateLimitResponse.DescriptorStatus
-LimitProto = rls_pb2.RateLimitResponse.RateLimit
 RateLimitOverride = RateLimitDescriptor.RateLimitOverride
 
 
