@@ -47,6 +47,23 @@ def _output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", choices=("text", "json"), default="text", help="text for people, json for scripts")
 
 
+def _tenant_flags(parser: argparse.ArgumentParser, *, creating: bool) -> None:
+    """The tenant fields, as `tenants create` (department, tier, models required) and `tenants update`
+    (each optional: only those given change) take them."""
+    parser.add_argument("--department", required=creating, type=_arg(lambda v: check_label("department", v)))
+    parser.add_argument("--tier", required=creating, type=_arg(lambda v: check_label("tier", v)),
+                        help="free, standard or premium give defaults for the three limits below" if creating
+                        else "the tier label; limits keep their values unless given too")
+    parser.add_argument("--models", required=creating, type=_arg(parse_model_globs),
+                        help="allowed models: comma-separated names or globs, e.g. 'llama-*,mistral-7b'"
+                        + ("" if creating else "; replaces the list"))
+    default = " (default: from tier)" if creating else ""
+    parser.add_argument("--max-body-bytes", type=positive_int, help=f"largest request body{default}")
+    parser.add_argument("--timeout", type=positive_duration, help=f"upstream request timeout, e.g. 60s{default}")
+    parser.add_argument("--priority", type=non_negative_int,
+                        help=f"x-igw-priority value; higher is more urgent{default}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     tenant_id = _arg(check_tenant_id)
 
@@ -54,25 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="tenants_command", metavar="COMMAND", required=True)
     create = tenants.add_parser("create", help="create an active tenant")
     create.add_argument("tenant_id", type=tenant_id, metavar="ID")
-    create.add_argument("--department", required=True, type=_arg(lambda v: check_label("department", v)))
-    create.add_argument("--tier", required=True, type=_arg(lambda v: check_label("tier", v)),
-                        help="free, standard or premium give defaults for the three limits below")
-    create.add_argument("--models", required=True, type=_arg(parse_model_globs),
-                        help="allowed models: comma-separated names or globs, e.g. 'llama-*,mistral-7b'")
-    create.add_argument("--max-body-bytes", type=positive_int, help="largest request body (default: from tier)")
-    create.add_argument("--timeout", type=positive_duration, help="upstream request timeout, e.g. 60s")
-    create.add_argument("--priority", type=non_negative_int, help="x-igw-priority value; higher is more urgent")
+    _tenant_flags(create, creating=True)
     _output(create)
     create.set_defaults(func=_tenants_create)
     update = tenants.add_parser("update", help="change a tenant's department, tier, models or limits")
     update.add_argument("tenant_id", type=tenant_id, metavar="ID")
-    update.add_argument("--department", type=_arg(lambda v: check_label("department", v)))
-    update.add_argument("--tier", type=_arg(lambda v: check_label("tier", v)),
-                        help="the tier label; limits keep their values unless given too")
-    update.add_argument("--models", type=_arg(parse_model_globs), help="replaces the allowed models")
-    update.add_argument("--max-body-bytes", type=positive_int)
-    update.add_argument("--timeout", type=positive_duration)
-    update.add_argument("--priority", type=non_negative_int)
+    _tenant_flags(update, creating=False)
     _output(update)
     update.set_defaults(func=_tenants_update)
     for name, func, text in (
