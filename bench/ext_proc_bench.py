@@ -10,8 +10,9 @@ processor and the echo processor, then drives each with separate load-generator 
 drift on a shared machine hits both. The services and the load generators run on CPUs of their own
 when the machine has enough (as the gateway benches pin wrk; --no-pin to let them share), so the
 ratio measures the processors rather than how the scheduler splits two cores between four processes.
-Two request shapes: headers-only (KServe v2 path, 13 headers) and buffered body (OpenAI-style path,
-headers + a 1 KB JSON body whose "model" is an alias).
+Two request shapes: headers-only (KServe v2 path) and buffered body (OpenAI-style path, headers + a 1 KB
+JSON body whose "model" is an alias). Of the request's 13 headers, the messages carry the 7 that the
+shipped filter config forwards (igw.envoy_config forward_rules); --all-headers sends all 13.
 
 Prints medians: requests/s, messages/s, p50/p99 per request, service CPU per request, and the ratio
 processor/echo, with pass/fail against the targets (ratio >= 0.85, >= 2500 requests/s per process in
@@ -64,7 +65,8 @@ def load(port: int, mode: str, key: str, args: argparse.Namespace, cpus: set[int
     per_client = max(1, args.concurrency // args.clients)
     procs = [subprocess.Popen(
         [sys.executable, "-m", "bench.ext_proc_load", f"127.0.0.1:{port}", "--mode", mode, "--key", key,
-         "--concurrency", str(per_client), "--duration", str(args.duration)],
+         "--concurrency", str(per_client), "--duration", str(args.duration),
+         *(["--all-headers"] if args.all_headers else [])],
         stdout=subprocess.PIPE, text=True,
         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None) for _ in range(args.clients)]
     results = []
@@ -86,6 +88,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent streams in total")
     parser.add_argument("--workers", type=int, default=1, help="service processes (SO_REUSEPORT), as the services")
     parser.add_argument("--clients", type=int, default=1, help="load-generator processes")
+    parser.add_argument("--all-headers", action="store_true",
+                        help="send all 13 headers of the request, as Envoy would without our forward_rules")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not give the services and the load generators CPUs of their own")
     args = parser.parse_args()
@@ -117,6 +121,7 @@ def main() -> int:
 
         print(f"\nProcess streams, {args.concurrency} concurrent, {args.workers} service process(es), "
               f"{args.clients} load process(es), {args.rounds} rounds of {args.duration:.0f} s, medians, "
+              + ("all 13 request headers, " if args.all_headers else "the 7 forwarded request headers of 13, ")
               + (f"services on CPU {sorted(service_cpus)}, load on {sorted(load_cpus)}" if pinned  # type: ignore[arg-type]
                  else "not pinned"))
         header = f"{'mode':<9} {'service':<9} {'req/s':>7} {'msg/s':>7} {'p50 ms':>7} {'p99 ms':>7} " \

@@ -58,6 +58,11 @@ _PLAIN = (":authority", ":scheme", "user-agent", "accept", "accept-encoding", "a
 _CLASSIFY: dict[str, str | None] = {**dict.fromkeys(_PLAIN), **_READ}
 _SPOOFABLE = (INTERNAL_PREFIX, ENVOY_PREFIX)
 
+# All the processor needs to see (Envoy's ext_proc filter forwards only these: igw/envoy_config.py): the
+# headers it reads, and every header it may have to strip.
+READ_HEADERS: tuple[str, ...] = tuple(_READ)
+STRIPPED_PREFIXES: tuple[str, ...] = _SPOOFABLE
+
 
 def read_request_head(headers: Iterable[HeaderLike]) -> RequestHead:
     """One pass over Envoy's header list, decoding only the values we use. Envoy sends lowercase names and

@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from ext_proc.shaping import READ_HEADERS, STRIPPED_PREFIXES
 from igw.topology import (
     EXT_PROC_CLUSTER,
     RATELIMIT_CLUSTER,
@@ -105,6 +106,15 @@ DEFAULT_TIMEOUTS = Timeouts()
 # ---------------------------------------------------------------------------------------------- filters
 
 
+def forwarded_headers() -> list[Config]:
+    """What Envoy sends the processor: the headers it reads and the prefixes it strips, nothing else.
+    Cookies, user agents and forwarding headers stay in Envoy: the processor never needed them, and
+    every header not sent is one Envoy does not copy into the message nor the processor decode (with a
+    typical browser or SDK header set, about half of them)."""
+    return [*({"exact": name} for name in READ_HEADERS),
+            *({"prefix": prefix, "ignore_case": True} for prefix in STRIPPED_PREFIXES)]
+
+
 def ext_proc_filter(cluster: str = EXT_PROC_CLUSTER, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Config:
     """Headers only by default; the processor asks for a body per request (allow_mode_override)."""
     return {
@@ -126,6 +136,7 @@ def ext_proc_filter(cluster: str = EXT_PROC_CLUSTER, timeouts: Timeouts = DEFAUL
             "message_timeout": duration(timeouts.ext_proc_message),
             "max_message_timeout": duration(timeouts.ext_proc_max_message),
             "request_attributes": [],
+            "forward_rules": {"allowed_headers": {"patterns": forwarded_headers()}},
             # Headers changed by the processor pick the route (x-igw-model), so always re-route.
             "route_cache_action": "CLEAR",
             # The processor strips client-sent x-envoy-* headers and sets the upstream timeout header;

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from igw.envoy_config import ext_proc_filter
 from igw.procs import VENV_BIN, ManagedProcess, free_port, port_open
 from tests.ext_proc.conftest import World
 from tests.helpers import Service
@@ -37,6 +38,7 @@ class _Echo(BaseHTTPRequestHandler):
 
 
 def envoy_config(listen: int, ext_proc_port: int, upstream_port: int) -> dict:
+    """The shipped ext_proc filter settings (igw.envoy_config) around a one-model route."""
     def cluster(name: str, port: int, http2: bool) -> dict:
         c: dict = {"name": name, "type": "STATIC", "connect_timeout": "0.25s", "load_assignment": {
             "cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
@@ -59,16 +61,7 @@ def envoy_config(listen: int, ext_proc_port: int, upstream_port: int) -> dict:
             "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
                 route, {"match": {"prefix": "/"}, "direct_response": {"status": 418}}]}]},
             "http_filters": [
-                {"name": "envoy.filters.http.ext_proc", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
-                    "failure_mode_allow": False,
-                    "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
-                                        "request_body_mode": "NONE", "response_body_mode": "NONE",
-                                        "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
-                    "allow_mode_override": True,
-                    "message_timeout": "0.5s",
-                    "mutation_rules": {"allow_envoy": True, "disallow_is_error": True}}},
+                ext_proc_filter("ext_proc"),
                 {"name": "envoy.filters.http.router", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}],
         "clusters": [cluster("ext_proc", ext_proc_port, True), cluster("model", upstream_port, False)]}}
@@ -115,3 +108,22 @@ def test_refusal_reaches_the_client_as_json(gateway: str) -> None:
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "missing_api_key"
     assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_headers_the_processor_is_not_sent_still_reach_the_model(gateway: str, world: World) -> None:
+    response = httpx.post(f"{gateway}/v2/models/llama/infer", content=b"{}", timeout=5, headers={
+        "authorization": f"Bearer {world.acme_key}", "content-type": "application/json",
+        "cookie": "session=abc", "user-agent": "sdk/1.0", "x-custom": "kept"})
+    assert response.status_code == 200, response.text
+    seen = response.json()["headers"]
+    assert (seen["cookie"], seen["user-agent"], seen["x-custom"]) == ("session=abc", "sdk/1.0", "kept")
+
+
+def test_forged_internal_and_envoy_headers_are_stripped_whatever_their_case(gateway: str, world: World) -> None:
+    response = httpx.post(f"{gateway}/v2/models/llama/infer", content=b"{}", timeout=5, headers={
+        "x-api-key": world.acme_key, "content-type": "application/json",
+        "X-IGW-Priority": "100", "X-Igw-Anything": "forged", "X-Envoy-Max-Retries": "9"})
+    assert response.status_code == 200, response.text
+    seen = response.json()["headers"]
+    assert "x-igw-anything" not in seen and "x-envoy-max-retries" not in seen and "x-api-key" not in seen
+    assert seen["x-igw-priority"] == "2"  # acme's, not the forged 100
