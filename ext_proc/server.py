@@ -104,17 +104,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
-    tasks = [
-        asyncio.create_task(probe_redis()),
-        asyncio.create_task(directory.watch_invalidations(settings.redis_url, stop)),
-    ]
+    runtime.spawn(probe_redis())
+    runtime.spawn(directory.watch_invalidations(settings.redis_url, stop))
     log.info("ext_proc ready: grpc=%s http=%s:%d redis=%s pid=%d", runtime.address, settings.host,
              settings.http_port, redis.address.url, os.getpid())
     await stop.wait()
     log.info("ext_proc stopping")
     await runtime.stop()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
     redis.close()
     return 0

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Coroutine, Iterable
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -65,6 +65,7 @@ class ServiceRuntime:
         self.log = log
         self.http: asyncio.Server | None = None
         self.address = ""
+        self.tasks: list[asyncio.Task[Any]] = []
 
     async def start(self, host: str, grpc_port: int, http_port: int, health_check: HealthCheck) -> bool:
         """Bind and start both ports; False (after logging which port) if either cannot be bound."""
@@ -86,8 +87,16 @@ class ServiceRuntime:
         for name in self.names:
             await self.backend.set_status(name, serving)
 
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run one of the service's background loops (probes, watchers); stop() ends it after the
+        gRPC server, so nothing a request in flight still needs goes away under it."""
+        self.tasks.append(asyncio.create_task(work))
+
     async def stop(self, grace: float = 1.0) -> None:
         await self.set_serving(False)
         await self.backend.stop(grace)
         if self.http is not None:
             self.http.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -86,12 +86,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
 
-    tasks = [
-        asyncio.create_task(holder.watch(settings.poll_interval, stop)),
-        asyncio.create_task(probe_redis()),
-        asyncio.create_task(adaptive.run(stop)),
-        asyncio.create_task(quota.run(stop)),
-    ]
+    for work in (holder.watch(settings.poll_interval, stop), probe_redis(), adaptive.run(stop), quota.run(stop)):
+        runtime.spawn(work)
     log.info(
         "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s pid=%d",
         runtime.address, settings.host, settings.http_port, settings.config_dir, redis.address.url, os.getpid(),
@@ -99,9 +95,6 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     await stop.wait()
     log.info("ratelimit_svc stopping")
     await runtime.stop()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
     redis.close()
     await adaptive.close()
     await quota.close()
