@@ -115,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _output(klist)
     klist.set_defaults(func=_keys_list)
 
-    models = sub.add_parser("models", help="register models and aliases").add_subparsers(
+    models = sub.add_parser("models", help="register and remove models and aliases").add_subparsers(
         dest="models_command", metavar="COMMAND", required=True)
     model_name = _arg(check_model_name)
     reg = models.add_parser("register", help="register (or update) a model so requests for it are accepted")
@@ -133,6 +133,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     unalias.add_argument("alias", type=model_name, metavar="ALIAS")
     _output(unalias)
     unalias.set_defaults(func=_models_unalias)
+    remove = models.add_parser("remove", help="unregister a model (refused while aliases point at it)")
+    remove.add_argument("name", type=model_name, metavar="NAME")
+    _output(remove)
+    remove.set_defaults(func=_models_remove)
     mlist = models.add_parser("list", help="list models and aliases")
     _output(mlist)
     mlist.set_defaults(func=_models_list)
@@ -290,6 +294,13 @@ def _models_unalias(args: argparse.Namespace) -> int:
 
     _run(args, lambda c: store.remove_alias(c, args.alias))
     return _emit(args, {"alias": args.alias, "removed": True}, f"removed alias {args.alias}")
+
+
+def _models_remove(args: argparse.Namespace) -> int:
+    from ext_proc import store
+
+    _run(args, lambda c: store.remove_model(c, args.name))
+    return _emit(args, {"model": args.name, "removed": True}, f"removed model {args.name}")
 
 
 def _models_list(args: argparse.Namespace) -> int:

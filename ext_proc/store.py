@@ -325,18 +325,52 @@ def register_model(client: redis.Redis, name: str, *, inspect_body: bool = False
     return model
 
 
+# Check and write in one step (a script runs atomically): an alias can never point at a model removed
+# at the same moment, and a model cannot be removed while an alias still points at it.
+_SET_ALIAS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_model' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'alias_is_model' end
+redis.call('SET', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[2])
+redis.call('PUBLISH', KEYS[5], 'model:' .. ARGV[2])
+return 'ok'
+"""
+_REMOVE_MODEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'no_model'} end
+local pointing = {}
+for _, alias in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if redis.call('GET', ARGV[2] .. alias) == ARGV[1] then table.insert(pointing, alias) end
+end
+if #pointing > 0 then table.insert(pointing, 1, 'aliased'); return pointing end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('PUBLISH', KEYS[4], 'model:' .. ARGV[1])
+return {'ok'}
+"""
+
+
 def set_alias(client: redis.Redis, alias: str, model: str) -> None:
     check_model_name(alias)
     check_model_name(model)
-    if not client.exists(model_key(model)):
+    outcome = client.eval(_SET_ALIAS, 5, model_key(model), model_key(alias), alias_key(alias), ALIASES,
+                          INVALIDATION_CHANNEL, model, alias)
+    if outcome == "no_model":
         raise NotFound(f"model {model!r} is not registered")
-    if client.exists(model_key(alias)):
+    if outcome == "alias_is_model":
         raise AlreadyExists(f"{alias!r} is a registered model and cannot also be an alias")
-    pipe = client.pipeline()
-    pipe.set(alias_key(alias), model)
-    pipe.sadd(ALIASES, alias)
-    pipe.publish(INVALIDATION_CHANNEL, f"model:{alias}")
-    pipe.execute()
+
+
+def remove_model(client: redis.Redis, name: str) -> None:
+    """Unregister a model: its requests get 404 as soon as the processors hear of it. Refused while
+    aliases point at it (they would route nowhere); the error names them."""
+    check_model_name(name)
+    outcome = client.eval(_REMOVE_MODEL, 4, model_key(name), MODELS, ALIASES, INVALIDATION_CHANNEL,
+                          name, alias_key(""))
+    if outcome[0] == "no_model":
+        raise NotFound(f"model {name!r} is not registered")
+    if outcome[0] == "aliased":
+        raise StoreError(f"model {name!r} still has aliases ({', '.join(sorted(outcome[1:]))}): "
+                         "remove them first with `igw models unalias`")
 
 
 def remove_alias(client: redis.Redis, alias: str) -> None:

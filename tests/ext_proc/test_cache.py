@@ -58,6 +58,19 @@ def test_new_alias_is_seen_within_one_second(client: ExtProcClient, world: World
         time.sleep(0.01)
 
 
+def test_removed_model_answers_404_within_one_second(client: ExtProcClient, world: World) -> None:
+    c = store.connect(world.redis_url)
+    store.register_model(c, "llama-retired")
+    path = "/v2/models/llama-retired/infer"
+    allowed_headers(client.one(request_headers(path, key=world.acme_key)))  # cached, memoised
+    store.remove_model(c, "llama-retired")
+    deadline = time.monotonic() + 1.0
+    while not client.one(request_headers(path, key=world.acme_key)).HasField("immediate_response"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert denial(client.one(request_headers(path, key=world.acme_key))).status == 404
+
+
 @pytest.fixture
 def own_redis(log_dir: Path) -> Iterator[RedisServer]:
     server = RedisServer(log_dir=log_dir).start()

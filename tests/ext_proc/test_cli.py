@@ -103,3 +103,41 @@ def test_tenant_update_of_an_unknown_tenant_exits_1(redis_url: str) -> None:
 def test_tenant_update_with_empty_models_exits_2(redis_url: str) -> None:
     result = igw(redis_url, "tenants", "update", "acme", "--models", " , ")
     assert result.returncode == 2 and "--models needs at least one model" in result.stderr
+
+
+def test_model_remove_unregisters_the_model(redis_url: str) -> None:
+    igw(redis_url, "models", "register", "llama-3-8b")
+    removed = igw(redis_url, "models", "remove", "llama-3-8b", "--output", "json")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout) == {"model": "llama-3-8b", "removed": True}
+    assert json.loads(igw(redis_url, "models", "list", "--output", "json").stdout)["models"] == []
+
+
+def test_removing_an_aliased_model_exits_1_naming_the_aliases_and_keeps_the_model(redis_url: str) -> None:
+    igw(redis_url, "models", "register", "llama-3-8b")
+    igw(redis_url, "models", "alias", "llama", "llama-3-8b")
+    igw(redis_url, "models", "alias", "default", "llama-3-8b")
+    result = igw(redis_url, "models", "remove", "llama-3-8b")
+    assert result.returncode == 1
+    assert "model 'llama-3-8b' still has aliases (default, llama)" in result.stderr
+    listed = json.loads(igw(redis_url, "models", "list", "--output", "json").stdout)
+    assert [m["name"] for m in listed["models"]] == ["llama-3-8b"]
+    assert listed["aliases"] == {"default": "llama-3-8b", "llama": "llama-3-8b"}
+
+
+def test_removing_an_unknown_model_exits_1(redis_url: str) -> None:
+    result = igw(redis_url, "models", "remove", "ghost")
+    assert result.returncode == 1 and "model 'ghost' is not registered" in result.stderr
+
+
+def test_alias_to_an_unknown_model_exits_1(redis_url: str) -> None:
+    result = igw(redis_url, "models", "alias", "llama", "ghost")
+    assert result.returncode == 1 and "model 'ghost' is not registered" in result.stderr
+    assert json.loads(igw(redis_url, "models", "list", "--output", "json").stdout)["aliases"] == {}
+
+
+def test_an_alias_cannot_take_a_registered_model_name(redis_url: str) -> None:
+    igw(redis_url, "models", "register", "llama-3-8b")
+    igw(redis_url, "models", "register", "mistral")
+    result = igw(redis_url, "models", "alias", "mistral", "llama-3-8b")
+    assert result.returncode == 1 and "'mistral' is a registered model" in result.stderr
