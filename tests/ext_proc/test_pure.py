@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import pytest
 
-from ext_proc.apikeys import MalformedAuthorization, credential_from, generate_key, key_id_of
+from ext_proc.apikeys import KeyHasher, MalformedAuthorization, credential_from, generate_key, key_digest, key_id_of
 from ext_proc.jsonscan import JsonStructureError, JsonStructureScanner
 from ext_proc.records import RecordError, Tenant, parse_model_globs
 from ext_proc.routes import content_type_allowed, resolve_path
@@ -97,3 +100,12 @@ def scan(*chunks: bytes) -> bool:
         "scalar document", "unbalanced", "brackets inside strings"])
 def test_streamed_json_structure_scanner(chunks: tuple[bytes, ...], ok: bool) -> None:
     assert scan(*chunks) is ok
+
+
+@pytest.mark.parametrize("secret_length", [0, 1, 32, 63, 64, 65, 200])
+def test_key_digests_are_hmac_sha256_of_the_key(secret_length: int) -> None:
+    secret = bytes(range(256))[:secret_length]
+    for key in ("igw_0123456789ab_" + "x" * 43, "", "clé-\udcff"):
+        expected = hmac.new(secret, key.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+        assert KeyHasher(secret).digest(key) == expected
+        assert key_digest(secret, key) == expected
