@@ -371,7 +371,7 @@ def _base_cluster(name: str, endpoints: list[Endpoint], discovery: str, timeouts
         raise ValueError(f"cluster {name!r} needs at least one endpoint")
     cluster: Config = {
         "name": name,
-        "type": discovery,
+        **({"type": "STATIC"} if discovery == "STATIC" else {"cluster_type": _dns_cluster_type()}),
         "connect_timeout": duration(timeouts.connect),
         "lb_policy": "ROUND_ROBIN",
         "load_assignment": _endpoints(name, endpoints),
@@ -382,10 +382,15 @@ def _base_cluster(name: str, endpoints: list[Endpoint], discovery: str, timeouts
         }]},
         "outlier_detection": _outlier_detection(timeouts),
     }
-    if discovery == "STRICT_DNS":
-        cluster["dns_lookup_family"] = "V4_ONLY"
-        cluster["dns_refresh_rate"] = "5s"
     return cluster
+
+
+def _dns_cluster_type() -> Config:
+    """STRICT_DNS through the DNS cluster extension: Envoy 1.40 deprecates the cluster-level DNS fields
+    (a startup warning, and slated for removal). Every address a name resolves to is an endpoint."""
+    return {"name": "envoy.cluster.dns", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.clusters.dns.v3.DnsCluster",
+        "dns_lookup_family": "V4_ONLY", "dns_refresh_rate": "5s", "all_addresses_in_single_endpoint": False}}
 
 
 def service_cluster(

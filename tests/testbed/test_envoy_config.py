@@ -47,9 +47,10 @@ def test_the_repo_holds_every_committed_envoy_config() -> None:
 
 
 @pytest.mark.parametrize("path", _envoy_yaml_files(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
-def test_envoy_accepts_every_envoy_config_in_the_repo(path: Path) -> None:
+def test_envoy_accepts_every_envoy_config_in_the_repo_without_deprecated_fields(path: Path) -> None:
     result = _validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "Deprecated field" not in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 def test_envoy_accepts_the_bed_bootstrap_with_two_replicas_of_everything(tmp_path: Path) -> None:
