@@ -201,8 +201,14 @@ def route_rate_limits() -> list[Config]:
     def header(name: str, key: str) -> Config:
         return {"request_headers": {"header_name": name, "descriptor_key": key}}
 
-    tenant, model = header(TENANT_HEADER, "tenant"), header(MODEL_HEADER, "model")
-    return [{"actions": [tenant]}, {"actions": [tenant, model]}, {"actions": [model]}]
+    def tenant() -> Config:
+        return header(TENANT_HEADER, "tenant")
+
+    def model() -> Config:
+        return header(MODEL_HEADER, "model")
+
+    # Fresh dicts for every use: a shared one would be written out as a YAML anchor and alias.
+    return [{"actions": [tenant()]}, {"actions": [tenant(), model()]}, {"actions": [model()]}]
 
 
 # ------------------------------------------------------------------------------------------------ routes

@@ -53,6 +53,14 @@ def test_envoy_accepts_every_envoy_config_in_the_repo_without_deprecated_fields(
     assert "Deprecated field" not in result.stdout + result.stderr, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("path", [*_envoy_yaml_files(), *sorted((REPO_ROOT / "istio").glob("*.yaml"))],
+                         ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_committed_configs_spell_everything_out_without_yaml_anchors(path: Path) -> None:
+    """An operator reading or diffing a config sees each value where it applies, not `*id001`."""
+    events = yaml.parse(path.read_text())
+    assert not [e for e in events if getattr(e, "anchor", None)], f"{path} uses YAML anchors or aliases"
+
+
 def test_envoy_accepts_the_bed_bootstrap_with_two_replicas_of_everything(tmp_path: Path) -> None:
     topology = free_topology(replicas=2, model_replicas=2)
     path = tmp_path / "bed.yaml"
