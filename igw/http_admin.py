@@ -1,7 +1,8 @@
 """The admin HTTP port of each service: /healthcheck and /metrics.
 
 Both services need only two read-only endpoints, so a few lines on asyncio streams beat a web
-framework dependency; the port is bound with SO_REUSEPORT so `--workers N` processes can share it.
+framework dependency. With `--workers N` each worker serves them on a loopback port of its own and the
+supervisor answers on the service's admin port for all of them (igw/workers.py).
 """
 
 from __future__ import annotations
@@ -48,4 +49,4 @@ async def start_admin_server(host: str, port: int, health: HealthCheck) -> async
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port, reuse_port=True)
+    return await asyncio.start_server(handle, host, port)

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -161,41 +159,9 @@ def _log_format(text: str) -> str:
     return text
 
 
-def run_workers(n: int, argv: list[str]) -> int:
-    """Supervise n copies of this command (each with --workers 1); return the first failure code."""
-    env = dict(os.environ)
-    children = []
-    for index in range(n):
-        env["IGW_WORKER_INDEX"] = str(index)
-        children.append(subprocess.Popen([sys.executable, *argv, "--workers", "1"], env=dict(env)))
-
-    stopping = False
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    code = 0
-    while children:
-        for child in list(children):
-            result = child.poll()
-            if result is None:
-                continue
-            children.remove(child)
-            if result != 0 and not stopping:
-                logging.getLogger("igw.workers").error("worker pid %d exited with %d; stopping", child.pid, result)
-                code = code or result
-                forward(signal.SIGTERM, None)
-        time.sleep(0.1)
-    return code
-
-
 class ServiceSettings(Protocol):
+    host: str
+    http_port: int
     log_level: str
     log_format: str
     workers: int
@@ -213,7 +179,9 @@ def service_main(
     settings = parse(argv)
     setup_logging(settings.log_level, settings.log_format)
     if settings.workers > 1:
-        return run_workers(settings.workers, ["-m", module, *argv])
+        from igw.workers import run_workers
+
+        return run_workers(settings.workers, ["-m", module, *argv], settings.host, settings.http_port)
     return run_async(lambda stop: serve(settings, stop))
 
 

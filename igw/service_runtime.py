@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
@@ -17,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from igw.http_admin import HealthCheck, start_admin_server
+from igw.workers import ADMIN_PORT_ENV
 
 
 class GrpcBackend(Protocol):
@@ -74,6 +76,8 @@ class ServiceRuntime:
         if error is not None:
             self.log.error("cannot bind gRPC port %s: %s", self.address, error)
             return False
+        if worker_admin := os.environ.get(ADMIN_PORT_ENV):  # a worker of --workers N: igw/workers.py
+            host, http_port = "127.0.0.1", int(worker_admin)
         try:
             self.http = await start_admin_server(host, http_port, health_check)
         except OSError as exc:

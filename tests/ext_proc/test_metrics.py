@@ -6,7 +6,7 @@ import urllib.request
 
 from tests.ext_proc.conftest import World
 from tests.ext_proc.helpers import ExtProcClient, request_headers
-from tests.helpers import Service
+from tests.helpers import Service, ServiceFactory
 
 
 def scrape(service: Service) -> str:
@@ -36,3 +36,16 @@ def test_phase_latency_histogram_is_exported(client: ExtProcClient, world: World
 def test_healthcheck_answers_ok(processor: Service) -> None:
     with urllib.request.urlopen(f"{processor.http_base}/healthcheck", timeout=5) as response:
         assert response.status == 200
+
+
+def test_workers_count_together_on_one_admin_port(world: World, services: ServiceFactory) -> None:
+    service = services.start_module("ext_proc", "--redis-url", world.redis_url, "--workers", "2")
+    for _ in range(6):  # a new connection each time, spread over the workers by the kernel
+        c = ExtProcClient(service.grpc_target)
+        c.one(request_headers("/v2/models/llama-3-70b/infer", key=world.acme_key))
+        c.close()
+    text = scrape(service)
+    counted = [line for line in text.splitlines() if line.startswith(
+        'igw_ext_proc_requests_total{decision="allowed",model="llama-3-70b",tenant="acme"')]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in counted) == 6
+    assert 'igw_worker_up{worker="1"} 1.0' in text

@@ -450,6 +450,26 @@ def test_workers_share_the_port_and_the_counters(
     assert not svc.proc.alive()
 
 
+def test_workers_are_scraped_and_health_checked_together_on_the_admin_port(
+    services: ServiceFactory, config_dir: Path, redis_url: str
+) -> None:
+    svc = services.ratelimit(config_dir, redis_url, "--workers", "2")
+    for _ in range(7):  # new channel each time so connections spread over the workers
+        c = RlsClient(svc.grpc_target)
+        c.call([("minute", "w")])
+        c.close()
+    for _ in range(3):  # every scrape sees every worker, so the total never jumps
+        with urllib.request.urlopen(f"{svc.http_base}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        hits = [line for line in text.splitlines()
+                if line.startswith('ratelimit_total_hits_total{domain="test-domain",key="minute"')]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in hits) == 7
+        assert 'igw_worker_up{worker="0"} 1.0' in text and 'igw_worker_up{worker="1"} 1.0' in text
+    with urllib.request.urlopen(f"{svc.http_base}/healthcheck", timeout=5) as response:
+        assert response.status == 200
+        assert response.read().decode().splitlines() == ["worker 0: OK", "worker 1: OK"]
+
+
 def test_config_dir_copy_of_shared_example_serves(
     services: ServiceFactory, tmp_path: Path, redis_url: str, shared_dir: Path
 ) -> None:

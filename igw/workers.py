@@ -1,0 +1,162 @@
+"""`--workers N`: N copies of a service sharing its gRPC port, behind one admin port.
+
+The workers bind the gRPC port with SO_REUSEPORT, so the kernel spreads Envoy's connections over them.
+The admin port is different: if every worker bound it too, each scrape of /metrics would land on one
+worker at random and Prometheus would see its counters jump between unrelated values (and read every
+jump down as a reset). So each worker serves /metrics and /healthcheck on a loopback port of its own
+(`IGW_WORKER_ADMIN_PORT`, read by igw.service_runtime), and this supervisor answers on the public admin
+port for all of them:
+- /metrics: every worker's samples with a `worker` label added, in one exposition, plus
+  `igw_worker_up{worker}`; sum by the other labels for the service's totals.
+- /healthcheck: 200 only when every worker answers 200, since the kernel sends each worker its share of
+  connections whatever its state; the body has one line per worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+ADMIN_PORT_ENV = "IGW_WORKER_ADMIN_PORT"
+WORKER_INDEX_ENV = "IGW_WORKER_INDEX"
+WORKER_TIMEOUT = 1.0  # seconds one worker has to answer a scrape or a health check
+
+log = logging.getLogger("igw.workers")
+
+
+def _fetch(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of a worker's admin endpoint; status 0 when it cannot be reached."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=WORKER_TIMEOUT) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (OSError, ValueError) as exc:
+        return 0, f"unreachable: {exc}"
+
+
+def merge_expositions(texts: list[str | None]) -> list[Metric]:
+    """One family per metric name, each sample labelled with the index of the worker it came from;
+    None stands for a worker that could not be scraped."""
+    families: dict[str, Metric] = {}
+    up = GaugeMetricFamily("igw_worker_up", "1 when the worker answered this scrape", labels=["worker"])
+    for index, text in enumerate(texts):
+        up.add_metric([str(index)], 0 if text is None else 1)
+        if text is None:
+            continue
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            merged.samples += [Sample(s.name, {**s.labels, "worker": str(index)}, s.value, s.timestamp, s.exemplar)
+                               for s in family.samples]
+    return [*families.values(), up]
+
+
+class _Merged(Collector):
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.metrics
+
+
+def health_of(statuses: list[tuple[int, str]]) -> tuple[bool, str]:
+    lines = [f"worker {i}: " + (body.strip() if code == 200 else f"HTTP {code}: {body.strip()}" if code
+                                else f"down ({body.strip()})")
+             for i, (code, body) in enumerate(statuses)]
+    return all(code == 200 for code, _ in statuses), "\n".join(lines) + "\n"
+
+
+class _AdminHandler(BaseHTTPRequestHandler):
+    worker_ports: list[int] = []
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            texts = []
+            for port in self.worker_ports:
+                code, body = _fetch(port, "/metrics")
+                texts.append(body if code == 200 else None)
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Merged(merge_expositions(texts)))
+            self._send(200, generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/healthcheck":
+            ok, text = health_of([_fetch(port, "/healthcheck") for port in self.worker_ports])
+            self._send(200 if ok else 503, text.encode())
+        else:
+            self._send(404, b"not found\n")
+
+    def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int) -> int:
+    """Supervise n copies of this command (each with --workers 1) and serve their admin endpoints on
+    admin_host:admin_port; return the first failure code (one worker failing stops them all)."""
+    from igw.procs import free_port
+
+    ports = [free_port() for _ in range(n)]
+    handler = type("AdminHandler", (_AdminHandler,), {"worker_ports": ports})
+    try:
+        admin = ThreadingHTTPServer((admin_host, admin_port), handler)
+    except OSError as exc:
+        log.error("cannot bind HTTP port %s:%d: %s", admin_host, admin_port, exc)
+        return 1
+    admin.daemon_threads = True
+    threading.Thread(target=admin.serve_forever, name="igw-admin", daemon=True).start()
+
+    children = []
+    for index, port in enumerate(ports):
+        env = {**os.environ, WORKER_INDEX_ENV: str(index), ADMIN_PORT_ENV: str(port)}
+        children.append(subprocess.Popen([sys.executable, *argv, "--workers", "1"], env=env))
+
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    while children:
+        for child in list(children):
+            result = child.poll()
+            if result is None:
+                continue
+            children.remove(child)
+            if result != 0 and not stopping:
+                log.error("worker pid %d exited with %d; stopping", child.pid, result)
+                code = code or result
+                forward(signal.SIGTERM, None)
+        time.sleep(0.1)
+    admin.shutdown()
+    admin.server_close()
+    return code

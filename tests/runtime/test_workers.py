@@ -1,0 +1,59 @@
+"""`--workers N` behind one admin port: /metrics carries every worker's samples with a `worker` label,
+/healthcheck is healthy only when every worker is. (End-to-end: tests/ratelimit/test_service.py and
+tests/ext_proc/test_metrics.py run real services with --workers 2.)"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from igw.workers import _Merged, health_of, merge_expositions
+
+WORKER_0 = """# HELP hits_total Hits
+# TYPE hits_total counter
+hits_total{key="a"} 3.0
+# HELP depth Queue depth
+# TYPE depth gauge
+depth 2.0
+"""
+WORKER_1 = """# HELP hits_total Hits
+# TYPE hits_total counter
+hits_total{key="a"} 4.0
+hits_total{key="b"} 1.0
+"""
+
+
+def render(texts: list[str | None]) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(merge_expositions(texts)))
+    return generate_latest(registry).decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_every_sample_is_labelled_with_its_worker_in_one_family_per_metric() -> None:
+    text = render([WORKER_0, WORKER_1])
+    assert text.count("# TYPE hits_total counter") == 1
+    got = samples(text)
+    assert got[("hits_total", (("key", "a"), ("worker", "0")))] == 3
+    assert got[("hits_total", (("key", "a"), ("worker", "1")))] == 4
+    assert got[("hits_total", (("key", "b"), ("worker", "1")))] == 1
+    assert got[("depth", (("worker", "0"),))] == 2
+    assert got[("igw_worker_up", (("worker", "0"),))] == 1 and got[("igw_worker_up", (("worker", "1"),))] == 1
+
+
+def test_a_worker_that_cannot_be_scraped_is_reported_down_and_contributes_nothing() -> None:
+    got = samples(render([WORKER_0, None]))
+    assert got[("igw_worker_up", (("worker", "1"),))] == 0
+    assert not [key for key in got if ("worker", "1") in key[1] and key[0] != "igw_worker_up"]
+
+
+def test_health_needs_every_worker() -> None:
+    assert health_of([(200, "OK\n"), (200, "OK")]) == (True, "worker 0: OK\nworker 1: OK\n")
+    ok, text = health_of([(200, "OK"), (503, "redis unreachable")])
+    assert not ok and "worker 1: HTTP 503: redis unreachable" in text
+    ok, text = health_of([(0, "unreachable: refused"), (200, "OK")])
+    assert not ok and "worker 0: down (unreachable: refused)" in text
