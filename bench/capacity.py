@@ -14,7 +14,10 @@ higher CPU per request). Processes planned at --headroom (70 %) busy are close t
 so that is the planning figure by default (--planning saturated); --planning max takes the larger of
 the two (a pessimistic bound, also printed as its own cores column). Python services use one core per process (GIL), so
 processes = ceil(cores / headroom); Envoy workers likewise. Redis is single-threaded: above one core
-it needs sharding, which the rate-limit service's multi-key script does not support (flagged).
+the rate-limit service spreads its counters over shards (--redis-shards). That does not divide the load
+evenly (a request's descriptors can land on two shards, each a round trip), so the shard count comes from
+bench.ratelimit_bench runs with --shards N: the busiest shard's Redis CPU per call against one Redis's,
+applied to the Redis cores above. Without such runs the count is marked "(unmeasured)".
 """
 
 from __future__ import annotations
@@ -49,9 +52,29 @@ def source_costs(gateway: dict[str, Any] | None, latency: dict[str, Any] | None,
     return out
 
 
-def processes(component: str, cores: float, headroom: float) -> str:
+def shard_shares(ratelimit: dict[str, Any] | None) -> dict[int, float]:
+    """Measured shard count -> the busiest shard's share of what one Redis carries for the same calls."""
+    runs = (ratelimit or {}).get("runs", {})
+    if "1" not in runs:
+        return {}
+    single = runs["1"]["redis_cpu_us_per_call"]
+    return {int(n): run["busiest_shard_cpu_us_per_call"] / single for n, run in runs.items()}
+
+
+def redis_count(cores: float, headroom: float, shares: dict[int, float]) -> str:
+    if cores <= headroom:
+        return "1"
+    fitting = [n for n, share in sorted(shares.items()) if cores * share <= headroom]
+    if fitting:
+        return f"{fitting[0]} shards"
+    if len(shares) > 1:
+        return f"> {max(shares)} shards"
+    return f"{math.ceil(cores / headroom)}+ shards (unmeasured)"
+
+
+def processes(component: str, cores: float, headroom: float, shares: dict[int, float] | None = None) -> str:
     if component == "redis":
-        return "1" if cores <= headroom else f"{math.ceil(cores / headroom)} shards (!)"
+        return redis_count(cores, headroom, shares or {})
     return str(max(1, math.ceil(cores / headroom)))
 
 
@@ -68,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.headroom <= 1:
         parser.error("--headroom must be in (0, 1]")
     gateway, latency = read_results("gateway_bench"), read_results("latency_bench")
+    shares = shard_shares(read_results("ratelimit_bench"))
     if gateway is None and latency is None:
         print("no results: run `python -m bench.gateway_bench` and `python -m bench.latency_bench` first",
               file=sys.stderr)
@@ -99,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = "Envoy workers" if component == "envoy" else (
                 "processes" if component in PYTHON else "redis-server")
             rows.append([component, *per_source, f"{planning[component]:.0f}", f"{cores:.1f}",
-                         processes(component, cores, args.headroom), kind,
+                         processes(component, cores, args.headroom, shares), kind,
                          f"{args.rate * worst[component] / 1e6:.1f}"])
         total_us = sum(planning.values())
         total_cores = args.rate * total_us / 1e6
@@ -108,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         out(f"\n{mode}")
         out(table(["component", *(f"µs/req {name}" for name in sources), "µs/req planned", "cores",
                    "count", "of", "cores (pessimistic)"], rows))
+        redis_cores = args.rate * planning["redis"] / 1e6
+        if redis_cores > args.headroom and shares:
+            out("Redis sharded (bench.ratelimit_bench --shards N): busiest shard's share of one Redis's load -> cores "
+                "per shard: " + ", ".join(f"{n}: {share:.2f} -> {redis_cores * share:.2f}"
+                                          for n, share in sorted(shares.items())))
         result["modes"][mode] = {"sources": sources, "planning_us": planning,
                                  "cores": {c: args.rate * planning[c] / 1e6 for c in COMPONENTS},
                                  "total_cores": total_cores}

@@ -6,7 +6,9 @@ Starts redis-server and two copies of the service (backend redis, backend memory
 1000 models x 50 tenants, then drives each in turn with a separate load-generator process, alternating
 rounds so drift on a shared machine hits both. Prints medians: calls/s, p50/p99, service CPU per call,
 and the ratio redis/memory, with pass/fail against the targets (>= 3000 calls/s per process, ratio >=
-0.85, p99 < 10 ms at 16 concurrent calls).
+0.85, p99 < 10 ms at 16 concurrent calls). `--shards N` spreads the counters over N redis-servers
+(--redis-shards) and prints the busiest one's CPU; bench/results/ratelimit_bench.json keeps one entry per
+shard count, which bench.capacity reads to size Redis for per-request mode.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from bench.procstat import cpu_seconds
+from bench.report import Printer, read_results, write_results
 from igw.procs import ManagedProcess, RedisServer, free_port, http_ok, python_module
 
 
@@ -41,6 +44,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--spread", type=int, default=1000)
+    parser.add_argument("--shards", type=int, default=1,
+                        help="redis-servers holding the counters (--redis-shards); Redis CPU is summed over them "
+                             "and the busiest one is printed too")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="igw-rlbench-"))
@@ -48,6 +54,8 @@ def main() -> int:
     config.mkdir()
     (config / "bench.yaml").write_text(bench_config(1000, 50))
     redis = RedisServer(log_dir=work).start()
+    shards = [redis, *(RedisServer(log_dir=work).start() for _ in range(args.shards - 1))]
+    shard_flag = ["--redis-shards", ",".join(s.url for s in shards)] if args.shards > 1 else []
     services: dict[str, tuple[ManagedProcess, int]] = {}
     try:
         for backend in ("redis", "memory"):
@@ -57,7 +65,7 @@ def main() -> int:
                 python_module("ratelimit_svc", "--config-dir", str(config), "--redis-url", redis.url,
                               "--backend", backend, "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
                               "--http-port", str(http_port), "--workers", str(args.workers),
-                              "--log-level", "warn"),
+                              "--log-level", "warn", *shard_flag),
                 log_dir=work,
             ).start()
             proc.wait_ready(lambda p=http_port: http_ok(f"http://127.0.0.1:{p}/healthcheck"), 30, "healthy")
@@ -67,7 +75,7 @@ def main() -> int:
         for _ in range(args.rounds):
             for backend, (proc, port) in services.items():
                 cpu_before = cpu_seconds(proc.pid)
-                redis_before = cpu_seconds(redis.pid)
+                redis_before = [cpu_seconds(shard.pid) for shard in shards]
                 out = subprocess.run(
                     [sys.executable, "-m", "bench.grpc_load", "rls", f"127.0.0.1:{port}",
                      "--concurrency", str(args.concurrency), "--duration", str(args.duration),
@@ -77,22 +85,31 @@ def main() -> int:
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 calls = max(1, result["calls"])
                 result["cpu_us_per_call"] = (cpu_seconds(proc.pid) - cpu_before) / calls * 1e6
-                result["redis_cpu_us_per_call"] = (cpu_seconds(redis.pid) - redis_before) / calls * 1e6
+                per_shard = [(cpu_seconds(shard.pid) - before) / calls * 1e6
+                             for shard, before in zip(shards, redis_before, strict=True)]
+                result["redis_cpu_us_per_call"] = sum(per_shard)
+                result["busiest_shard_cpu_us_per_call"] = max(per_shard)
                 results[backend].append(result)
+
+        out = Printer()
 
         def med(backend: str, field: str) -> float:
             return statistics.median(r[field] for r in results[backend])
 
-        print(f"\nShouldRateLimit, 3 descriptors per call, {args.concurrency} concurrent calls, "
-              f"{args.workers} service process(es), {args.rounds} rounds of {args.duration:.0f} s, medians")
+        out(f"\nShouldRateLimit, 3 descriptors per call, {args.concurrency} concurrent calls, "
+              f"{args.workers} service process(es), {args.shards} redis shard(s), {args.rounds} rounds of "
+              f"{args.duration:.0f} s, medians")
         header = ("backend", "calls/s", "p50 ms", "p99 ms", "svc CPU/call", "redis CPU/call", "errors")
         widths = (-8, 9, 8, 8, 13, 15, 7)
-        print(" ".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
+        out(" ".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
         for backend in ("redis", "memory"):
-            print(f"{backend:<8} {med(backend, 'rps'):>9.0f} {med(backend, 'p50_ms'):>8.2f} "
+            out(f"{backend:<8} {med(backend, 'rps'):>9.0f} {med(backend, 'p50_ms'):>8.2f} "
                   f"{med(backend, 'p99_ms'):>8.2f} "
                   f"{med(backend, 'cpu_us_per_call'):>10.0f} us {med(backend, 'redis_cpu_us_per_call'):>12.0f} us "
                   f"{sum(r['errors'] for r in results[backend]):>7.0f}")
+        if args.shards > 1:
+            out(f"busiest of {args.shards} shards: {med('redis', 'busiest_shard_cpu_us_per_call'):.0f} us of "
+                  f"Redis CPU per call (all shards: {med('redis', 'redis_cpu_us_per_call'):.0f} us)")
         pairs = zip(results["redis"], results["memory"], strict=True)
         ratio = statistics.median(r["rps"] / m["rps"] for r, m in pairs)
         per_process = med("redis", "rps") / args.workers
@@ -102,12 +119,21 @@ def main() -> int:
             ("p99 < 10 ms", med("redis", "p99_ms") < 10, f"{med('redis', 'p99_ms'):.2f} ms"),
         ]
         for name, ok, value in checks:
-            print(f"{'PASS' if ok else 'FAIL'}  {name}: {value}")
+            out(f"{'PASS' if ok else 'FAIL'}  {name}: {value}")
+        runs = (read_results("ratelimit_bench") or {}).get("runs", {})  # one entry per shard count
+        runs[str(args.shards)] = {
+            "calls_per_s": med("redis", "rps"), "service_cpu_us_per_call": med("redis", "cpu_us_per_call"),
+            "redis_cpu_us_per_call": med("redis", "redis_cpu_us_per_call"),
+            "busiest_shard_cpu_us_per_call": med("redis", "busiest_shard_cpu_us_per_call"),
+            "memory_calls_per_s": med("memory", "rps"), "ratio": ratio,
+        }
+        write_results("ratelimit_bench", {"runs": runs}, out.text)
         return 0
     finally:
         for proc, _ in services.values():
             proc.stop()
-        redis.stop()
+        for shard in shards:
+            shard.stop()
 
 
 if __name__ == "__main__":

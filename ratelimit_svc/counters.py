@@ -5,12 +5,22 @@ one pipelined write (fixed window: INCRBY + EXPIRE per key, as upstream; GCRA: o
 so a request costs one round trip however many descriptors it has. The memory backend applies the same
 arithmetic without I/O: useful for a single-process deployment without Redis, and as the benchmark's
 "same server, no Redis" baseline.
+
+Sharding (`--redis-shards`): one redis-server is single-threaded, and per-request rate limiting at the
+platform's peak needs more than one core of it (README, capacity). Each counter lives on the shard its
+`group` hashes to (CRC-32, the same in every process): the descriptor's domain and first entry, so a
+descriptor and the ones nested under the same parent entry ([tenant] and [tenant, model]) share a shard
+and a round trip, like a Redis Cluster hash tag. A request whose counters span shards sends one
+pipelined write to each, concurrently. Changing the shard list moves counters: their current windows
+restart from zero, nothing else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
+import zlib
 from dataclasses import dataclass
 
 import hiredis
@@ -45,16 +55,42 @@ class Hit:
     ttl: int = 0  # fixed window: seconds the counter lives
     interval_ms: float = 0.0  # gcra: window / limit
     burst: int = 0  # gcra: bucket size in hits
+    group: str = ""  # what picks the Redis shard: domain and the descriptor's first entry
 
 
 Counted = int | GcraResult  # fixed window: the counter after the increment
 
 
+def shard_of(group: str, shards: int) -> int:
+    return zlib.crc32(group.encode()) % shards
+
+
 class RedisCounters:
-    def __init__(self, redis: PipelinedRedis) -> None:
-        self.redis = redis
+    def __init__(self, *shards: PipelinedRedis) -> None:
+        if not shards:
+            raise ValueError("RedisCounters needs at least one Redis")
+        self.shards = shards
 
     async def apply(self, hits: list[Hit]) -> list[Counted]:
+        shards = self.shards
+        if len(shards) == 1:
+            return await self._apply_on(shards[0], hits)
+        placed: dict[int, list[int]] = {}
+        for i, hit in enumerate(hits):
+            placed.setdefault(shard_of(hit.group, len(shards)), []).append(i)
+        if len(placed) == 1:
+            ((shard, _),) = placed.items()
+            return await self._apply_on(shards[shard], hits)
+        parts = await asyncio.gather(*(self._apply_on(shards[shard], [hits[i] for i in indexes])
+                                       for shard, indexes in placed.items()))
+        results: list[Counted] = [0] * len(hits)
+        for indexes, part in zip(placed.values(), parts, strict=True):
+            for i, value in zip(indexes, part, strict=True):
+                results[i] = value
+        return results
+
+    @staticmethod
+    async def _apply_on(redis: PipelinedRedis, hits: list[Hit]) -> list[Counted]:
         commands: list[tuple[object, ...]] = []
         fixed_keys: list[str] = []
         fixed_args: list[int] = []
@@ -66,10 +102,10 @@ class RedisCounters:
                 fixed_args += (hit.hits, hit.ttl)
         if fixed_keys:
             commands.append(("EVALSHA", FIXED_SHA, len(fixed_keys), *fixed_keys, *fixed_args))
-        replies = await self.redis.execute_many(commands)  # type: ignore[arg-type]
+        replies = await redis.execute_many(commands)  # type: ignore[arg-type]
         if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
-            await self.redis.execute_many([("SCRIPT", "LOAD", LUA), ("SCRIPT", "LOAD", FIXED_LUA)])
-            replies = await self.redis.execute_many(commands)  # type: ignore[arg-type]
+            await redis.execute_many([("SCRIPT", "LOAD", LUA), ("SCRIPT", "LOAD", FIXED_LUA)])
+            replies = await redis.execute_many(commands)  # type: ignore[arg-type]
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
                 raise RedisError(f"redis rejected a counter update: {reply}")

@@ -20,6 +20,9 @@ class Match:
     stats_key: str
     counter_key: str  # "<domain>_<k1>_<v1>_<k2>_<v2>_" ; the window start is appended by the cache
     entries: tuple[tuple[str, str], ...]
+    # Picks the counter's Redis shard (counters.py): the domain and the first entry as it appears in the
+    # counter key, so a shared-threshold wildcard keeps one counter on one shard.
+    group: str
 
 
 LOOKUP_CACHE_MAX = 65_536  # 1,000 models x 50 tenants fit; beyond that the cache starts over
@@ -78,4 +81,5 @@ def find_in_domain(domain: Domain, entries: tuple[tuple[str, str], ...]) -> Matc
     counter_key = domain.name + "_" + "".join(
         f"{k}_{v}_" for (k, _), v in zip(entries, counter_values, strict=False)
     )
-    return Match(found, stats_key, counter_key, entries)
+    group = f"{domain.name}_{entries[0][0]}_{counter_values[0]}"
+    return Match(found, stats_key, counter_key, entries, group)

@@ -49,10 +49,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     holder = ConfigHolder(settings.config_dir, merge_domains=settings.merge_domains,
                           ignore_dotfiles=settings.ignore_dotfiles)
     holder.reload()
-    redis = PipelinedRedis(settings.redis_url, timeout=settings.redis_timeout,
-                           connect_timeout=settings.redis_timeout)
+    shards = [PipelinedRedis(url, timeout=settings.redis_timeout, connect_timeout=settings.redis_timeout)
+              for url in settings.redis_shards]
     adaptive = AdaptiveLimits(settings.redis_url, max_age=settings.replica_max_age)
-    counters = MemoryCounters() if settings.backend == "memory" else RedisCounters(redis)
+    counters = MemoryCounters() if settings.backend == "memory" else RedisCounters(*shards)
     limiter = Limiter(settings, holder, counters, adaptive=adaptive)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", 1000)])
@@ -62,40 +62,40 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     holder.listeners.append(quota.wake)
     adaptive.listeners.append(quota.wake)
     runtime = ServiceRuntime(AioBackend(server), HEALTH_NAMES, log)
-    redis_ok = False
+    redis_down: list[str] = [shard.address.url for shard in shards]
 
     async def health_state() -> tuple[bool, str]:
         if holder.config is None:
             return False, f"no config loaded: {holder.last_error}"
-        if not redis_ok and settings.backend == "redis":
-            return False, "redis unreachable"
+        if redis_down and settings.backend == "redis":
+            return False, f"redis unreachable: {', '.join(redis_down)}"
         return True, "OK"
 
     if not await runtime.start(settings.host, settings.grpc_port, settings.http_port, health_state):
         return 1
 
     async def probe_redis() -> None:
-        nonlocal redis_ok
+        nonlocal redis_down
         while not stop.is_set():
-            try:
-                redis_ok = await redis.ping()
-            except RedisError:
-                redis_ok = False
-            metrics.REDIS_UP.set(1 if redis_ok else 0)
-            await runtime.set_serving((redis_ok or settings.backend == "memory") and holder.config is not None)
+            up = await asyncio.gather(*(shard.ping() for shard in shards))
+            redis_down = [shard.address.url for shard, ok in zip(shards, up, strict=True) if not ok]
+            metrics.REDIS_UP.set(0 if redis_down else 1)
+            await runtime.set_serving((not redis_down or settings.backend == "memory") and holder.config is not None)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
 
     for work in (holder.watch(settings.poll_interval, stop), probe_redis(), adaptive.run(stop), quota.run(stop)):
         runtime.spawn(work)
     log.info(
-        "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s pid=%d",
-        runtime.address, settings.host, settings.http_port, settings.config_dir, redis.address.url, os.getpid(),
+        "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s counters=%s pid=%d",
+        runtime.address, settings.host, settings.http_port, settings.config_dir, settings.redis_url,
+        ",".join(shard.address.url for shard in shards), os.getpid(),
     )
     await stop.wait()
     log.info("ratelimit_svc stopping")
     await runtime.stop()
-    redis.close()
+    for shard in shards:
+        shard.close()
     await adaptive.close()
     await quota.close()
     return 0

@@ -134,7 +134,7 @@ class Limiter:
         key = domain + "." + ".".join(f"{k}_{v}" if v else k for k, v in entries)
         limit = RateLimit(full_key=key, requests_per_unit=override.requests_per_unit, unit=override.unit)
         counter = domain + "_" + "".join(f"{k}_{v}_" for k, v in entries)
-        return Match(limit, key, counter, entries)
+        return Match(limit, key, counter, entries, f"{domain}_{entries[0][0]}_{entries[0][1]}")
 
     async def _count(
         self, config: RateLimitConfig, domain: str, matches: list[Match | None], hits_list: list[int], now: int,
@@ -152,16 +152,17 @@ class Limiter:
             requests = limit.requests_per_unit
             if limit.adaptive is not None and self.adaptive is not None:
                 requests = self.adaptive.effective_limit(domain, match, now, config)
+            group = match.group
             if limit.algorithm == "gcra":
                 batch.append(Hit(
                     key=f"{self._prefix}{match.counter_key}gcra", hits=hits, algorithm="gcra",
                     interval_ms=window * 1000 / requests if requests else float(window * 1000),
-                    burst=(limit.burst or requests) if requests else 0,
+                    burst=(limit.burst or requests) if requests else 0, group=group,
                 ))
             else:
                 ttl = window + (int(random.random() * self._jitter) if self._jitter > 0 else 0)
                 batch.append(Hit(f"{self._prefix}{match.counter_key}{window_start(now, window)}", hits,
-                                 "fixed_window", ttl=ttl))
+                                 "fixed_window", ttl=ttl, group=group))
             plan.append((i, match, hits, requests, window))
 
         if not plan:

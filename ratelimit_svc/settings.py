@@ -29,6 +29,18 @@ def _ratio(text: str) -> float:
 
 
 
+def _redis_urls(text: str) -> list[str]:
+    urls = [part.strip() for part in text.split(",") if part.strip()]
+    if not urls:
+        raise argparse.ArgumentTypeError("give at least one redis URL (comma-separated)")
+    for url in urls:
+        redis_url_arg(url)
+    twice = sorted({u for u in urls if urls.count(u) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"redis shard listed more than once: {', '.join(twice)}")
+    return urls
+
+
 def _backend(text: str) -> str:
     if text not in ("redis", "memory"):
         raise argparse.ArgumentTypeError(f"invalid backend {text!r} (redis or memory)")
@@ -40,6 +52,7 @@ def _backend(text: str) -> str:
 class Settings:
     config_dir: Path
     redis_url: str
+    redis_shards: tuple[str, ...]  # where the counters live; (redis_url,) unless --redis-shards
     backend: str
     host: str
     grpc_port: int
@@ -76,6 +89,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
             help="directory of *.yaml configs; default RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY")
     env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0", type=redis_url_arg,
             help="redis://[:password@]host:port/db or unix:///path")
+    env.add("--redis-shards", "REDIS_SHARDS", default=None, type=_redis_urls,
+            help="comma-separated redis URLs to spread the counters over (by descriptor domain and first "
+                 "entry); default: the --redis-url server. Replica counts and quota push stay on --redis-url")
     env.add("--backend", "BACKEND_TYPE", default="redis", type=_backend,
             help="where counters live: redis (shared by replicas) or memory (this process only)")
     env.add("--host", "GRPC_HOST", default="0.0.0.0", help="address to bind")
@@ -132,6 +148,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     return Settings(
         config_dir=config_dir,
         redis_url=args.redis_url,
+        redis_shards=tuple(args.redis_shards or [args.redis_url]),
         backend=args.backend,
         host=args.host,
         grpc_port=args.grpc_port,

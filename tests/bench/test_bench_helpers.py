@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from bench import wrk
-from bench.capacity import processes
+from bench.capacity import processes, shard_shares
 from bench.gateway_stack import VARIANTS, envoy_bootstrap, infer_body, uses_ext_proc
 from bench.openloop import HttpConnection, build_request
 from igw.topology import Endpoint, ServiceEndpoint, Topology
@@ -85,11 +85,23 @@ def test_padded_infer_body_has_the_requested_size_and_stays_a_valid_request() ->
     assert json.loads(body)["inputs"][0]["shape"] == [1, 4]
 
 
-def test_capacity_rounds_processes_up_at_the_planned_headroom_and_flags_redis_sharding() -> None:
+def test_capacity_rounds_processes_up_at_the_planned_headroom() -> None:
     assert processes("ext_proc", 7.0, 0.7) == "10"
     assert processes("ext_proc", 0.01, 0.7) == "1"
     assert processes("redis", 0.5, 0.7) == "1"
-    assert processes("redis", 2.0, 0.7).endswith("shards (!)")
+
+
+def test_capacity_sizes_redis_shards_from_the_measured_busiest_shard() -> None:
+    runs = {"runs": {"1": {"redis_cpu_us_per_call": 40.0, "busiest_shard_cpu_us_per_call": 40.0},
+                     "2": {"redis_cpu_us_per_call": 60.0, "busiest_shard_cpu_us_per_call": 30.0},
+                     "4": {"redis_cpu_us_per_call": 80.0, "busiest_shard_cpu_us_per_call": 20.0}}}
+    shares = shard_shares(runs)
+    assert shares == {1: 1.0, 2: 0.75, 4: 0.5}
+    assert processes("redis", 0.9, 0.7, shares) == "2 shards"  # 0.9 x 0.75 = 0.675
+    assert processes("redis", 1.2, 0.7, shares) == "4 shards"  # 0.9 on 2, 0.6 on 4
+    assert processes("redis", 2.0, 0.7, shares) == "> 4 shards"
+    assert processes("redis", 2.0, 0.7, {}) == "3+ shards (unmeasured)"
+    assert shard_shares({"runs": {"2": {"redis_cpu_us_per_call": 1.0, "busiest_shard_cpu_us_per_call": 1.0}}}) == {}
 
 
 def test_every_variant_renders_a_bootstrap_with_its_own_filter_chain() -> None:
