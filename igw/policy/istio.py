@@ -349,7 +349,7 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
         ["python", "-m", "ratelimit_svc", "--config-dir", RATELIMIT_CONFIG_DIR, "--merge-domain-config",
          "--host", "0.0.0.0", "--grpc-port", str(RATELIMIT_GRPC_PORT), "--http-port", str(RATELIMIT_HTTP_PORT)],
         [("grpc", RATELIMIT_GRPC_PORT), ("http-admin", RATELIMIT_HTTP_PORT)], s.ratelimit, RATELIMIT_HTTP_PORT,
-        redis_env)
+        [*redis_env, *([{"name": "REDIS_SHARDS", "value": ",".join(s.redis_shards)}] if s.redis_shards else [])])
     # The directory is watched for changes: a ConfigMap update swaps its symlink and the service reloads.
     rl_container["volumeMounts"] = [{"name": "config", "mountPath": RATELIMIT_CONFIG_DIR, "readOnly": True}]
     objects += [

@@ -429,6 +429,7 @@ def load_policy(file: str, text: str) -> spec.Policy:
             namespace=svc.get("namespace", "igw-system"),
             image=svc.get("image", spec.DEFAULT_IMAGE),
             redis_url=svc.get("redis_url", "redis://redis.igw-system.svc.cluster.local:6379/0"),
+            redis_shards=tuple(svc.get("redis_shards", ())),
             ext_proc=_service(svc.get("ext_proc", {}), 2, "500m", "256Mi"),
             ratelimit=_service(svc.get("ratelimit", {}), 2, "500m", "256Mi"),
             replica_watcher=_service(svc.get("replica_watcher", {}), 2, "100m", "128Mi"),

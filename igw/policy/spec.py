@@ -94,6 +94,7 @@ class Services:
     namespace: str
     image: str
     redis_url: str
+    redis_shards: tuple[str, ...]  # rate-limit counters; empty: on redis_url
     ext_proc: ServiceSpec
     ratelimit: ServiceSpec
     replica_watcher: ServiceSpec

@@ -133,6 +133,20 @@ def test_services_have_deployments_services_and_disruption_budgets(demo) -> None
     assert grpc["ratelimit"]["clusterIP"] == "None"
 
 
+def test_redis_shards_of_the_policy_reach_the_rate_limit_service_only() -> None:
+    text = DEMO.read_text().replace(
+        "  redis_url: redis://redis.igw-system.svc.cluster.local:6379/0\n",
+        "  redis_url: redis://redis.igw-system.svc.cluster.local:6379/0\n"
+        "  redis_shards: [redis://counters-0.igw-system:6379/0, redis://counters-1.igw-system:6379/0]\n")
+    objects = istio.render(load_policy(str(DEMO), text))["10-services.yaml"]
+    env = {o["metadata"]["name"]: {e["name"]: e.get("value") for e in
+                                   o["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+           for o in objects if o["kind"] == "Deployment"}
+    assert env["ratelimit"]["REDIS_SHARDS"] == "redis://counters-0.igw-system:6379/0,redis://counters-1.igw-system:6379/0"
+    assert "REDIS_SHARDS" not in env["ext-proc"]
+    assert validate_objects(objects) == []
+
+
 def test_the_rate_limit_config_map_is_mounted_where_the_service_watches(demo) -> None:
     (cm,) = demo["11-ratelimit-config.yaml"]
     rl = next(o for o in demo["10-services.yaml"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "ratelimit")

@@ -102,6 +102,18 @@ def test_unknown_field_is_named_with_its_line_and_the_allowed_fields() -> None:
     assert line.startswith("policy.yaml:19: models.bert.replicas: unknown field 'replicas' (allowed: aliases,")
 
 
+def test_a_tls_redis_url_is_refused_because_the_services_cannot_use_it() -> None:
+    text = policy_text("services:\n  redis_url: rediss://redis:6379/0\n")
+    (line,) = errors(text)
+    assert "services.redis_url: 'rediss://redis:6379/0' does not match" in line
+
+
+def test_a_redis_shard_listed_twice_is_refused() -> None:
+    text = policy_text("services:\n  redis_shards: [redis://a:6379/0, redis://a:6379/0]\n")
+    (line,) = errors(text)
+    assert "services.redis_shards" in line and "non-unique" in line
+
+
 def test_wrong_type_is_named_with_its_path() -> None:
     text = BASE.replace("per_replica: 10", "per_replica: ten")
     assert errors(text) == ["policy.yaml:13: models.resnet.per_replica: 'ten' is not of type 'integer'"]
