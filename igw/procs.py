@@ -42,12 +42,17 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-def _die_with_parent() -> None:
-    """Runs in the child: SIGTERM it when the launcher dies, and give it its own process group."""
-    os.setsid()
+def set_parent_death_signal() -> None:
+    """Runs in a child (preexec_fn): the kernel sends it SIGTERM when its parent dies, even by SIGKILL."""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _die_with_parent() -> None:
+    """Runs in the child: SIGTERM it when the launcher dies, and give it its own process group."""
+    os.setsid()
+    set_parent_death_signal()
 
 
 class ManagedProcess:

@@ -117,7 +117,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
 def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int) -> int:
     """Supervise n copies of this command (each with --workers 1) and serve their admin endpoints on
     admin_host:admin_port; return the first failure code (one worker failing stops them all)."""
-    from igw.procs import free_port
+    from igw.procs import free_port, set_parent_death_signal
 
     ports = [free_port() for _ in range(n)]
     handler = type("AdminHandler", (_AdminHandler,), {"worker_ports": ports})
@@ -129,11 +129,7 @@ def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int) -> in
     admin.daemon_threads = True
     threading.Thread(target=admin.serve_forever, name="igw-admin", daemon=True).start()
 
-    children = []
-    for index, port in enumerate(ports):
-        env = {**os.environ, WORKER_INDEX_ENV: str(index), ADMIN_PORT_ENV: str(port)}
-        children.append(subprocess.Popen([sys.executable, *argv, "--workers", "1"], env=env))
-
+    children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -145,6 +141,11 @@ def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int) -> in
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for index, port in enumerate(ports):
+        env = {**os.environ, WORKER_INDEX_ENV: str(index), ADMIN_PORT_ENV: str(port)}
+        # A supervisor killed outright (SIGKILL, OOM) must not leave workers holding the gRPC port.
+        children.append(subprocess.Popen([sys.executable, *argv, "--workers", "1"], env=env,
+                                         preexec_fn=set_parent_death_signal))
     code = 0
     while children:
         for child in list(children):

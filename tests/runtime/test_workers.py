@@ -4,10 +4,16 @@ tests/ext_proc/test_metrics.py run real services with --workers 2.)"""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from igw.workers import _Merged, health_of, merge_expositions
+from tests.helpers import ServiceFactory
 
 WORKER_0 = """# HELP hits_total Hits
 # TYPE hits_total counter
@@ -57,3 +63,22 @@ def test_health_needs_every_worker() -> None:
     assert not ok and "worker 1: HTTP 503: redis unreachable" in text
     ok, text = health_of([(0, "unreachable: refused"), (200, "OK")])
     assert not ok and "worker 0: down (unreachable: refused)" in text
+
+
+def test_workers_exit_when_their_supervisor_is_killed_outright(services: ServiceFactory) -> None:
+    service = services.start_module("bench.ext_proc_echo", "--workers", "2")
+    supervisor = service.proc.pid
+    workers = [int(pid) for pid in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()]
+    assert len(workers) == 2
+    os.kill(supervisor, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()
+    except (FileNotFoundError, IndexError):
+        return "zombie"
