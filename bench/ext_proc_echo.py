@@ -42,16 +42,7 @@ class EchoProcessor:
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
     backend = GrpclibBackend([EchoProcessor(max_message_bytes(settings))], settings.max_concurrent_streams)
     runtime = ServiceRuntime(backend, [SERVICE_NAME], logging.getLogger("ext_proc_echo"))
-
-    async def healthy() -> tuple[bool, str]:
-        return True, "OK"
-
-    if not await runtime.start(settings.host, settings.grpc_port, settings.http_port, healthy):
-        return 1
-    await runtime.set_serving(True)
-    await stop.wait()
-    await runtime.stop(0.5)
-    return 0
+    return await runtime.serve_until(stop, settings.host, settings.grpc_port, settings.http_port)
 
 
 def main(argv: list[str] | None = None) -> int:

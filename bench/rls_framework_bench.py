@@ -187,16 +187,7 @@ async def serve_echo(settings: Settings, stop: asyncio.Event) -> int:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", 1000)])
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(EchoServicer(), server)
     runtime = ServiceRuntime(AioBackend(server), [SERVICE_NAME], log)
-
-    async def healthy() -> tuple[bool, str]:
-        return True, "OK"
-
-    if not await runtime.start(settings.host, settings.grpc_port, settings.http_port, healthy):
-        return 1
-    await runtime.set_serving(True)
-    await stop.wait()
-    await runtime.stop(0.5)
-    return 0
+    return await runtime.serve_until(stop, settings.host, settings.grpc_port, settings.http_port)
 
 
 SERVERS = {"grpclib": serve_grpclib, "echo": serve_echo}

@@ -60,6 +60,10 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+async def _always_healthy() -> tuple[bool, str]:
+    return True, "OK"
+
+
 class ServiceRuntime:
     def __init__(self, backend: GrpcBackend, health_names: Iterable[str], log: logging.Logger) -> None:
         self.backend = backend
@@ -90,6 +94,17 @@ class ServiceRuntime:
     async def set_serving(self, serving: bool) -> None:
         for name in self.names:
             await self.backend.set_status(name, serving)
+
+    async def serve_until(self, stop: asyncio.Event, host: str, grpc_port: int, http_port: int,
+                          health_check: HealthCheck | None = None, grace: float = 0.5) -> int:
+        """The whole life of a server with nothing else to run (the benches' echo baselines): bind,
+        SERVING, wait for `stop`, stop. Exit code 1 when a port cannot be bound."""
+        if not await self.start(host, grpc_port, http_port, health_check or _always_healthy):
+            return 1
+        await self.set_serving(True)
+        await stop.wait()
+        await self.stop(grace)
+        return 0
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run one of the service's background loops (probes, watchers); stop() ends it after the
