@@ -11,10 +11,11 @@ platform's size and prints their tables as they come, then every PASS/FAIL line 
   adaptive_step_bench    replicas 4 -> 2 -> 6 under 2x load: settled +-10 % within 1 s, both modes
   gateway_bench          throughput per feature (feeds capacity)
   latency_bench          open-loop latency added per path (feeds capacity)
+  ratelimit_bench        Redis CPU per call with the counters on 1, 4, 6 and 8 shards (feeds capacity)
   capacity               cores for 66,000 requests/s, per-request mode and quota push
 
 `--quick` shortens the long ones (fewer rounds, a 10 s watcher replay) for a smoke run; the figures in
-the README come from full runs. Whole run: about 20 minutes on 2 cores (quick: about 8).
+the README come from full runs. Whole run: about 23 minutes on 2 cores (quick: about 9).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ BENCHES: list[tuple[str, list[str], list[str]]] = [  # name, full flags, quick f
     ("adaptive_step_bench", [], ["--phase", "3"]),
     ("gateway_bench", [], ["--rounds", "1"]),
     ("latency_bench", [], ["--rounds", "1"]),
+    *(("ratelimit_bench", ["--shards", n], ["--shards", n, "--rounds", "1", "--duration", "3"])
+      for n in ("1", "4", "6", "8")),
     ("capacity", [], []),
 ]
 
