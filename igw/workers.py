@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -96,7 +96,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
                 texts.append(body if code == 200 else None)
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Merged(merge_expositions(texts)))
-            self._send(200, generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8")
+            self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
         elif path == "/healthcheck":
             ok, text = health_of([_fetch(port, "/healthcheck") for port in self.worker_ports])
             self._send(200 if ok else 503, text.encode())
