@@ -44,19 +44,31 @@ class TokenBucket:
     fill_interval_s: int  # Envoy 1.40 honours whole seconds only (see RLQS_NOTES.md)
 
 
-def token_bucket(rate_per_s: float) -> TokenBucket | None:
-    """A bucket admitting `rate_per_s` on average with a one-second (or one-fill) burst.
+MAX_FILL_INTERVAL_S = 60
 
-    Rates below one per second use a longer fill interval instead of fractional tokens. None means
-    "no tokens at all" (a budget of zero): the caller assigns DENY_ALL instead.
+
+def token_bucket(rate_per_s: float) -> TokenBucket | None:
+    """A bucket admitting `rate_per_s` on average, never more.
+
+    Envoy 1.40 fills whole tokens at whole-second intervals, so a rate is met exactly when some interval
+    of at most a minute holds a whole number of tokens (100/minute: 5 tokens every 3 s; any N per W
+    seconds with W <= 60 is exact); otherwise the closest rate below it is used. Rounding to whole tokens
+    per second instead would hand out up to a third more (2/s for 100/minute). Rates under one per minute
+    get one token per ceil(1/rate) seconds. None means "no tokens at all" (a budget of zero): the caller
+    assigns DENY_ALL instead.
     """
     if rate_per_s <= 0:
         return None
-    if rate_per_s >= 1:
-        tokens = round(rate_per_s)
-        return TokenBucket(max_tokens=tokens, tokens_per_fill=tokens, fill_interval_s=1)
-    interval = math.ceil(1 / rate_per_s)
-    return TokenBucket(max_tokens=1, tokens_per_fill=1, fill_interval_s=interval)
+    best: TokenBucket | None = None
+    for interval in range(1, MAX_FILL_INTERVAL_S + 1):
+        tokens = math.floor(rate_per_s * interval + 1e-9)
+        if tokens >= 1 and (best is None or tokens / interval > best.tokens_per_fill / best.fill_interval_s + 1e-12):
+            best = TokenBucket(max_tokens=tokens, tokens_per_fill=tokens, fill_interval_s=interval)
+        if tokens >= 1 and abs(rate_per_s * interval - tokens) < 1e-9:
+            break  # exact
+    if best is None:
+        return TokenBucket(max_tokens=1, tokens_per_fill=1, fill_interval_s=math.ceil(1 / rate_per_s - 1e-9))
+    return best
 
 
 def rate_per_second(requests_per_unit: int, window_seconds: int) -> float:

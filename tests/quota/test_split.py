@@ -75,3 +75,25 @@ def test_gateways_share_a_budget_whatever_their_own_name() -> None:
     a = rlqs_pb2.BucketId(bucket={"gw": "a", "tenant": "t", "model": "m"})
     b = rlqs_pb2.BucketId(bucket={"gw": "b", "tenant": "t", "model": "m"})
     assert bucket_key(a) == bucket_key(b) == "model=m,tenant=t"
+
+
+@pytest.mark.parametrize(("requests", "window"), [(100, 60), (90, 60), (7, 1), (1000, 60), (5, 60), (3, 3600),
+                                                  (86400, 86400), (37, 10)])
+def test_token_bucket_never_admits_more_than_the_rate_and_is_exact_for_per_window_limits(
+        requests: int, window: int) -> None:
+    rate = requests / window
+    bucket = token_bucket(rate)
+    assert bucket is not None
+    admitted = bucket.tokens_per_fill / bucket.fill_interval_s
+    assert admitted <= rate + 1e-9
+    if window <= 60 or requests % (window // 60 or 1) == 0:
+        assert abs(admitted - rate) < 1e-9, bucket
+
+
+def test_token_bucket_for_100_per_minute_fills_5_tokens_every_3_seconds() -> None:
+    assert token_bucket(100 / 60) == TokenBucket(max_tokens=5, tokens_per_fill=5, fill_interval_s=3)
+
+
+def test_token_bucket_for_an_uneven_slice_stays_below_it() -> None:
+    bucket = token_bucket(3.7123)
+    assert bucket is not None and 3.65 < bucket.tokens_per_fill / bucket.fill_interval_s <= 3.7123
