@@ -135,12 +135,16 @@ class ProcessorShared:
 
 class _BodyPlan:
     """What to do with the request body: `kind` is 'model' (find the model in it), 'inspect' (check
-    JSON) or 'count' (enforce the size only)."""
+    JSON) or 'count' (enforce the size only). `generation`: the lookups' generation when `tenant` was
+    read, so an answer built from it is never remembered as fresh after an invalidation."""
 
-    __slots__ = ("buffer", "json", "kind", "limit", "mode", "received", "route", "scanner", "tenant", "version")
+    __slots__ = ("buffer", "generation", "json", "kind", "limit", "mode", "received", "route", "scanner", "tenant",
+                 "version")
 
-    def __init__(self, kind: str, tenant: Tenant, route: Route, mode: int, *, json: bool, buffered: bool) -> None:
+    def __init__(self, kind: str, tenant: Tenant, route: Route, mode: int, *, json: bool, buffered: bool,
+                 generation: int) -> None:
         self.kind = kind
+        self.generation = generation
         self.tenant = tenant
         self.route = route
         self.mode = mode
@@ -188,6 +192,8 @@ class RequestProcessor:
                 "request_body, request_trailers, response_headers, response_body, response_trailers)",
             )
         if self.done:
+            if request.observability_mode:  # Envoy did not apply the refusal and goes on; nothing is read
+                return phase, r.CONTINUE[phase]
             raise ProtocolError("after_immediate_response",
                                 f"{phase} received after the request was answered with an ImmediateResponse")
         if request.HasField("protocol_config"):
@@ -236,7 +242,7 @@ class RequestProcessor:
                     head.authorization is not None, head.x_api_key is not None,
                     length is None, length is not None and length <= self.config.max_buffer_bytes)
         shared = self.shared
-        memo = shared.memo.get(memo_key)
+        memo = shared.memo.get(memo_key) if length != -1 else None  # a bad length is refused below
         if memo is not None and memo.generation == self.lookups.generation and memo.until > time.monotonic() \
                 and not (memo.key_expires_at and memo.key_expires_at <= self.clock()):
             return self._replay(memo, length)
@@ -258,7 +264,7 @@ class RequestProcessor:
             return self._deny(d.body_too_large(tenant.max_body_bytes))
         if memo.plan_kind is not None:
             self.plan = _BodyPlan(memo.plan_kind, tenant, memo.plan_route, memo.plan_mode,  # type: ignore[arg-type]
-                                  json=memo.plan_json, buffered=memo.plan_buffered)
+                                  json=memo.plan_json, buffered=memo.plan_buffered, generation=memo.generation)
         else:
             self._allow()
         return memo.response
@@ -345,18 +351,20 @@ class RequestProcessor:
         if not has_body:
             return d.BODY_REQUIRED if route.model_in_body else None
         max_buffer = self.config.max_buffer_bytes
+        generation = self._generation_at_start
         is_json = media_type(content_type) != "application/octet-stream"
         if route.model_in_body:
             if length is not None and length > max_buffer:
                 # STREAMED would forward the headers before the model is known, so routing could not use it.
                 return d.body_too_large_to_inspect(max_buffer)
-            return _BodyPlan("model", tenant, route, r.BODY_BUFFERED, json=True, buffered=True)
+            return _BodyPlan("model", tenant, route, r.BODY_BUFFERED, json=True, buffered=True, generation=generation)
         if model is not None and model.inspect_body:
             fits = length is not None and length <= max_buffer
             mode = r.BODY_BUFFERED if fits else r.BODY_STREAMED
-            return _BodyPlan("inspect", tenant, route, mode, json=is_json, buffered=fits)
+            return _BodyPlan("inspect", tenant, route, mode, json=is_json, buffered=fits, generation=generation)
         if length is None:
-            return _BodyPlan("count", tenant, route, r.BODY_STREAMED, json=False, buffered=False)
+            return _BodyPlan("count", tenant, route, r.BODY_STREAMED, json=False, buffered=False,
+                             generation=generation)
         return None
 
     # --- request body and trailers ---------------------------------------------------------------------
@@ -422,7 +430,7 @@ class RequestProcessor:
             return memo.response
         if not MODEL_NAME.match(name):
             return self._deny(d.INVALID_MODEL_NAME)
-        generation = self.lookups.generation
+        generation = plan.generation  # when plan.tenant was read: older than now means not fresh
         try:
             resolved = await self._resolve_model(plan.tenant, name)
         except Unavailable:
