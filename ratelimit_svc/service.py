@@ -122,7 +122,7 @@ class Limiter:
                 statuses[i].limit_remaining = UINT32_MAX
         response.overall_code = self._overall(matches, statuses)
         if self.settings.response_headers:
-            self._add_headers(response, statuses)
+            self._add_headers(response, matches, statuses)
         if self.settings.response_dynamic_metadata:
             self._add_metadata(response, matches, statuses)
         return response
@@ -220,21 +220,24 @@ class Limiter:
             return OK
         return OVER_LIMIT if over else OK
 
-    def _add_headers(self, response: Response, statuses: list[DescriptorStatus]) -> None:
-        tightest = None
-        for status in statuses:
-            if status.HasField("current_limit") and (
-                tightest is None or status.limit_remaining < tightest.limit_remaining
-            ):
-                tightest = status
-        if tightest is None:
+    def _add_headers(self, response: Response, matches: list[Match | None], statuses: list[DescriptorStatus]) -> None:
+        """Upstream's choice: the descriptor with the least remaining, but a (non-quota) descriptor over its
+        limit always wins, the last one if several, so a refused client learns the limit that refused it."""
+        chosen, least = None, UINT32_MAX + 1
+        for match, status in zip(matches, statuses, strict=True):
+            if status.HasField("current_limit") and status.limit_remaining < least:
+                chosen, least = status, status.limit_remaining
+            quota = match is not None and (match.limit.quota_mode or self.settings.quota_mode)
+            if status.code == OVER_LIMIT and not quota:
+                chosen, least = status, 0
+        if chosen is None:
             return
         s = self.settings
         response.response_headers_to_add.extend(
             [
-                base_pb2.HeaderValue(key=s.limit_header, value=str(tightest.current_limit.requests_per_unit)),
-                base_pb2.HeaderValue(key=s.remaining_header, value=str(tightest.limit_remaining)),
-                base_pb2.HeaderValue(key=s.reset_header, value=str(tightest.duration_until_reset.seconds)),
+                base_pb2.HeaderValue(key=s.limit_header, value=str(chosen.current_limit.requests_per_unit)),
+                base_pb2.HeaderValue(key=s.remaining_header, value=str(chosen.limit_remaining)),
+                base_pb2.HeaderValue(key=s.reset_header, value=str(chosen.duration_until_reset.seconds)),
             ]
         )
 

@@ -16,7 +16,7 @@ from envoy.type.v3 import ratelimit_unit_pb2
 
 from igw.procs import RedisServer
 from tests.helpers import Service, ServiceFactory
-from tests.ratelimit.rls_client import OK, OVER, RlsClient, descriptor
+from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges, descriptor
 
 CONFIG = """
 domain: test-domain
@@ -309,6 +309,20 @@ def test_response_headers_when_enabled(services: ServiceFactory, config_dir: Pat
     assert headers["RateLimit-Limit"] == "2"  # the descriptor with the least remaining
     assert headers["RateLimit-Remaining"] == "1"
     assert 0 < int(headers["RateLimit-Reset"]) <= 60
+    c.close()
+
+
+def test_response_headers_name_the_limit_that_refused_the_request(
+    services: ServiceFactory, config_dir: Path, redis_url: str
+) -> None:
+    svc = services.ratelimit(config_dir, redis_url, "--response-headers", "true")
+    c = RlsClient(svc.grpc_target)
+    avoid_window_edges()
+    c.call([("minute", "full")], hits_addend=5)  # the 5/minute limit is used up
+    response = c.call([("parent", "p1"), ("child", "y")], [("minute", "full")], hits_addend=2)
+    assert [s.code for s in response.statuses] == [OK, OVER]  # the 2/minute one is exactly at its limit
+    headers = {h.key: h.value for h in response.response_headers_to_add}
+    assert (headers["RateLimit-Limit"], headers["RateLimit-Remaining"]) == ("5", "0")
     c.close()
 
 
