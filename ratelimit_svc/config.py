@@ -282,9 +282,28 @@ def _uint32(file: str, node: yaml.Node | None, field_name: str) -> int | None:
 _CONSTRUCTOR = yaml.SafeLoader("")
 
 
-def _plain(node: yaml.Node) -> Any:
-    """Free-form data (metadata) as plain Python values."""
-    return _CONSTRUCTOR.construct_document(node)
+_PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null"))
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+
+
+def _plain(file: str, node: yaml.Node) -> Any:
+    """Free-form data (metadata) as plain values a protobuf Struct can carry: dates stay the text they
+    were written as, and a tag that is not plain data is a config error naming its line (a constructor
+    error escaping from here would take the config watcher down with it)."""
+    if isinstance(node, yaml.MappingNode):
+        return {str(_plain(file, key)): _plain(file, value) for key, value in node.value}
+    if isinstance(node, yaml.SequenceNode):
+        return [_plain(file, item) for item in node.value]
+    if node.tag == _TIMESTAMP:
+        return node.value
+    if node.tag not in _PLAIN_TAGS:
+        raise ConfigError(file, f"error loading config file: unsupported value {node.tag!r} in metadata",
+                          line=_line(node))
+    try:
+        return _CONSTRUCTOR.construct_object(node)
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(file, f"error loading config file: invalid value in metadata: {exc}",
+                          line=_line(node)) from None
 
 
 def _freeze(value: Any) -> Any:
@@ -392,7 +411,7 @@ class _Builder:
                 raise ConfigError(
                     file, "error loading config file: 'metadata' must be a map", line=_line(metadata_node)
                 )
-            metadata = _freeze(_plain(metadata_node))
+            metadata = _freeze(_plain(file, metadata_node))
         algorithm = _string(file, rl.get("algorithm"), "algorithm") or "fixed_window"
         if algorithm not in ("fixed_window", "gcra"):
             raise ConfigError(

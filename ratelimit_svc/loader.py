@@ -81,7 +81,9 @@ class ConfigHolder:
             config = read_config_dir(
                 self.directory, merge_domains=self.merge_domains, ignore_dotfiles=self.ignore_dotfiles
             )
-        except ConfigError as exc:
+        except Exception as exc:  # ConfigError names file and line; anything else is a bug, but not fatal
+            if not isinstance(exc, ConfigError):
+                log.exception("unexpected error loading %s", self.directory)
             self._signature = sig  # do not retry the same broken files in a loop
             self.last_error = str(exc)
             metrics.CONFIG_LOAD_ERROR.inc()
@@ -120,3 +122,5 @@ class ConfigHolder:
                             listener()
             except OSError as exc:
                 log.error("cannot scan config directory %s: %s", self.directory, exc)
+            except Exception:  # the watcher must outlive any one bad reload
+                log.exception("config watch step failed; still watching %s", self.directory)

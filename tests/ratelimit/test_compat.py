@@ -121,6 +121,30 @@ def test_merging_the_same_key_twice_is_rejected() -> None:
             "merge_domain_key1.yaml", "merge_domain_key1.yaml", merge=True)
 
 
+METADATA_CONFIG = """domain: d
+descriptors:
+  - key: a
+    rate_limit: {unit: minute, requests_per_unit: 2}
+    metadata: %s
+"""
+
+
+def test_a_date_in_metadata_stays_the_text_it_was_written_as() -> None:
+    config = parse_config([("m.yaml", METADATA_CONFIG % "{since: 2024-01-01, bad: 2020-13-45, n: 3, ok: true}")])
+    assert dict(find_limit(config, "d", (("a", "x"),)).limit.metadata) == {
+        "since": "2024-01-01", "bad": "2020-13-45", "n": 3, "ok": True}
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("{x: !foo bar}", "unsupported value '!foo' in metadata"),
+    ("{x: !!binary aGk=}", "unsupported value 'tag:yaml.org,2002:binary' in metadata"),
+])
+def test_metadata_that_is_not_plain_data_is_a_config_error_naming_its_line(value: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem) as info:
+        parse_config([("m.yaml", METADATA_CONFIG % value)])
+    assert "m.yaml" in str(info.value) and info.value.line == 5
+
+
 def test_metadata_is_exempt_from_key_validation_and_kept() -> None:
     config = load("metadata.yaml")
     sub = find_limit(config, D, (("key1", "value1"), ("subkey1", "x")))

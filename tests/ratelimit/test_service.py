@@ -284,6 +284,23 @@ def test_bad_reload_keeps_last_good_config_and_counts_error(
     assert "test.yaml" in service.proc.tail(50)
 
 
+def test_a_reload_with_unloadable_metadata_keeps_the_last_good_config_and_the_watcher(
+    client: RlsClient, config_dir: Path, service: Service
+) -> None:
+    (config_dir / "test.yaml").write_text(CONFIG.replace("    rate_limit: {unit: minute, requests_per_unit: 5}",
+                                                         "    rate_limit: {unit: minute, requests_per_unit: 5}\n"
+                                                         "    metadata: {owner: !team ml}"))
+    deadline = time.time() + 5
+    while "ratelimit_config_load_error_total 1.0" not in _metrics(service):
+        assert time.time() < deadline, "bad file not noticed"
+        time.sleep(0.1)
+    assert client.call([("minute", "kept")]).statuses[0].current_limit.requests_per_unit == 5
+    (config_dir / "test.yaml").write_text(CONFIG.replace("requests_per_unit: 5", "requests_per_unit: 7"))
+    while client.call([("minute", "fixed")]).statuses[0].current_limit.requests_per_unit != 7:
+        assert time.time() < deadline + 5, "watcher stopped after the bad file"
+        time.sleep(0.1)
+
+
 def _metrics(service: Service) -> str:
     return urllib.request.urlopen(f"{service.http_base}/metrics", timeout=5).read().decode()
 
