@@ -103,9 +103,12 @@ class RedisCounters:
         if fixed_keys:
             commands.append(("EVALSHA", FIXED_SHA, len(fixed_keys), *fixed_keys, *fixed_args))
         replies = await redis.execute_many(commands)  # type: ignore[arg-type]
-        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
+        missing = [i for i, reply in enumerate(replies)
+                   if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")]
+        if missing:  # a Redis that restarted or flushed its scripts: load them, re-send only what did not run
             await redis.execute_many([("SCRIPT", "LOAD", LUA), ("SCRIPT", "LOAD", FIXED_LUA)])
-            replies = await redis.execute_many(commands)  # type: ignore[arg-type]
+            for i, reply in zip(missing, await redis.execute_many([commands[i] for i in missing]), strict=True):
+                replies[i] = reply
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
                 raise RedisError(f"redis rejected a counter update: {reply}")
