@@ -61,6 +61,15 @@ class Hit:
 Counted = int | GcraResult  # fixed window: the counter after the increment
 
 
+class PartialCount(RedisError):
+    """Some shards counted and one did not: `results` has None for the hits that were not counted, so
+    fail-open can still enforce the counted ones."""
+
+    def __init__(self, message: str, results: list[Counted | None]) -> None:
+        super().__init__(message)
+        self.results = results
+
+
 def shard_of(group: str, shards: int) -> int:
     return zlib.crc32(group.encode()) % shards
 
@@ -82,12 +91,20 @@ class RedisCounters:
             ((shard, _),) = placed.items()
             return await self._apply_on(shards[shard], hits)
         parts = await asyncio.gather(*(self._apply_on(shards[shard], [hits[i] for i in indexes])
-                                       for shard, indexes in placed.items()))
-        results: list[Counted] = [0] * len(hits)
+                                       for shard, indexes in placed.items()), return_exceptions=True)
+        results: list[Counted | None] = [None] * len(hits)
+        failure: BaseException | None = None
         for indexes, part in zip(placed.values(), parts, strict=True):
+            if isinstance(part, BaseException):
+                failure = failure or part
+                continue
             for i, value in zip(indexes, part, strict=True):
                 results[i] = value
-        return results
+        if failure is not None:
+            if not isinstance(failure, RedisError):
+                raise failure
+            raise PartialCount(f"a counter shard failed: {failure}", results)
+        return results  # type: ignore[return-value]
 
     @staticmethod
     async def _apply_on(redis: PipelinedRedis, hits: list[Hit]) -> list[Counted]:

@@ -22,7 +22,7 @@ from igw.redis_conn import RedisError
 from ratelimit_svc import metrics
 from ratelimit_svc.adaptive import AdaptiveLimits
 from ratelimit_svc.config import RateLimit, RateLimitConfig
-from ratelimit_svc.counters import Hit, MemoryCounters, RedisCounters
+from ratelimit_svc.counters import Counted, Hit, MemoryCounters, PartialCount, RedisCounters
 from ratelimit_svc.gcra import GcraResult
 from ratelimit_svc.loader import ConfigHolder
 from ratelimit_svc.lookup import Match, find_limit
@@ -167,16 +167,21 @@ class Limiter:
 
         if not plan:
             return
+        counted: list[Counted | None]
         try:
-            counted = await self.counters.apply(batch)
-        except RedisError:
+            counted = await self.counters.apply(batch)  # type: ignore[assignment]
+        except RedisError as exc:
             metrics.REDIS_ERRORS.inc()
             if not self.settings.fail_open:
                 raise
             metrics.FAILED_OPEN.inc()
-            return
+            if not isinstance(exc, PartialCount):
+                return
+            counted = exc.results  # the shards that answered still decide for their descriptors
         near_ratio = self.settings.near_limit_ratio
         for (i, match, hits, requests, window), value in zip(plan, counted, strict=True):
+            if value is None:  # on a shard that failed, under --fail-open: a bare OK
+                continue
             status = statuses[i]
             reset = status.duration_until_reset
             reset.SetInParent()

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from igw.procs import RedisServer
+from ratelimit_svc.counters import shard_of
 from tests.helpers import ServiceFactory
 from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges
 
@@ -131,6 +132,25 @@ def test_a_shard_that_stops_answering_fails_calls_and_health_naming_it(
             break
         assert time.monotonic() < deadline, "health stayed OK with a shard down"
         time.sleep(0.2)
+
+
+def values_on(shard: int, key: str, shards: int = 2) -> str:
+    """A descriptor value whose counters live on `shard`."""
+    return next(v for v in (f"{key}{i}" for i in range(1000)) if shard_of(f"test-domain_{key}_{v}", shards) == shard)
+
+
+def test_with_fail_open_the_shards_that_answer_still_enforce_their_limits(
+    services: ServiceFactory, config_dir: Path, redis_url: str, shards: list[RedisServer]
+) -> None:
+    svc = services.ratelimit(config_dir, redis_url, "--redis-shards", shard_flag(shards), "--redis-timeout", "0.2",
+                             "--fail-open", "true")
+    tenant, model = values_on(0, "tenant"), values_on(1, "model")
+    os.kill(shards[1].pid, signal.SIGSTOP)  # the model's shard stops answering
+    client = RlsClient(svc.grpc_target)
+    avoid_window_edges()
+    codes = [client.call([("tenant", tenant)], [("model", model)]).overall_code for _ in range(7)]
+    client.close()
+    assert codes == [OK] * 5 + [OVER] * 2  # the tenant's 5/minute still holds on the shard that answers
 
 
 @pytest.mark.parametrize(("value", "problem"), [
