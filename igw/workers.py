@@ -36,6 +36,7 @@ from prometheus_client.samples import Sample
 ADMIN_PORT_ENV = "IGW_WORKER_ADMIN_PORT"
 WORKER_INDEX_ENV = "IGW_WORKER_INDEX"
 WORKER_TIMEOUT = 1.0  # seconds one worker has to answer a scrape or a health check
+STOP_GRACE_S = 15.0  # after a stop signal, workers still running this much later are killed
 
 log = logging.getLogger("igw.workers")
 
@@ -130,11 +131,11 @@ def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int) -> in
     threading.Thread(target=admin.serve_forever, name="igw-admin", daemon=True).start()
 
     children: list[subprocess.Popen[bytes]] = []
-    stopping = False
+    kill_at: float | None = None  # set by the first stop signal: workers get STOP_GRACE_S, then SIGKILL
 
     def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal kill_at
+        kill_at = kill_at or time.monotonic() + STOP_GRACE_S
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
@@ -142,18 +143,26 @@ def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int) -> in
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     for index, port in enumerate(ports):
+        if kill_at is not None:
+            break  # told to stop while starting: start no more
         env = {**os.environ, WORKER_INDEX_ENV: str(index), ADMIN_PORT_ENV: str(port)}
         # A supervisor killed outright (SIGKILL, OOM) must not leave workers holding the gRPC port.
         children.append(subprocess.Popen([sys.executable, *argv, "--workers", "1"], env=env,
                                          preexec_fn=set_parent_death_signal))
+    if kill_at is not None:  # the signal may have come while the last worker was being started
+        forward(signal.SIGTERM, None)
     code = 0
     while children:
         for child in list(children):
             result = child.poll()
             if result is None:
+                if kill_at is not None and time.monotonic() > kill_at:
+                    log.error("worker pid %d still running %.0f s after the stop signal; killing it",
+                              child.pid, STOP_GRACE_S)
+                    child.kill()
                 continue
             children.remove(child)
-            if result != 0 and not stopping:
+            if result != 0 and kill_at is None:
                 log.error("worker pid %d exited with %d; stopping", child.pid, result)
                 code = code or result
                 forward(signal.SIGTERM, None)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from igw.procs import free_port
 from igw.workers import _Merged, health_of, merge_expositions
 from tests.helpers import ServiceFactory
 
@@ -82,3 +85,29 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()
     except (FileNotFoundError, IndexError):
         return "zombie"
+
+
+STUBBORN_WORKER = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+SUPERVISOR = """
+import sys
+import igw.workers as workers
+workers.STOP_GRACE_S = 0.5
+sys.exit(workers.run_workers(2, ["-c", sys.argv[1]], "127.0.0.1", int(sys.argv[2])))
+"""
+
+
+def test_workers_that_ignore_the_stop_signal_are_killed_after_the_grace_period() -> None:
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, STUBBORN_WORKER, str(free_port())])
+    try:
+        deadline = time.monotonic() + 10
+        children_file = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children")
+        while len(children_file.read_text().split()) < 2:
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.05)
+        workers = [int(pid) for pid in children_file.read_text().split()]
+        time.sleep(0.3)  # let them install their SIGTERM-ignoring handler
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=5) == 0
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
+    finally:
+        supervisor.kill()
