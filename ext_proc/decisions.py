@@ -58,6 +58,12 @@ MISSING_MODEL = Denial(
 )
 INVALID_MODEL_NAME = Denial(400, "invalid_model", "the model name contains characters that are not allowed",
                             "invalid_model_name")
+# Envoy ignores mode_override in FULL_DUPLEX_STREAMED, so a request whose body must be read first cannot be
+# served with that filter setting: refused, with the reason in logs and metrics (not for the client).
+FULL_DUPLEX_BODY = Denial(
+    500, "gateway_misconfigured", "the gateway cannot read this request's body; contact the operator",
+    "full_duplex_body_mode",
+)
 BACKEND_UNAVAILABLE = Denial(
     503, "unavailable", "the gateway cannot verify credentials right now; retry shortly",
     "redis_unavailable", (("retry-after", "1"),),

@@ -318,6 +318,10 @@ class RequestProcessor:
         if isinstance(plan_or_denial, d.Denial):
             return self._deny(plan_or_denial)
         plan = plan_or_denial
+        if plan is not None and self.announced_body_mode == r.BODY_FULL_DUPLEX:
+            log.error("the ext_proc filter sends bodies FULL_DUPLEX_STREAMED, where Envoy ignores the body mode this "
+                      "request needs (%s); configure request_body_mode NONE with allow_mode_override", plan.kind)
+            return self._deny(d.FULL_DUPLEX_BODY)
 
         set_headers = tenant_headers(tenant, None if id_given else self.request_id)
         if model is not None:

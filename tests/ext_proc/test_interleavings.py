@@ -10,7 +10,7 @@ import json
 from ext_proc.apikeys import key_digest
 from ext_proc.processor import ProcessorConfig, ProcessorShared, RequestProcessor
 from ext_proc.records import ApiKey, Model, Tenant
-from tests.ext_proc.helpers import denial, request_body, request_headers
+from tests.ext_proc.helpers import Mode, denial, request_body, request_headers
 
 SECRET = b"memo-race-secret"
 KEY = "igw_abcdefabcdef_memo-race-key"
@@ -93,3 +93,27 @@ def test_in_observability_mode_phases_after_a_refusal_are_not_protocol_errors() 
         return phase
 
     assert asyncio.run(run()) == "request_body"
+
+
+def test_a_body_that_must_be_read_is_refused_clearly_when_envoy_streams_full_duplex() -> None:
+    async def run() -> tuple[int, str]:
+        processor = RequestProcessor(CONFIG, Lookups(), ProcessorShared(CONFIG, memo_ttl=30))
+        body = json.dumps({"model": "llama-3-8b"}).encode()
+        headers = request_headers("/v1/chat/completions", key=KEY, content_length=len(body), extra=REQUEST_ID,
+                                  announced_body_mode=Mode.FULL_DUPLEX_STREAMED)
+        _, answer = await processor.handle(headers)
+        refusal = denial(answer)
+        return refusal.status, refusal.code
+
+    assert asyncio.run(run()) == (500, "gateway_misconfigured")
+
+
+def test_a_request_without_a_body_plan_still_streams_full_duplex() -> None:
+    async def run() -> bytes:
+        processor = RequestProcessor(CONFIG, Lookups(), ProcessorShared(CONFIG, memo_ttl=30))
+        await processor.handle(request_headers(key=KEY, content_length=5, extra=REQUEST_ID,
+                                               announced_body_mode=Mode.FULL_DUPLEX_STREAMED))
+        _, answer = await processor.handle(request_body(b"hello"))
+        return answer.request_body.response.body_mutation.streamed_response.body
+
+    assert asyncio.run(run()) == b"hello"
