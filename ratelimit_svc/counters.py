@@ -8,9 +8,9 @@ arithmetic without I/O: useful for a single-process deployment without Redis, an
 
 Sharding (`--redis-shards`): one redis-server is single-threaded, and per-request rate limiting at the
 platform's peak needs more than one core of it (README, capacity). Each counter lives on the shard its
-`group` hashes to (CRC-32, the same in every process): the descriptor's domain and first entry, so a
-descriptor and the ones nested under the same parent entry ([tenant] and [tenant, model]) share a shard
-and a round trip, like a Redis Cluster hash tag. A request whose counters span shards sends one
+`group` hashes to (CRC-32, the same in every process): the domain and the first entry as the counter
+key spells them (lookup.counter_group), so a descriptor and the ones nested under the same first entry
+([tenant] and [tenant, model]) share a shard and a round trip, like a Redis Cluster hash tag. A request whose counters span shards sends one
 pipelined write to each, concurrently. Changing the shard list moves counters: their current windows
 restart from zero, nothing else.
 """

@@ -20,9 +20,16 @@ class Match:
     stats_key: str
     counter_key: str  # "<domain>_<k1>_<v1>_<k2>_<v2>_" ; the window start is appended by the cache
     entries: tuple[tuple[str, str], ...]
-    # Picks the counter's Redis shard (counters.py): the domain and the first entry as it appears in the
-    # counter key, so a shared-threshold wildcard keeps one counter on one shard.
-    group: str
+    group: str  # picks the counter's Redis shard (counters.py): counter_group(domain, counter_key)
+
+
+def counter_group(domain: str, counter_key: str) -> str:
+    """The domain and the first two `_`-separated fields after it: the first entry's key and value as the
+    counter key spells them. A function of the counter key alone, so one counter is always on one shard
+    (also when `_` in keys or values makes two descriptors spell the same key, which then share the
+    counter as upstream's do); a descriptor and the ones nested under the same first entry share it."""
+    head = counter_key[len(domain) + 1:].split("_", 2)[:2]
+    return f"{domain}_{'_'.join(head)}"
 
 
 LOOKUP_CACHE_MAX = 65_536  # 1,000 models x 50 tenants fit; beyond that the cache starts over
@@ -81,5 +88,4 @@ def find_in_domain(domain: Domain, entries: tuple[tuple[str, str], ...]) -> Matc
     counter_key = domain.name + "_" + "".join(
         f"{k}_{v}_" for (k, _), v in zip(entries, counter_values, strict=False)
     )
-    group = f"{domain.name}_{entries[0][0]}_{counter_values[0]}"
-    return Match(found, stats_key, counter_key, entries, group)
+    return Match(found, stats_key, counter_key, entries, counter_group(domain.name, counter_key))

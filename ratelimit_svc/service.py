@@ -25,7 +25,7 @@ from ratelimit_svc.config import RateLimit, RateLimitConfig
 from ratelimit_svc.counters import Counted, Hit, MemoryCounters, PartialCount, RedisCounters
 from ratelimit_svc.gcra import GcraResult
 from ratelimit_svc.loader import ConfigHolder
-from ratelimit_svc.lookup import Match, find_limit
+from ratelimit_svc.lookup import Match, counter_group, find_limit
 from ratelimit_svc.settings import Settings
 from ratelimit_svc.window import OK, OVER_LIMIT, gcra_outcome, outcome, seconds_until_reset, window_start
 
@@ -134,7 +134,7 @@ class Limiter:
         key = domain + "." + ".".join(f"{k}_{v}" if v else k for k, v in entries)
         limit = RateLimit(full_key=key, requests_per_unit=override.requests_per_unit, unit=override.unit)
         counter = domain + "_" + "".join(f"{k}_{v}_" for k, v in entries)
-        return Match(limit, key, counter, entries, f"{domain}_{entries[0][0]}_{entries[0][1]}")
+        return Match(limit, key, counter, entries, counter_group(domain, counter))
 
     async def _count(
         self, config: RateLimitConfig, domain: str, matches: list[Match | None], hits_list: list[int], now: int,

@@ -19,6 +19,7 @@ import redis
 
 from igw.procs import RedisServer
 from ratelimit_svc.counters import shard_of
+from ratelimit_svc.lookup import counter_group
 from tests.helpers import ServiceFactory
 from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges
 
@@ -162,3 +163,11 @@ def test_a_bad_shard_list_exits_2_naming_the_problem(config_dir: Path, value: st
     result = subprocess.run([sys.executable, "-m", "ratelimit_svc", "--config-dir", str(config_dir),
                              "--redis-shards", value], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and problem in result.stderr, result.stderr
+
+
+def test_the_shard_group_is_a_function_of_the_counter_key_alone() -> None:
+    # [(a, b), (c, d)] and [(a, "b_c_d")] spell the same counter key (upstream's format): one shard for both.
+    assert counter_group("d", "d_a_b_c_d_") == "d_a_b"
+    assert counter_group("my_domain", "my_domain_tenant_acme_model_llama_") == "my_domain_tenant_acme"
+    assert counter_group("my_domain", "my_domain_tenant_acme_") == "my_domain_tenant_acme"
+    assert counter_group("d", "d_team_team-*_") == "d_team_team-*"  # a shared-threshold wildcard's one counter
