@@ -10,9 +10,9 @@ Sharding (`--redis-shards`): one redis-server is single-threaded, and per-reques
 platform's peak needs more than one core of it (README, capacity). Each counter lives on the shard its
 `group` hashes to (CRC-32, the same in every process): the domain and the first entry as the counter
 key spells them (lookup.counter_group), so a descriptor and the ones nested under the same first entry
-([tenant] and [tenant, model]) share a shard and a round trip, like a Redis Cluster hash tag. A request whose counters span shards sends one
-pipelined write to each, concurrently. Changing the shard list moves counters: their current windows
-restart from zero, nothing else.
+([tenant] and [tenant, model]) share a shard and a round trip, like a Redis Cluster hash tag. A request
+whose counters span shards sends one pipelined write to each, concurrently. Changing the shard list moves
+counters: their current windows restart from zero, nothing else.
 """
 
 from __future__ import annotations
