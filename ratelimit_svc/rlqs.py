@@ -146,6 +146,9 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         self.streams: dict[str, GatewayStream] = {}
         self.redis = aioredis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
         self._wake = asyncio.Event()
+        # Per bucket, the other server replicas' streams as last read from Redis: while Redis is down they
+        # still count, so the replicas together stay within the budget instead of each handing out all of it.
+        self._remote: dict[BucketKey, dict[str, float]] = {}
 
     # -- gRPC ---------------------------------------------------------------------------------
 
@@ -224,7 +227,8 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
             await pipe.execute()
 
     async def _global_demands(self, keys: list[BucketKey], now: float) -> dict[BucketKey, dict[str, float]]:
-        """Demand of every stream (on any server replica) per bucket; local state if Redis is down."""
+        """Demand of every stream (on any server replica) per bucket. While Redis is down: the local streams
+        plus the other replicas' streams as last seen (an under-estimate of what is free, never an over-)."""
         local = {k: {s.stream_id: s.buckets[k].demand for s in self.streams.values() if k in s.buckets}
                  for k in keys}
         try:
@@ -233,7 +237,7 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                 pipe.hgetall(DEMAND_PREFIX + key)
             replies = await pipe.execute()
         except (OSError, aioredis.RedisError):
-            return local
+            return {k: {**self._remote.get(k, {}), **local[k]} for k in keys}
         result: dict[BucketKey, dict[str, float]] = {}
         for key, raw in zip(keys, replies, strict=True):
             demands = dict(local[key])
@@ -243,6 +247,7 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                 if sid not in demands and now - float(at or 0) <= DEMAND_MAX_AGE:
                     demands[sid] = float(demand)
             result[key] = demands
+            self._remote[key] = {sid: d for sid, d in demands.items() if sid not in local[key]}
         return result
 
     async def recompute(self, keys: set[BucketKey] | None = None, reason: str = "change") -> None:
