@@ -3,6 +3,9 @@ them afterwards. Nothing here fakes Redis or Envoy."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +26,16 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def redis_server(log_dir: Path) -> Iterator[RedisServer]:
     server = RedisServer(log_dir=log_dir).start()
     yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(log_dir: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone, for tests that kill, freeze (SIGSTOP) or restart it."""
+    server = RedisServer(log_dir=log_dir).start()
+    yield server
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(server.pid, signal.SIGCONT)
     server.stop()
 
 

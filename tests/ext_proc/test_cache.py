@@ -4,10 +4,6 @@ callers working and fails uncached ones closed (503)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from ext_proc import store
 from igw.procs import RedisServer
@@ -69,13 +65,6 @@ def test_removed_model_answers_404_within_one_second(client: ExtProcClient, worl
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert denial(client.one(request_headers(path, key=world.acme_key))).status == 404
-
-
-@pytest.fixture
-def own_redis(log_dir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(log_dir=log_dir).start()
-    yield server
-    server.stop()
 
 
 def test_redis_outage_keeps_cached_keys_and_fails_uncached_ones_closed(

@@ -7,22 +7,11 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 
 from igw.procs import RedisServer
 from ratelimit_svc.rlqs import DEMAND_PREFIX, QuotaServer
-
-
-@pytest.fixture
-def own_redis(log_dir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(log_dir=log_dir).start()
-    yield server
-    os.kill(server.pid, signal.SIGCONT)
-    server.stop()
 
 
 def test_other_replicas_gateways_keep_counting_while_redis_is_down(own_redis: RedisServer) -> None:

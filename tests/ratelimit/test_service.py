@@ -350,13 +350,6 @@ def test_response_headers_are_off_by_default(client: RlsClient) -> None:
 # --- Redis failures ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def own_redis(log_dir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(log_dir=log_dir).start()
-    yield server
-    server.stop()
-
-
 def test_redis_down_fails_fast_then_recovers_by_itself(
     services: ServiceFactory, config_dir: Path, own_redis: RedisServer, log_dir: Path
 ) -> None:

@@ -8,23 +8,12 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
 from igw.procs import RedisServer, free_port
 from igw.redis_conn import PipelinedRedis, RedisError, encode_command, parse_redis_url
-
-
-@pytest.fixture
-def own_redis(log_dir: Path) -> Iterator[RedisServer]:
-    """A server of this test alone: these tests stop and freeze it."""
-    server = RedisServer(log_dir=log_dir).start()
-    yield server
-    os.kill(server.pid, signal.SIGCONT)
-    server.stop()
 
 
 @pytest.mark.asyncio
