@@ -51,11 +51,13 @@ def request_headers_response(
     response = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
     if request_body_mode is not None:
         # Only what this request needs: its body, never the response phases (each is another message).
+        # A STREAMED body followed by trailers never arrives with end_of_stream: its end is the trailers
+        # message, so ask for it (a request without trailers sends none; checked through Envoy 1.40).
         response.mode_override.CopyFrom(ProcessingMode(
             request_body_mode=request_body_mode,
             response_header_mode=ProcessingMode.SKIP,
             response_body_mode=ProcessingMode.NONE,
-            request_trailer_mode=ProcessingMode.SKIP,
+            request_trailer_mode=ProcessingMode.SEND if request_body_mode == BODY_STREAMED else ProcessingMode.SKIP,
             response_trailer_mode=ProcessingMode.SKIP,
         ))
     return response

@@ -49,8 +49,8 @@ def envoy_config(listen: int, ext_proc_port: int, upstream_port: int) -> dict:
                 "explicit_http_config": {"http2_protocol_options": {}}}}
         return c
 
-    route = {"match": {"prefix": "/", "headers": [{"name": "x-igw-model", "string_match": {"exact": "llama-3-8b"}}]},
-             "route": {"cluster": "model"}}
+    routes = [{"match": {"prefix": "/", "headers": [{"name": "x-igw-model", "string_match": {"exact": model}}]},
+               "route": {"cluster": "model"}} for model in ("llama-3-8b", "guarded")]
     return {"static_resources": {
         "listeners": [{"name": "in", "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
                        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
@@ -59,7 +59,7 @@ def envoy_config(listen: int, ext_proc_port: int, upstream_port: int) -> dict:
                      "HttpConnectionManager",
             "stat_prefix": "in",
             "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-                route, {"match": {"prefix": "/"}, "direct_response": {"status": 418}}]}]},
+                *routes, {"match": {"prefix": "/"}, "direct_response": {"status": 418}}]}]},
             "http_filters": [
                 ext_proc_filter("ext_proc"),
                 {"name": "envoy.filters.http.router", "typed_config": {
@@ -127,3 +127,40 @@ def test_forged_internal_and_envoy_headers_are_stripped_whatever_their_case(gate
     seen = response.json()["headers"]
     assert "x-igw-anything" not in seen and "x-envoy-max-retries" not in seen and "x-api-key" not in seen
     assert seen["x-igw-priority"] == "2"  # acme's, not the forged 100
+
+
+def h2_post(url: str, path: str, headers: list[tuple[str, str]], body: bytes, trailers: list[tuple[str, str]]) -> int:
+    """One HTTP/2 (prior knowledge) POST whose body is followed by trailers; httpx cannot send trailers."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "gw"),
+                              *headers])
+        conn.send_data(1, body)
+        conn.send_headers(1, trailers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status = 0
+        while True:
+            data = sock.recv(65536)
+            assert data, "connection closed before the response ended"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    return status
+            sock.sendall(conn.data_to_send())
+
+
+def test_a_streamed_body_ending_in_trailers_is_still_checked_to_its_end(gateway: str, world: World) -> None:
+    headers = [("authorization", f"Bearer {world.acme_key}"), ("content-type", "application/json")]
+    trailers = [("x-checksum", "abc")]
+    # No content-length: STREAMED; the model is registered with body inspection (structural JSON check).
+    assert h2_post(gateway, "/v2/models/guarded/infer", headers, b'{"inputs": [1, 2', trailers) == 400
+    assert h2_post(gateway, "/v2/models/guarded/infer", headers, b'{"inputs": [1, 2]}', trailers) == 200
