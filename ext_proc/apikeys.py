@@ -63,7 +63,11 @@ def digests_match(expected: str, actual: str) -> bool:
 
 
 class MalformedAuthorization(ValueError):
-    """An Authorization header is present but is not 'Bearer <key>'."""
+    """A credential header is present but unusable: `header` names it, so the refusal can say which."""
+
+    def __init__(self, header: str, message: str) -> None:
+        super().__init__(message)
+        self.header = header
 
 
 def credential_from(authorization: str | None, x_api_key: str | None) -> str | None:
@@ -76,11 +80,11 @@ def credential_from(authorization: str | None, x_api_key: str | None) -> str | N
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token or " " in token or len(token) > MAX_KEY_LENGTH:
-            raise MalformedAuthorization("Authorization must be 'Bearer <key>'")
+            raise MalformedAuthorization("authorization", "Authorization must be 'Bearer <key>'")
         return token
     if x_api_key is not None and x_api_key.strip():
         token = x_api_key.strip()
         if len(token) > MAX_KEY_LENGTH or " " in token:
-            raise MalformedAuthorization("x-api-key is not a valid key")
+            raise MalformedAuthorization("x-api-key", "x-api-key is not a valid key")
         return token
     return None

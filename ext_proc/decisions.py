@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ext_proc.apikeys import MAX_KEY_LENGTH
+
 ALLOWED = "allowed"
 
 
@@ -40,6 +42,11 @@ MALFORMED_AUTHORIZATION = Denial(
     401, "invalid_authorization", "the Authorization header must have the form 'Bearer <key>'",
     "malformed_authorization", (_BEARER,),
 )
+MALFORMED_API_KEY = Denial(
+    401, "invalid_authorization",
+    f"the x-api-key header must hold the API key alone: no spaces, at most {MAX_KEY_LENGTH} characters",
+    "malformed_api_key", (_BEARER,),
+)
 UNKNOWN_KEY = Denial(401, "invalid_api_key", "the API key is not valid", "unknown_key", (_BEARER_INVALID,))
 REVOKED_KEY = Denial(401, "invalid_api_key", "the API key has been revoked", "revoked_key", (_BEARER_INVALID,))
 EXPIRED_KEY = Denial(401, "invalid_api_key", "the API key has expired", "expired_key", (_BEARER_INVALID,))
@@ -68,6 +75,12 @@ BACKEND_UNAVAILABLE = Denial(
     503, "unavailable", "the gateway cannot verify credentials right now; retry shortly",
     "redis_unavailable", (("retry-after", "1"),),
 )
+
+
+def repeated_credential(header: str) -> Denial:
+    """Two keys in one request: picking either would be a guess about which tenant is calling."""
+    return Denial(401, "invalid_authorization", f"the {header} header appears more than once: send one API key",
+                  "repeated_credential", (_BEARER,))
 
 
 def model_not_found(model: str) -> Denial:

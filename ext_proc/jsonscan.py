@@ -4,7 +4,7 @@ Pure: no I/O. Used only in STREAMED body mode, where the gateway must not buffer
 that the document starts with an object or array, that brackets nest and balance, that strings end,
 and that nothing but whitespace follows the top-level value. It does not check scalar tokens (a stray
 `tru` inside an array passes); BUFFERED mode, which parses the whole body, is the full check.
-State between chunks is a few integers and the bracket stack, never the body.
+State between chunks is a few integers and the bracket stack (at most MAX_DEPTH deep), never the body.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ _STRUCTURAL = re.compile(rb'[\[\]{}"]')
 _STRING_SPECIAL = re.compile(rb'["\\]')
 _WHITESPACE = b" \t\r\n"
 _CLOSERS = {ord("]"): ord("["), ord("}"): ord("{")}
+# As deep as BUFFERED mode's parser (orjson) accepts; it also bounds the one state that grows with the body.
+MAX_DEPTH = 1024
 
 
 class JsonStructureError(ValueError):
@@ -73,6 +75,8 @@ class JsonStructureScanner:
                 if not self._stack:
                     self._done = True
             else:
+                if len(self._stack) >= MAX_DEPTH:
+                    raise JsonStructureError(f"the JSON document is nested more than {MAX_DEPTH} levels deep")
                 self._stack.append(char)
 
     def finish(self) -> None:

@@ -224,10 +224,12 @@ class RequestProcessor:
         head = read_request_head(message.headers.headers)
         id_given = usable_request_id(head.request_id)
         self.request_id = head.request_id if id_given else new_request_id()
+        if head.repeated_credential is not None:
+            return self._deny(d.repeated_credential(head.repeated_credential))
         try:
             key = credential_from(head.authorization, head.x_api_key)
-        except MalformedAuthorization:
-            return self._deny(d.MALFORMED_AUTHORIZATION)
+        except MalformedAuthorization as exc:
+            return self._deny(d.MALFORMED_AUTHORIZATION if exc.header == "authorization" else d.MALFORMED_API_KEY)
         if key is None:
             return self._deny(d.MISSING_KEY)
         digest = self.shared.hasher.digest(key)
@@ -361,7 +363,10 @@ class RequestProcessor:
             if length is not None and length > max_buffer:
                 # STREAMED would forward the headers before the model is known, so routing could not use it.
                 return d.body_too_large_to_inspect(max_buffer)
-            return _BodyPlan("model", tenant, route, r.BODY_BUFFERED, json=True, buffered=True, generation=generation)
+            # Size unknown (chunked): under BUFFERED, a body over Envoy's buffer limit gets Envoy's own text/plain
+            # 413; BUFFERED_PARTIAL hands over the first part instead, refused here with a JSON 413.
+            mode = r.BODY_BUFFERED if length is not None else r.BODY_BUFFERED_PARTIAL
+            return _BodyPlan("model", tenant, route, mode, json=True, buffered=True, generation=generation)
         if model is not None and model.inspect_body:
             fits = length is not None and length <= max_buffer
             mode = r.BODY_BUFFERED if fits else r.BODY_STREAMED
@@ -387,8 +392,12 @@ class RequestProcessor:
         if plan.buffer is not None:
             if len(plan.buffer) + len(chunk) > self.config.max_buffer_bytes:
                 return self._deny(d.body_too_large_to_inspect(self.config.max_buffer_bytes))
+            # BUFFERED_PARTIAL without end_of_stream: trailers follow the body, or Envoy's buffer filled up, which
+            # (kept >= max_buffer_bytes) leaves a part over the limit, refused above, or exactly at it: cut.
+            cut = not body.end_of_stream and plan.mode == r.BODY_BUFFERED_PARTIAL \
+                and len(chunk) >= self.config.max_buffer_bytes
             if final and not plan.buffer:
-                return await self._finish_body(plan, chunk)  # the usual BUFFERED case: one message, no copy
+                return await self._finish_body(plan, chunk, cut=cut)  # the usual BUFFERED case: one message, no copy
             plan.buffer += chunk
         elif plan.scanner is not None:
             try:
@@ -407,7 +416,10 @@ class RequestProcessor:
                 return response
         return r.CONTINUE_REQUEST_TRAILERS
 
-    async def _finish_body(self, plan: _BodyPlan, whole_body: bytes | None = None) -> pb.ProcessingResponse:
+    async def _finish_body(
+        self, plan: _BodyPlan, whole_body: bytes | None = None, *, cut: bool = False
+    ) -> pb.ProcessingResponse:
+        """`cut`: the body may end past what was received, so a parse failure means too large to read."""
         self.plan = None
         if plan.scanner is not None:
             try:
@@ -419,13 +431,17 @@ class RequestProcessor:
             return r.CONTINUE_REQUEST_BODY
         try:
             body = whole_body if whole_body is not None else bytes(plan.buffer)
+            if not body and plan.kind == "model":
+                return self._deny(d.BODY_REQUIRED)  # a chunked upload of nothing: as with content-length 0
             document = parse_json_body(body) if plan.json else None
             if plan.kind != "model":
                 self._allow()
                 return r.CONTINUE_REQUEST_BODY
             name = model_from_document(document)
         except BodyError as exc:
-            return self._deny(d.INVALID_JSON if exc.reason == "invalid_json" else d.MISSING_MODEL)
+            if exc.reason == "invalid_json":
+                return self._deny(d.body_too_large_to_inspect(self.config.max_buffer_bytes) if cut else d.INVALID_JSON)
+            return self._deny(d.MISSING_MODEL)
         memo_key = (plan.tenant.id, name, plan.version)
         memo = self.shared.body_memo.get(memo_key)
         if memo is not None and memo.generation == self.lookups.generation and memo.until > time.monotonic():

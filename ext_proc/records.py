@@ -14,9 +14,11 @@ from typing import Literal
 
 TenantStatus = Literal["active", "suspended"]
 
-TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
-MODEL_GLOB = re.compile(r"^[A-Za-z0-9*?\[\]!._:/@-]{1,128}$")
+# \Z, not $: $ also matches before a final newline, and these names become header values, where
+# Envoy refuses a newline (the client would get a bare 503 instead of a clear 400).
+TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}\Z")
+MODEL_GLOB = re.compile(r"^[A-Za-z0-9*?\[\]!._:/@-]{1,128}\Z")
 
 MIB = 1024 * 1024
 
@@ -214,4 +216,4 @@ def model_from_hash(name: str, data: dict[str, str]) -> Model | None:
         raise RecordError(f"model {name!r} has a corrupt record in Redis: {exc}") from None
 
 
-MODEL_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")

@@ -44,6 +44,7 @@ class RequestHead:
     authorization: str | None = None
     x_api_key: str | None = None
     request_id: str | None = None
+    repeated_credential: str | None = None  # a credential header sent more than once (its name)
     spoofable: list[str] = field(default_factory=list)  # client-sent x-igw-* / x-envoy-* names
 
 
@@ -55,6 +56,8 @@ _PLAIN = (":authority", ":scheme", "user-agent", "accept", "accept-encoding", "a
           "te", "cookie", "origin", "referer", "cache-control", "pragma", "x-forwarded-proto", "x-forwarded-for",
           "x-forwarded-host", "x-forwarded-port", "x-real-ip", "traceparent", "tracestate", "x-b3-traceid",
           "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-amzn-trace-id", "x-cloud-trace-context")
+# Slots whose header must come once: a repeated credential is refused, not resolved by order.
+_CREDENTIAL_SLOTS = {"authorization": "authorization", "x_api_key": "x-api-key"}
 _CLASSIFY: dict[str, str | None] = {**dict.fromkeys(_PLAIN), **_READ}
 _SPOOFABLE = (INTERNAL_PREFIX, ENVOY_PREFIX)
 
@@ -84,6 +87,8 @@ def read_request_head(headers: Iterable[HeaderLike]) -> RequestHead:
             slot = _READ.get(lowered)
             if slot is None:
                 continue
+        if slot in _CREDENTIAL_SLOTS and getattr(head, slot) is not None:
+            head.repeated_credential = _CREDENTIAL_SLOTS[slot]
         raw = header.raw_value
         setattr(head, slot, raw.decode("latin-1") if raw else header.value)
     if head.method:
