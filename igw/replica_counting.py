@@ -14,9 +14,10 @@ Counting rules, per model:
 - An endpoint is identified by its `targetRef` (`namespace/name`, normally the Pod) or, without one, by
   its first address. The same endpoint listed in several slices (slice rebalancing, dual-stack IPv4 +
   IPv6 slices of one Service) counts once; it is ready if any listing says so.
-- Ready means `conditions.ready` is true or absent (the API says absent = unknown = ready) and
-  `conditions.terminating` is not true. `serving` is ignored: a serving but terminating pod is draining
-  and must not earn its model more quota.
+- Ready means `conditions.ready` is true or absent (the API says absent = unknown = ready),
+  `conditions.terminating` is not true and `conditions.serving` is not false. A serving but terminating
+  pod is draining and must not earn its model more quota; a ready but not serving one belongs to a
+  Service with publishNotReadyAddresses (ready is forced true there) and is not up.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def endpoint_ready(endpoint: Mapping[str, Any]) -> bool:
     conditions = endpoint.get("conditions") or {}
     if conditions.get("terminating") is True:
         return False
-    return conditions.get("ready") is not False
+    # A Service with publishNotReadyAddresses gets ready=true for every pod; serving keeps the pod's own
+    # readiness (for other Services serving=false implies ready=false anyway).
+    return conditions.get("ready") is not False and conditions.get("serving") is not False
 
 
 def summarize(obj: Mapping[str, Any], model_label: str = MODEL_LABEL,

@@ -15,7 +15,7 @@ from `igw:replica-models`. A Service that still exists with no ready pods keeps 
 
 A watcher that has lost the API server (no open watch and no successful call for `ttl` seconds) stops
 heartbeating: counts it can no longer vouch for expire, rather than another replica's fresh ones being
-overwritten with stale ones forever. Once back, it relists and rewrites everything.
+overwritten with stale ones forever. Once back (relisted or resuming its watch), it rewrites everything.
 
 Why concurrent replicas and no leader election: what each watcher writes is a pure function of the
 API server's state, each model's write is one atomic MULTI block, and every write is a full replacement,
@@ -133,8 +133,10 @@ class ReplicaWatcher:
         self.synced = threading.Event()  # set after the first successful list
         self.watch_open = False
         self.api_ok_at = float("-inf")
+        self.abandoned = False  # counts were left to expire while the API was unreachable
         self.relists = 0
         self.events = 0
+        self.watch_lines = 0  # lines the current (or last) watch delivered before ending or failing
         self._stop = threading.Event()
         self._resp: Any = None
 
@@ -204,6 +206,7 @@ class ReplicaWatcher:
         urllib3/OS error otherwise.
         """
         timeout = random.randint(self.settings.watch_timeout, 2 * self.settings.watch_timeout)
+        self.watch_lines = 0
         resp = self._list_call(watch=True, resource_version=self.resource_version, allow_watch_bookmarks=True,
                                timeout_seconds=timeout, _request_timeout=(5, self.settings.read_timeout))
         self._resp = resp
@@ -215,8 +218,9 @@ class ReplicaWatcher:
             for line in self._lines(resp):
                 if self._stop.is_set():
                     break
-                delivered += 1
                 self._handle_line(line)
+                delivered += 1
+                self.watch_lines = delivered  # counts only lines that were not errors
         finally:
             with self.cond:
                 self.watch_open = False
@@ -256,19 +260,26 @@ class ReplicaWatcher:
         reason = "start"
         while not self._stop.is_set():
             delay = 0.0
+            self.watch_lines = 0
             try:
+                # A successful relist does not reset the backoff: a watch failing at once after every list
+                # (a lagging watch cache answering 410) would otherwise relist in a tight loop. Only a
+                # watch that delivered something proves the API usable again.
                 if self.resource_version is None:
                     self.relist(reason)
-                    backoff.reset()
                 if self.watch_once() > 0:
                     backoff.reset()
                 else:
                     delay = backoff.next()  # ended without a single line: do not spin
             except Gone as exc:
+                if self.watch_lines:
+                    backoff.reset()
                 log.info("watch expired (%s): relisting", exc)
                 self.resource_version, reason = None, "gone"
                 delay = backoff.next_after_first()
             except WatchError as exc:
+                if self.watch_lines:
+                    backoff.reset()
                 API_ERRORS.labels("watch_error_event").inc()
                 log.warning("watch error event (%s): relisting", exc)
                 self.resource_version, reason = None, "error_event"
@@ -285,6 +296,8 @@ class ReplicaWatcher:
                 if self._stop.is_set():
                     break
                 API_ERRORS.labels(type(exc).__name__).inc()
+                if self.watch_lines:
+                    backoff.reset()
                 # A broken stream resumes from the last resourceVersion; the first retry is immediate.
                 delay = backoff.next_after_first()
                 log.info("watch connection lost (%s); resuming from %s in %.1fs",
@@ -340,13 +353,21 @@ class ReplicaWatcher:
                 heartbeat = now >= next_heartbeat
                 if heartbeat:
                     next_heartbeat = now + settings.heartbeat
-                    if not self.api_healthy(now) and self.published:
+                    healthy = self.api_healthy(now)
+                    if not healthy and self.published:
                         log.warning("no contact with the Kubernetes API for %.0fs: not refreshing %d models "
                                     "(they expire in at most %ds)", now - self.api_ok_at, len(self.published),
                                     settings.ttl)
                         self.published.clear()
+                        self.abandoned = True
                         MODELS.set(0)
                         heartbeat = False
+                    elif healthy and self.abandoned:
+                        # A resumed watch (history intact) relists nothing and may bring no event for a
+                        # model for hours: republish every model we know instead of waiting for one.
+                        self.abandoned = False
+                        for model in self.index.models():
+                            self.dirty.setdefault(model, now)
                 writes, pending, firsts = self._collect(heartbeat)
             if not writes and not heartbeat:
                 continue

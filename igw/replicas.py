@@ -15,6 +15,7 @@ so readers refresh within milliseconds.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -58,16 +59,24 @@ def decode_state(model: str, raw: dict[bytes | str, bytes | str]) -> ReplicaStat
     data = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in raw.items()}
     try:
-        return ReplicaState(
+        versions = json.loads(data.get("versions") or "{}")
+        replicas = json.loads(data.get("replicas") or "[]")
+        if not isinstance(versions, dict) or not isinstance(replicas, list):
+            return None  # e.g. "null" or a number: valid JSON of the wrong shape
+        state = ReplicaState(
             model=model,
             ready=int(data["ready"]),
-            versions={str(k): int(v) for k, v in json.loads(data.get("versions") or "{}").items()},
-            replicas=tuple(json.loads(data.get("replicas") or "[]")),
+            versions={str(k): int(v) for k, v in versions.items()},
+            replicas=tuple(str(r) for r in replicas),
             updated=float(data.get("updated") or 0),
             publisher=data.get("publisher", ""),
         )
     except (KeyError, ValueError, TypeError):
         return None
+    # A negative count or a time of inf/nan would never look stale: the quota would follow it forever.
+    if state.ready < 0 or not math.isfinite(state.updated):
+        return None
+    return state
 
 
 def write_commands(state: ReplicaState, ttl: int = DEFAULT_TTL) -> list[tuple[str, ...]]:

@@ -80,15 +80,16 @@ class AdaptiveLimits:
         self.listeners: list[Callable[[], None]] = []  # told when a model's ready count changes
         self._gauges: dict[tuple[str, str | None], Gauge] = {}
 
-    def _total(self, config: RateLimitConfig, domain: str, adaptive: Adaptive) -> float:
+    def _total(self, config: RateLimitConfig, domain: str, adaptive: Adaptive, model: str | None) -> float:
         if self._totals_for is not config:
             self._totals = share_totals(config)
             self._totals_for = config
-        fixed = self._totals.get((domain, adaptive.share_key, adaptive.model), 0.0)
-        # Limits that take the model from the descriptor apply to every model, fixed ones to theirs.
-        if adaptive.model is None:
-            return fixed
-        return fixed + self._totals.get((domain, adaptive.share_key, None), 0.0)
+        # Limits that take the model from the descriptor apply to every model, fixed ones to theirs: the
+        # tenants holding a share of `model` are both kinds, whichever kind this limit is.
+        total = self._totals.get((domain, adaptive.share_key, None), 0.0)
+        if model is not None:
+            total += self._totals.get((domain, adaptive.share_key, model), 0.0)
+        return total
 
     def ready(self, model: str, now: float) -> int | None:
         state = self.states.get(model)
@@ -101,7 +102,7 @@ class AdaptiveLimits:
         assert adaptive is not None
         model = model_of(adaptive, match)
         ready = self.ready(model, now) if model else None
-        value = effective_limit(adaptive, ready, self._total(config, domain, adaptive))
+        value = effective_limit(adaptive, ready, self._total(config, domain, adaptive, model))
         gauge_key = (match.stats_key, model)
         gauge = self._gauges.get(gauge_key)
         if gauge is None:  # prometheus-client's labels() takes a lock and builds a tuple: once per series
@@ -121,11 +122,12 @@ class AdaptiveLimits:
         pipe = client.pipeline(transaction=False)
         for model in models:
             pipe.hgetall(replica_key(model))
-        results = await pipe.execute()
+        # One key of the wrong type (WRONGTYPE) must cost that model alone its data, not every model its refresh.
+        results = await pipe.execute(raise_on_error=False)
         now = time.time()
         changed = False
         for model, raw in zip(models, results, strict=True):
-            state = decode_state(model, raw)
+            state = None if isinstance(raw, Exception) else decode_state(model, raw)
             previous = self.states.get(model)
             if state is None:
                 changed |= self.states.pop(model, None) is not None

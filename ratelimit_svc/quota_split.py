@@ -29,10 +29,11 @@ def split_budget(budget: float, demands: dict[str, float], floor_fraction: float
 
 def whole_tokens(shares: dict[str, float], budget: int) -> dict[str, int]:
     """Round shares to integers that sum to `budget` (largest remainder), so rounding never hands out
-    more than the budget in total."""
+    more than the budget in total. Ties go by name, not by dict order: server replicas listing the same
+    gateways in different orders must give the odd tokens to the same ones."""
     floors = {gw: math.floor(v) for gw, v in shares.items()}
     left = budget - sum(floors.values())
-    for gw in sorted(shares, key=lambda g: shares[g] - floors[g], reverse=True)[: max(0, left)]:
+    for gw in sorted(shares, key=lambda g: (floors[g] - shares[g], g))[: max(0, left)]:
         floors[gw] += 1
     return floors
 

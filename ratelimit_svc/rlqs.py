@@ -8,7 +8,7 @@ pushed. This server computes each bucket's global budget from the same rate-limi
 on a replica change, a config reload, or a gateway joining or leaving, not only on the next report.
 
 Gateway streams live in this process's memory; demand per bucket and stream is kept in Redis
-(`igw:rlqs:demand:<bucket>` hashes with a TTL), so several server replicas see every gateway and
+(`igw:rlqs:demand:<domain>|<bucket>` hashes with a TTL), so several server replicas see every gateway and
 compute the same split. Each stream is one Envoy process (several gateway pods may share one config and
 therefore one static `gw` bucket entry, so streams, not bucket ids, identify gateways).
 """
@@ -60,6 +60,12 @@ def bucket_key(bucket_id: rlqs_pb2.BucketId) -> BucketKey:
     """The budget a bucket draws from: its entries without the gateway's own name, so the same tenant
     and model on every gateway share one budget."""
     return ",".join(f"{k}={v}" for k, v in sorted(bucket_id.bucket.items()) if k != GATEWAY_KEY)
+
+
+def domain_bucket_key(domain: str, bucket_id: rlqs_pb2.BucketId) -> BucketKey:
+    """The budget is the domain's: gateways of two domains with the same tenant and model draw from two
+    budgets (and their demands must not be split together)."""
+    return f"{domain}|{bucket_key(bucket_id)}"
 
 
 @dataclass
@@ -189,7 +195,7 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                 stream.domain = report.domain
             new = False
             for usage in report.bucket_quota_usages:
-                key = bucket_key(usage.bucket_id)
+                key = domain_bucket_key(stream.domain, usage.bucket_id)
                 state = stream.buckets.get(key)
                 new_bucket = state is None
                 if state is None:
@@ -202,7 +208,8 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                 # lets the growing side spend its new rate while the shrinking side already spent its old.
                 if not new_bucket:
                     demand = DEMAND_SMOOTHING * demand + (1 - DEMAND_SMOOTHING) * state.demand
-                state.demand = demand
+                # Kept at the precision _publish_demand writes, so every server replica splits the same numbers.
+                state.demand = round(demand, 3)
                 state.reported_at = now
             await self._publish_demand(stream, now)
             # Every local gateway holding these buckets gets its new slice now, not at the next sweep:
@@ -281,7 +288,11 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
             return {}
         shares = split_budget(budget, demands, self.floor_fraction)
         if budget >= len(shares) and budget == int(budget):
-            return {k: float(v) for k, v in whole_tokens(shares, int(budget)).items()}
+            whole = whole_tokens(shares, int(budget))
+            # Rounding a floor of under one token to 0 would DENY_ALL an idle gateway: keep the exact shares
+            # then (token_bucket meets each one or stays below it, so they still add up to the budget at most).
+            if all(v >= 1 for k, v in whole.items() if shares[k] > 0):
+                return {k: float(v) for k, v in whole.items()}
         return shares
 
     def _send(self, stream: GatewayStream, key: BucketKey, assignment: Assignment, now: float, reason: str) -> None:

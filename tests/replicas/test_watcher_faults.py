@@ -1,0 +1,70 @@
+"""The watcher under API-server and Redis faults a demanding operator meets: outages longer than the TTL,
+resumed watches, auth errors. Against the loopback Kubernetes API peer and a real redis-server."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from igw.replicas import replica_key
+from tests.replicas.conftest import WatcherRunner, read_state, wait_for
+from tests.replicas.k8s_fake import FakeKubeAPI
+from tests.replicas.slices import endpoint, endpoint_slice, model_slice
+
+
+def ready_is(client: redis.Redis, model: str, ready: int) -> bool:
+    state = read_state(client, model)
+    return state is not None and state.ready == ready
+
+
+def test_counts_come_back_when_the_api_returns_after_an_outage_longer_than_the_ttl(
+        kube_api: FakeKubeAPI, watchers: WatcherRunner, rclient: redis.Redis) -> None:
+    kube_api.load([model_slice("llama", ["a", "b"])])
+    watcher = watchers.start(kube_api.url, ttl=2, heartbeat=0.5)
+    wait_for(lambda: ready_is(rclient, "llama", 2) and kube_api.active_watches == 1, what="sync")
+    kube_api.fail_next(100_000, 503)  # the API server answers nothing but 503 for a while
+    kube_api.drop_watches()
+    wait_for(lambda: not rclient.exists(replica_key("llama")), timeout=8, what="counts expire during the outage")
+    with kube_api.cond:
+        kube_api.fail_queue.clear()  # back, with its history intact: the watch resumes without a relist
+    wait_for(lambda: watcher.health()[0], timeout=5, what="watcher healthy again")
+    wait_for(lambda: ready_is(rclient, "llama", 2), timeout=5, what="counts published again")
+
+
+def test_not_ready_pods_of_a_service_publishing_not_ready_addresses_do_not_count(
+        kube_api: FakeKubeAPI, watchers: WatcherRunner, rclient: redis.Redis) -> None:
+    # With publishNotReadyAddresses the controller sets ready=true for every pod; serving keeps the pod's
+    # own readiness (k8s.io/api discovery/v1 EndpointConditions).
+    eps = [endpoint("up", "10.0.0.1", ready=True, serving=True),
+           endpoint("starting", "10.0.0.2", ready=True, serving=False)]
+    kube_api.load([endpoint_slice("llama-x1", "llama", eps, model="llama")])
+    watchers.start(kube_api.url)
+    wait_for(lambda: read_state(rclient, "llama") is not None, what="sync")
+    state = read_state(rclient, "llama")
+    assert state is not None and (state.ready, state.replicas) == (1, ("models/up",))
+
+
+def test_a_service_relabelled_to_another_model_moves_its_replicas(
+        kube_api: FakeKubeAPI, watchers: WatcherRunner, rclient: redis.Redis) -> None:
+    kube_api.load([model_slice("llama", ["a", "b"], service="svc"), model_slice("mistral", ["m"])])
+    watchers.start(kube_api.url)
+    wait_for(lambda: ready_is(rclient, "llama", 2) and kube_api.active_watches == 1, what="sync")
+    kube_api.apply("MODIFIED", model_slice("mistral", ["a", "b"], service="svc"))
+    wait_for(lambda: ready_is(rclient, "mistral", 3) and ready_is(rclient, "llama", 0), what="moved")
+    moved = model_slice("mistral", ["a", "b"], service="svc")
+    del moved["metadata"]["labels"]["igw.ai/model"]  # leaves the selector: the watch says DELETED
+    kube_api.apply("MODIFIED", moved)
+    wait_for(lambda: ready_is(rclient, "mistral", 1), what="unlabelled")
+
+
+def test_a_watch_that_always_answers_410_does_not_relist_in_a_tight_loop(
+        kube_api: FakeKubeAPI, watchers: WatcherRunner, rclient: redis.Redis) -> None:
+    kube_api.load([model_slice("llama", ["a"])])
+    with kube_api.cond:
+        kube_api.compacted_rv = 10**9  # every watch is "too old" (a lagging watch cache): ERROR 410 at once
+    watchers.start(kube_api.url, backoff_initial=0.05, backoff_max=0.5)
+    wait_for(lambda: ready_is(rclient, "llama", 1), what="sync")
+    time.sleep(2.0)
+    lists = kube_api.request_count(watch=False)
+    assert lists <= 20, f"{lists} full lists in about 2 s"  # backed off, not one relist per round trip
