@@ -49,6 +49,7 @@ BOOL = "tag:yaml.org,2002:bool"
 NULL = "tag:yaml.org,2002:null"
 FLOAT = "tag:yaml.org,2002:float"
 TIMESTAMP = "tag:yaml.org,2002:timestamp"
+MERGE = "tag:yaml.org,2002:merge"
 UINT32_MAX = 2**32 - 1
 # libyaml's composer when PyYAML has it (10x faster on the 1 MB configs of 1,000 models); same node graph.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -147,8 +148,7 @@ class RateLimitConfig:
     def limit_count(self) -> int:
         def count(node: Node) -> int:
             own = 1 if node.limit is not None else 0
-            kids = list(node.children.values()) + [n for _, _, n in node.wildcards]
-            return own + sum(count(k) for k in kids)
+            return own + sum(count(k) for k in node.children.values())  # wildcard nodes are children too
 
         return sum(count(d.root) for d in self.domains.values())
 
@@ -201,25 +201,42 @@ def _yaml_message(exc: yaml.YAMLError) -> str:
     return str(exc)
 
 
-def _validate_keys(file: str, node: yaml.Node) -> None:
-    """Upstream's strict key check: every mapping key anywhere must be a known string key."""
+def _flatten(file: str, node: yaml.MappingNode) -> None:
+    """Expand YAML merge keys (`<<: *anchor`) in place, as upstream's YAML library does when it decodes a
+    map: the merged keys come first, so the map's own keys win. Idempotent, so a node reached through
+    several aliases is flattened once in effect."""
+    if not any(key.tag == MERGE for key, _ in node.value):
+        return
+    try:
+        _CONSTRUCTOR.flatten_mapping(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or node.start_mark
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(file, f"error loading config file: invalid merge key: {problem}",
+                          line=mark.line + 1) from None
+
+
+def _validate_keys(file: str, node: yaml.Node, *, in_rate_limit: bool = False) -> None:
+    """Upstream's strict key check: every mapping key anywhere must be a known string key. Our extension
+    keys are known only directly inside `rate_limit`: anywhere else they would be ignored silently."""
     if isinstance(node, yaml.MappingNode):
+        _flatten(file, node)
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != STR:
                 shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "<non-scalar>"
                 raise ConfigError(file, f"config error, key is not of type string: {shown}", line=_line(key_node))
-            if key_node.value not in VALID_KEYS:
+            if key_node.value not in UPSTREAM_KEYS and not (in_rate_limit and key_node.value in EXTENSION_KEYS):
                 raise ConfigError(file, f"config error, unknown key '{key_node.value}'", line=_line(key_node))
             if key_node.value in OPAQUE_KEYS:
                 continue
             if key_node.value in FLOAT_KEYS and isinstance(value_node, yaml.ScalarNode) and value_node.tag == FLOAT:
                 continue  # our extension: a share weight may be fractional (upstream's keys never are)
-            _validate_value(file, value_node)
+            _validate_value(file, value_node, in_rate_limit=key_node.value == "rate_limit")
     else:
         _validate_value(file, node)
 
 
-def _validate_value(file: str, node: yaml.Node) -> None:
+def _validate_value(file: str, node: yaml.Node, *, in_rate_limit: bool = False) -> None:
     if isinstance(node, yaml.SequenceNode):
         for item in node.value:
             if not isinstance(item, yaml.MappingNode):
@@ -229,7 +246,7 @@ def _validate_value(file: str, node: yaml.Node) -> None:
                 )
             _validate_keys(file, item)
     elif isinstance(node, yaml.MappingNode):
-        _validate_keys(file, node)
+        _validate_keys(file, node, in_rate_limit=in_rate_limit)
     elif isinstance(node, yaml.ScalarNode) and node.tag not in (STR, INT, BOOL, NULL, TIMESTAMP):
         raise ConfigError(file, f"error checking config: unsupported value {node.value!r}", line=_line(node))
 
@@ -291,6 +308,7 @@ def _plain(file: str, node: yaml.Node) -> Any:
     were written as, and a tag that is not plain data is a config error naming its line (a constructor
     error escaping from here would take the config watcher down with it)."""
     if isinstance(node, yaml.MappingNode):
+        _flatten(file, node)
         return {str(_plain(file, key)): _plain(file, value) for key, value in node.value}
     if isinstance(node, yaml.SequenceNode):
         return [_plain(file, item) for item in node.value]

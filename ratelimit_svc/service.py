@@ -21,7 +21,7 @@ from google.protobuf import struct_pb2
 from igw.redis_conn import RedisError
 from ratelimit_svc import metrics
 from ratelimit_svc.adaptive import AdaptiveLimits
-from ratelimit_svc.config import RateLimit, RateLimitConfig
+from ratelimit_svc.config import UNIT_SECONDS, RateLimit, RateLimitConfig
 from ratelimit_svc.counters import Counted, Hit, MemoryCounters, PartialCount, RedisCounters
 from ratelimit_svc.gcra import GcraResult
 from ratelimit_svc.loader import ConfigHolder
@@ -32,6 +32,10 @@ from ratelimit_svc.window import OK, OVER_LIMIT, gcra_outcome, outcome, seconds_
 log = logging.getLogger("ratelimit_svc")
 
 UINT32_MAX = 2**32 - 1
+# A descriptor's hits_addend is a uint64, limits are uint32: any count above UINT32_MAX is over every limit,
+# so larger ones are counted as this many. Counted as sent, they would overflow Redis's int64 counters
+# (or lose digits in Lua) and turn a plain OVER_LIMIT into a backend error, which --fail-open answers OK.
+HITS_CAP = UINT32_MAX + 1
 Response = rls_pb2.RateLimitResponse
 DescriptorStatus = rls_pb2.RateLimitResponse.DescriptorStatus
 RateLimitOverride = RateLimitDescriptor.RateLimitOverride
@@ -90,8 +94,12 @@ class Limiter:
                     metrics.SERVICE_ERRORS.labels("empty_key").inc()
                     raise InvalidRequest(f"descriptor {i} has an entry with an empty key")
             if descriptor.HasField("hits_addend"):
-                hits_list[i] = descriptor.hits_addend.value
+                hits_list[i] = min(descriptor.hits_addend.value, HITS_CAP)
             if descriptor.HasField("limit"):
+                if descriptor.limit.unit not in UNIT_SECONDS:
+                    metrics.SERVICE_ERRORS.labels("bad_override_unit").inc()
+                    raise InvalidRequest(f"descriptor {i} has a limit override with unknown unit "
+                                         f"{descriptor.limit.unit} (expected 1-7: SECOND to WEEK)")
                 match = self._override(domain, entries, descriptor.limit)
                 if domain not in config.domains:
                     metrics.DOMAIN_NOT_FOUND.labels(domain).inc()
@@ -102,11 +110,11 @@ class Limiter:
                     metrics.DOMAIN_NOT_FOUND.labels(domain).inc()
             if match is None:
                 continue
+            replaced_names.update(match.limit.replaces)  # an unlimited limit replaces others too, as upstream
             if match.limit.unlimited:
                 unlimited[i] = True
                 continue
             matches[i] = match
-            replaced_names.update(match.limit.replaces)
         if replaced_names:
             for i, match in enumerate(matches):
                 if match is not None and match.limit.name in replaced_names:
@@ -154,10 +162,13 @@ class Limiter:
                 requests = self.adaptive.effective_limit(domain, match, now, config)
             group = match.group
             if limit.algorithm == "gcra":
+                burst = (limit.burst or requests) if requests else 0
+                # More than the bucket holds is never admitted and a denial leaves the bucket as it was, so
+                # burst + 1 answers the same; the real count would push the wait past int64 in Lua.
                 batch.append(Hit(
-                    key=f"{self._prefix}{match.counter_key}gcra", hits=hits, algorithm="gcra",
+                    key=f"{self._prefix}{match.counter_key}gcra", hits=min(hits, burst + 1), algorithm="gcra",
                     interval_ms=window * 1000 / requests if requests else float(window * 1000),
-                    burst=(limit.burst or requests) if requests else 0, group=group,
+                    burst=burst, group=group,
                 ))
             else:
                 ttl = window + (int(random.random() * self._jitter) if self._jitter > 0 else 0)

@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from igw.runtime import (
     EnvDefaults,
@@ -29,12 +30,24 @@ def _ratio(text: str) -> float:
 
 
 
+def _redis_url(text: str) -> str:
+    """Our URL form, or upstream's: REDIS_URL is a bare `host:port` (REDIS_SOCKET_TYPE=tcp) or a socket
+    path (REDIS_SOCKET_TYPE=unix), with the password apart in REDIS_AUTH (`password` or `user:password`).
+    An operator switching over keeps the environment they have."""
+    if "://" not in text:
+        unix = os.environ.get("REDIS_SOCKET_TYPE", "").lower() == "unix" or text.startswith("/")
+        auth = os.environ.get("REDIS_AUTH", "")
+        user, _, password = auth.partition(":") if ":" in auth else ("", "", auth)
+        userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}@" if auth else ""
+        text = f"unix://{userinfo}{text}" if unix else f"redis://{userinfo}{text}"
+    return redis_url_arg(text)
+
+
 def _redis_urls(text: str) -> list[str]:
     urls = [part.strip() for part in text.split(",") if part.strip()]
     if not urls:
         raise argparse.ArgumentTypeError("give at least one redis URL (comma-separated)")
-    for url in urls:
-        redis_url_arg(url)
+    urls = [_redis_url(url) for url in urls]
     twice = sorted({u for u in urls if urls.count(u) > 1})
     if twice:
         raise argparse.ArgumentTypeError(f"redis shard listed more than once: {', '.join(twice)}")
@@ -87,8 +100,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     env = EnvDefaults(parser)
     env.add("--config-dir", "CONFIG_DIR", default=None,
             help="directory of *.yaml configs; default RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY")
-    env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0", type=redis_url_arg,
-            help="redis://[:password@]host:port/db or unix:///path")
+    env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0", type=_redis_url,
+            help="redis://[:password@]host:port/db or unix:///path; upstream's bare host:port or socket path "
+                 "(REDIS_SOCKET_TYPE, REDIS_AUTH) also works")
     env.add("--redis-shards", "REDIS_SHARDS", default=None, type=_redis_urls,
             help="comma-separated redis URLs to spread the counters over (by descriptor domain and first "
                  "entry); default: the --redis-url server. Replica counts and quota push stay on --redis-url")

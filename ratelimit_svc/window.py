@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from dataclasses import dataclass
 
 from ratelimit_svc.gcra import GcraResult
@@ -28,6 +30,17 @@ class Outcome:
     within: int  # hits to add to within_limit
 
 
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def near_limit_threshold(limit: int, near_ratio: float) -> int:
+    """Upstream multiplies in float32 (its NEAR_LIMIT_RATIO is a float32): 90 x 0.7 is 63 there but
+    62.99999999999999 in float64, a threshold of 62. Same arithmetic, same near_limit stats as upstream."""
+    return math.floor(_f32(_f32(limit) * _f32(near_ratio)))
+
+
 def outcome(limit: int, after: int, hits: int, near_ratio: float) -> Outcome:
     """Status of a counter that reached `after` by adding `hits`, and how upstream counts its stats.
 
@@ -35,7 +48,7 @@ def outcome(limit: int, after: int, hits: int, near_ratio: float) -> Outcome:
     limit adds 2 to over_limit and the rest that crossed the near threshold to near_limit.
     """
     before = after - hits
-    near_threshold = math.floor(limit * near_ratio)
+    near_threshold = near_limit_threshold(limit, near_ratio)
     if after > limit:
         if before >= limit:
             return Outcome(OVER_LIMIT, 0, hits, 0, 0)
@@ -51,5 +64,5 @@ def gcra_outcome(result: GcraResult, limit: int, hits: int, near_ratio: float) -
     (1 - near_ratio) of the bucket."""
     if not result.allowed:
         return Outcome(OVER_LIMIT, 0, hits, 0, 0)
-    near = hits if result.remaining < limit - math.floor(limit * near_ratio) else 0
+    near = hits if result.remaining < limit - near_limit_threshold(limit, near_ratio) else 0
     return Outcome(OK, result.remaining, 0, near, hits)

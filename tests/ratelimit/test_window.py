@@ -34,3 +34,9 @@ def test_addend_crossing_the_limit_splits_over_and_near() -> None:
 
 def test_zero_limit_denies_every_hit() -> None:
     assert outcome(0, 1, 1, 0.8).code == OVER_LIMIT
+
+
+def test_near_threshold_is_computed_in_float32_as_upstream() -> None:
+    # NEAR_LIMIT_RATIO 0.7, limit 90: float32 gives 63 (upstream), float64 62.99999999999999 -> 62
+    assert outcome(90, 63, 1, 0.7) == Outcome(OK, 27, 0, 0, 1)
+    assert outcome(90, 64, 1, 0.7) == Outcome(OK, 26, 0, 1, 1)
