@@ -25,10 +25,20 @@ COMMAND_MODULES = [
 ]
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def redis_url(text: str) -> str:
+    """Checked while parsing, so a typo is exit 2 and one line, not a traceback from the first command using it."""
+    if not text.lower().startswith(REDIS_SCHEMES):  # as redis-py checks it
+        raise argparse.ArgumentTypeError(f"{text!r} is no Redis URL (use {', '.join(REDIS_SCHEMES)})")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="igw", description="Inference gateway extensions for Envoy and Istio.")
     env = EnvDefaults(parser)
-    env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0",
+    env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0", type=redis_url,
             help="Redis holding tenants, keys, replica counts and counters")
     parser.set_defaults(_env=env)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

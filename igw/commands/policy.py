@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,11 @@ def register(subparsers: Any) -> None:
             kube.add_argument("--context", help="kubeconfig context")
             kube.add_argument("--api-server", metavar="URL", help="unauthenticated API URL, e.g. kubectl proxy")
             kube.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
-        cmd.set_defaults(func=func)
+        cmd.set_defaults(func=func, _parser=cmd)
 
     generate = cmds.add_parser("generate", help="write a realistic platform-sized policy (deterministic per seed)")
-    generate.add_argument("--models", type=positive_int, default=1000)
-    generate.add_argument("--tenants", type=positive_int, default=50)
+    generate.add_argument("--models", type=_at_most("MAX_MODELS"), default=1000)
+    generate.add_argument("--tenants", type=_at_most("MAX_TENANTS"), default=50)
     generate.add_argument("--namespaces", type=positive_int, default=20)
     generate.add_argument("--replicas", type=non_negative_int, default=4, help="replicas per model deployment")
     generate.add_argument("--seed", type=int, default=1)
@@ -67,6 +68,20 @@ def register(subparsers: Any) -> None:
     istio.set_defaults(func=_render_istio)
 
 
+def _at_most(name: str) -> Callable[[str], int]:
+    """A count up to what one policy may hold (load.py's `name`): beyond it the loader would reject the
+    generated policy. Looked up on use, so `igw` does not import the loader for every command."""
+    def parse(text: str) -> int:
+        from igw.policy import load
+
+        value = positive_int(text)
+        limit: int = getattr(load, name)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"{value}: one policy holds at most {limit}")
+        return value
+    return parse
+
+
 def _generate(args: argparse.Namespace) -> int:
     from igw.cli import CommandError
     from igw.policy.generate import generate_policy
@@ -78,7 +93,10 @@ def _generate(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         raise CommandError(f"generated policy is invalid (a bug): {exc}") from None
     if args.out:
-        args.out.write_text(text)
+        try:
+            args.out.write_text(text)
+        except OSError as exc:
+            raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}") from None
         print(f"wrote {args.out}: {args.models} models, {args.tenants} tenants", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -139,10 +157,8 @@ def _plan(args: argparse.Namespace, do_apply: bool) -> Any:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from igw.cli import CommandError
-
     if args.rate_limit_config_dir is None and not args.kube:
-        raise CommandError("nothing to compare: give --rate-limit-config-dir (Redis and config) and/or --kube")
+        args._parser.error("nothing to compare: give --rate-limit-config-dir (Redis and config) and/or --kube")
     empty = True
     if args.rate_limit_config_dir is not None:
         result = _plan(args, do_apply=False)
@@ -185,12 +201,13 @@ def _apply(args: argparse.Namespace) -> int:
 def _render_istio(args: argparse.Namespace) -> int:
     from igw.cli import CommandError
     from igw.policy import istio
-    from igw.policy.kube_schema import validate_objects
+    from igw.policy.kube_schema import duplicate_objects, validate_objects
 
     policy = _load(args.policy)
     objects = istio.render(policy)
     try:
         problems = [f"{name}: {p}" for name, objs in objects.items() for p in validate_objects(objs)]
+        problems += [str(p) for p in duplicate_objects([o for objs in objects.values() for o in objs])]
     except (OSError, RuntimeError) as exc:
         raise CommandError(f"cannot validate the manifests: {exc}") from None
     if problems:
@@ -206,11 +223,14 @@ def _render_istio(args: argparse.Namespace) -> int:
                                f"(run igw render istio --policy {args.policy} --out {out})")
         print(f"{out}: up to date ({len(texts)} files)")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in texts.items():
-        (out / name).write_text(text)
-    for name in stale:
-        (out / name).unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (out / name).write_text(text)
+        for name in stale:
+            (out / name).unlink()
+    except OSError as exc:
+        raise CommandError(f"cannot write {exc.filename or out}: {exc.strerror or exc}") from None
     count = sum(len(o) for o in objects.values())
     print(f"wrote {len(texts)} files, {count} objects to {out}" + (f"; removed {', '.join(stale)}" if stale else ""))
     return 0

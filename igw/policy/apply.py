@@ -104,12 +104,17 @@ def _read_dir(directory: Path, replace: str | None, merge_domains: bool) -> Rate
 
 
 def current_config(directory: Path, merge_domains: bool = False) -> RateLimitConfig | None:
+    return live_config(directory, merge_domains)[0]
+
+
+def live_config(directory: Path, merge_domains: bool = False) -> tuple[RateLimitConfig | None, str | None]:
+    """What the directory holds now, or why it does not load (a stale or half-written file, hand edits)."""
     if not directory.is_dir():
-        return None
+        return None, None
     try:
-        return _read_dir(directory, None, merge_domains)
-    except ConfigError:
-        return None
+        return _read_dir(directory, None, merge_domains), None
+    except ConfigError as exc:
+        return None, str(exc)
 
 
 def check_config(directory: Path, text: str, merge_domains: bool = False) -> RateLimitConfig:
@@ -126,13 +131,17 @@ class Plan:
     text: str
     want: records.Records
     have: records.Records
+    live_error: str | None = None  # the directory's current config does not load: every limit shows as new
 
     @property
     def empty(self) -> bool:
-        return not self.limit_changes and all(c.action == "extra" for c in self.record_changes)
+        return (not self.limit_changes and self.live_error is None
+                and all(c.action == "extra" for c in self.record_changes))
 
     def lines(self) -> list[str]:
-        return [c.render() for c in self.limit_changes] + [c.render() for c in self.record_changes]
+        note = [] if self.live_error is None else [
+            f"! the live rate-limit config does not load (limits below are shown as new): {self.live_error}"]
+        return note + [c.render() for c in self.limit_changes] + [c.render() for c in self.record_changes]
 
 
 def plan(policy: spec.Policy, client: redis.Redis, directory: Path, *, prune: bool = False,
@@ -141,8 +150,8 @@ def plan(policy: spec.Policy, client: redis.Redis, directory: Path, *, prune: bo
     new = check_config(directory, text, merge_domains)
     want = records.desired(policy)
     have = records.live(client)
-    return Plan(limits_diff(current_config(directory, merge_domains), new), records.diff(want, have, prune=prune),
-                text, want, have)
+    live, live_error = live_config(directory, merge_domains)
+    return Plan(limits_diff(live, new), records.diff(want, have, prune=prune), text, want, have, live_error)
 
 
 def apply(policy: spec.Policy, client: redis.Redis, directory: Path, *, prune: bool = False,

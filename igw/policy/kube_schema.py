@@ -31,6 +31,7 @@ KUBERNETES_VERSION = "1.33.0"
 CRD_FILE = "schemas/istio/customresourcedefinitions.gen.yaml"
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # a Service's name: no leading digit
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 LABEL_KEY_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 LABEL_NAMED_KINDS = {"Namespace", "Service"}  # their names must be DNS labels, not subdomains
@@ -141,6 +142,8 @@ def _metadata_problems(obj: dict[str, Any]) -> list[tuple[str, str]]:
     name = str(meta.get("name", ""))
     problems = []
     pattern, limit = (DNS_LABEL, 63) if obj.get("kind") in LABEL_NAMED_KINDS else (DNS_SUBDOMAIN, 253)
+    if obj.get("kind") == "Service" and obj.get("apiVersion") == "v1":
+        pattern = DNS_1035_LABEL
     if not pattern.match(name) or len(name) > limit:
         problems.append(("metadata.name", f"invalid name {name!r} for a {obj.get('kind')}"))
     namespace = meta.get("namespace")
@@ -181,3 +184,19 @@ def validate_object(obj: dict[str, Any], crd_path: Path | None = None) -> list[I
 
 def validate_objects(objects: list[dict[str, Any]], crd_path: Path | None = None) -> list[Invalid]:
     return [problem for obj in objects for problem in validate_object(obj, crd_path)]
+
+
+def duplicate_objects(objects: list[dict[str, Any]]) -> list[Invalid]:
+    """Two objects of one kind, namespace and name: `kubectl apply` keeps the last and drops the first silently."""
+    seen: set[tuple[str, str, str, str]] = set()
+    out = []
+    for obj in objects:
+        meta = obj.get("metadata") or {}
+        group = str(obj.get("apiVersion", "")).rpartition("/")[0]
+        kind, name, namespace = str(obj.get("kind", "?")), str(meta.get("name", "?")), str(meta.get("namespace", ""))
+        key = (group, kind, namespace, name)
+        if key in seen:
+            where = f"{namespace}/{name}" if namespace else name
+            out.append(Invalid(kind, name, "", f"{where} is rendered twice (the second would overwrite the first)"))
+        seen.add(key)
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,18 @@ SCHEMA_PATH = REPO_ROOT / "config" / "policy" / "policy.schema.json"
 MAX_MODELS = 10_000
 MAX_TENANTS = 2_000
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# A Service's name is a DNS-1035 label: the API server refuses one starting with a digit.
+SERVICE_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+# The replica watcher publishes counts under a Service's igw.ai/model label and the rate-limit service reads
+# them under the canonical model name, so a per_replica model's name must be a label value as it is.
+LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+# Services `igw render istio` creates in the services namespace: a model Service of the same name would replace one.
+OUR_SERVICES = {"ext_proc service": "ext-proc", "rate-limit service": "ratelimit",
+                "replica watcher": "replica-watcher"}
+# Shares are weights; past this their sum loses precision or overflows and every limit of a model becomes 0.
+MAX_SHARE = 1_000_000
+# Values reached again through YAML aliases: a few anchors reused are fine, an expansion bomb is not.
+MAX_ALIAS_EXPANSION = 1_000_000
 
 Path_ = tuple[str | int, ...]
 Allowed = dict[str, tuple[str, ...]]  # tenant -> canonical models it may call
@@ -79,9 +92,19 @@ def schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+def _is_integer(_checker: Any, instance: Any) -> bool:
+    # jsonschema counts 10.0 as an integer; the rate-limit config and Kubernetes do not.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_StrictIntegers = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
+
+
 @cache
 def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(schema())
+    return _StrictIntegers(schema())
 
 
 # --------------------------------------------------------------------------------------- pass 1: YAML
@@ -90,18 +113,61 @@ def _validator() -> jsonschema.Draft202012Validator:
 class _Plain:
     """Node graph -> plain values, remembering the line of every path and reporting duplicate keys."""
 
-    _constructor = yaml.SafeLoader("")
-
-    def __init__(self) -> None:
+    def __init__(self, file: str) -> None:
+        self.file = file
         self.lines: dict[Path_, int] = {}
         self.key_lines: dict[Path_, int] = {}
         self.problems: list[Problem] = []
+        self._constructor = yaml.SafeLoader("")  # per load: its cache keeps every node it constructed
+        self._seen: set[int] = set()  # nodes converted once; converting one again is an alias expansion
+        self._open: set[int] = set()  # collections being converted: meeting one again is a recursive alias
+        self._expanded = 0
+        self.dropped: set[str] = set()  # paths whose value pass 1 dropped: pass 2 would only repeat the problem
 
     def convert(self, node: yaml.Node, path: Path_) -> Any:
         self.lines[path] = node.start_mark.line + 1
+        if id(node) in self._seen:
+            self._expanded += 1
+            if self._expanded > MAX_ALIAS_EXPANSION:
+                raise PolicyError(self.file, [Problem(node.start_mark.line + 1, dotted(path),
+                                                      f"YAML aliases expand to more than {MAX_ALIAS_EXPANSION} "
+                                                      "values (an alias expansion bomb?)")])
+        self._seen.add(id(node))
+        if isinstance(node, yaml.CollectionNode):
+            if id(node) in self._open:
+                # At the alias (the key holding it), not at the anchor the node's own mark points to.
+                self._drop(self.key_lines.get(path, node.start_mark.line + 1), path,
+                           "recursive YAML alias (a value that contains itself)")
+                return None
+            self._open.add(id(node))
+            try:
+                return self._collection(node, path)
+            finally:
+                self._open.discard(id(node))
+        if node.tag == "tag:yaml.org,2002:timestamp":  # a date would not be a string for the schema either
+            return node.value
+        try:
+            value = self._constructor.construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError:
+            self._drop(node.start_mark.line + 1, path, f"unsupported YAML tag {node.tag!r}")
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            self._drop(node.start_mark.line + 1, path, f"{node.value!r} is not a finite number")
+            return None
+        return value
+
+    def _drop(self, line: int, path: Path_, message: str) -> None:
+        self.problems.append(Problem(line, dotted(path), message))
+        self.dropped.add(dotted(path))
+
+    def _collection(self, node: yaml.CollectionNode, path: Path_) -> Any:
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self._drop(key_node.start_mark.line + 1, path, "YAML merge keys ('<<') are not supported: "
+                                   "write the fields out (anchors and aliases are fine)")
+                    continue
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
                     shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "<non-scalar>"
                     self.problems.append(Problem(key_node.start_mark.line + 1, dotted(path),
@@ -117,11 +183,7 @@ class _Plain:
                 self.key_lines[(*path, key)] = line
                 out[key] = self.convert(value_node, (*path, key))
             return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
-        if node.tag == "tag:yaml.org,2002:timestamp":  # a date would not be a string for the schema either
-            return node.value
-        return self._constructor.construct_object(node, deep=True)
+        return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
 
     def line(self, path: Path_) -> int | None:
         while path:
@@ -157,7 +219,7 @@ def _parse(file: str, text: str) -> tuple[Any, _Plain]:
             raise PolicyError(file, [Problem(key.start_mark.line + 1, "models",
                                              f"{len(models.value)} models; one policy holds at most {MAX_MODELS} "
                                              "(split the models across dedicated gateways and policies)")])
-    plain = _Plain()
+    plain = _Plain(file)
     return plain.convert(node, ()), plain
 
 
@@ -201,7 +263,20 @@ def _explain(error: jsonschema.ValidationError, plain: _Plain) -> Iterator[Probl
     if kind in ("maxProperties", "minProperties") and path and path[-2:-1] == ("overrides",):
         yield Problem(plain.line(path), dotted(path), "an override sets exactly one of limit, share, unlimited")
         return
+    if kind == "type" and isinstance(error.instance, str) and _looks_numeric(error.instance):
+        yield Problem(plain.line(path), dotted(path), f"{error.message} (YAML 1.1 reads {error.instance} as text: "
+                                                      "write the digits out, or a dot and a signed exponent, "
+                                                      "e.g. 1.0e+3)")
+        return
     yield Problem(plain.line(path), dotted(path), error.message)
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 _TENANT_HINT = ": use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -236,6 +311,14 @@ class _Checker:
             service = m.get("service", name)
             if "service" not in m and not DNS_LABEL.match(name):
                 self.problem(path, f"model name {name!r} is not a DNS label: set `service` to its Service's name")
+            elif not SERVICE_NAME.match(service):
+                self.problem(path, f"Service name {service!r} must start with a letter (a Kubernetes Service name "
+                                   "is a DNS-1035 label): set `service` to one that does")
+            if m.get("per_replica") is not None and not LABEL_VALUE.match(name):
+                self.problem(path, f"per_replica model {name!r}: its replica counts are published under its "
+                                   "Services' igw.ai/model label, which must equal the model name, and label values "
+                                   "are at most 63 letters, digits, '.', '_' or '-' (rename the model; keep the "
+                                   "old name as an alias)")
             clash = services.setdefault((m["namespace"], service), name)
             if clash != name:
                 self.problem(path, f"models {clash!r} and {name!r} both use Service {m['namespace']}/{service}")
@@ -351,25 +434,39 @@ class _Checker:
     def shares(self, tenants: dict[str, spec.Tenant], allowed: dict[str, tuple[str, ...]],
                models: dict[str, spec.Model]) -> None:
         """A model whose every sharing tenant has share 0 could be called by nobody: name it."""
-        if tenants and all(t.share == 0 and all(o.share in (None, 0) for o in t.overrides.values())
+        for tenant in tenants.values():
+            weights: list[tuple[Path_, float | None]] = [(("tenants", tenant.id, "share"), tenant.share)]
+            weights += [(("tenants", tenant.id, "overrides", m, "share"), o.share) for m, o in tenant.overrides.items()]
+            for path, share in weights:
+                if share is not None and share > MAX_SHARE:
+                    self.problem(path, f"share {share:g} is too large: shares are weights, at most {MAX_SHARE}")
+        if tenants and all(t.share == 0 and not any(_grants(o) for o in t.overrides.values())
                            for t in tenants.values()):
             self.problem(("tenants",), "every tenant has share 0: no tenant could call any model "
                                        "(give at least one tenant a share > 0)")
             return
         totals: dict[str, float] = {}
         sharers: dict[str, list[str]] = {}
+        fixed: set[str] = set()  # models some tenant may call through a fixed limit or unlimited
         for tenant in tenants.values():
             for model in allowed.get(tenant.id, ()):
                 share = share_of(tenant, model)
                 if share is None:
+                    if _grants(tenant.overrides[model]):
+                        fixed.add(model)
                     continue
                 totals[model] = totals.get(model, 0.0) + share
                 sharers.setdefault(model, []).append(tenant.id)
         for model, total in totals.items():
-            if total == 0:
+            if total == 0 and model not in fixed:
                 who = ", ".join(sharers[model][:5]) + (" ..." if len(sharers[model]) > 5 else "")
                 self.problem(("models", model), f"every tenant allowed model {model!r} has share 0 ({who}): "
                                                 "nobody could call it (give one a share > 0)")
+
+
+def _grants(override: spec.Override) -> bool:
+    """Whether the override lets its tenant call the model at all (limit 0 and share 0 do not)."""
+    return override.unlimited or bool(override.limit) or bool(override.share)
 
 
 def share_of(tenant: spec.Tenant, model: str) -> float | None:
@@ -390,7 +487,7 @@ def load_policy(file: str, text: str) -> spec.Policy:
     """Parse and validate; raise PolicyError listing every problem (file, line, path, what)."""
     data, plain = _parse(file, text)
     problems = list(plain.problems)
-    problems += _schema_problems(data, plain)
+    problems += [p for p in _schema_problems(data, plain) if p.path not in plain.dropped]
     if problems:
         raise PolicyError(file, problems)
     if len(data["tenants"]) > MAX_TENANTS:
@@ -408,10 +505,29 @@ def load_policy(file: str, text: str) -> spec.Policy:
     tenants, allowed = check.tenants(models, aliases, gateways)
     check.shares(tenants, allowed, models)
     gateway = _gateway(data.get("gateway", {}))
+    services_namespace = data.get("services", {}).get("namespace", "igw-system")
+    for name, svc in OUR_SERVICES.items():
+        owner = next((m for m in models.values() if (m.namespace, m.service) == (services_namespace, svc)), None)
+        if owner is not None:
+            check.problem(("models", owner.name), f"Service {services_namespace}/{svc} is the {name}'s: give the "
+                                                  "model another `service` or namespace")
+    model_namespaces = {m.namespace for m in models.values()}
+    namespace_of: dict[str, str] = {}
     for name, g in gateways.items():
+        path = ("dedicated_gateways", name, "namespace")
+        if not SERVICE_NAME.match(name):
+            check.problem(("dedicated_gateways", name), f"gateway name {name!r} must start with a letter (it names "
+                                                        "the gateway's Service, a DNS-1035 label)")
         if g.namespace == gateway.namespace:
-            check.problem(("dedicated_gateways", name, "namespace"),
-                          f"namespace {g.namespace!r} is the shared gateway's; a dedicated gateway needs its own")
+            check.problem(path, f"namespace {g.namespace!r} is the shared gateway's; a dedicated gateway needs its own")
+        elif g.namespace == services_namespace or g.namespace in model_namespaces:
+            whose = "the services'" if g.namespace == services_namespace else "a model"
+            check.problem(path, f"namespace {g.namespace!r} is {whose} namespace, labelled istio-injection: "
+                                "disabled, so the gateway would get no proxy; a dedicated gateway needs its own")
+        elif g.namespace in namespace_of:
+            check.problem(path, f"namespace {g.namespace!r} is already dedicated gateway "
+                                f"{namespace_of[g.namespace]!r}'s; a dedicated gateway needs its own")
+        namespace_of.setdefault(g.namespace, name)
     if check.problems:
         raise PolicyError(file, check.problems)
     defaults = data.get("defaults", {})

@@ -1,0 +1,80 @@
+"""`igw policy` / `igw render istio` on bad arguments and bad targets: exit 2 or 1 with one clear line, never a
+traceback, and nothing half-written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from igw.cli import main
+from igw.policy.load import MAX_MODELS, MAX_TENANTS
+from igw.procs import REPO_ROOT
+from tests.policy.helpers import BASE
+
+DEMO = REPO_ROOT / "config" / "policy" / "demo.yaml"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--models", MAX_MODELS + 1), ("--tenants", MAX_TENANTS + 1)])
+def test_generate_refuses_counts_past_what_a_policy_holds_as_an_argument_error(capsys, flag: str, value: int) -> None:
+    code, _, err = run(capsys, "policy", "generate", flag, str(value))
+    assert code == 2 and f"argument {flag}" in err and "at most" in err
+
+
+def test_generate_into_a_missing_directory_is_one_clear_line(capsys, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "policy", "generate", "--models", "5", "--tenants", "2",
+                       "--out", str(tmp_path / "no" / "p.yaml"))
+    assert code == 1 and err.startswith("igw: error: cannot write ") and len(err.splitlines()) == 1
+
+
+def test_render_into_a_path_that_is_a_file_is_one_clear_line(capsys, tmp_path: Path, shared_dir: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    code, _, err = run(capsys, "render", "istio", "--policy", str(DEMO), "--out", str(target))
+    assert code == 1 and err.startswith("igw: error: cannot write ") and target.read_text() == "x"
+
+
+def test_render_refuses_objects_that_would_overwrite_each_other(capsys, tmp_path: Path, shared_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from igw.policy import istio
+
+    render = istio.render
+
+    def twice(policy):  # type: ignore[no-untyped-def]
+        files = render(policy)
+        files["30-models.yaml"] = files["30-models.yaml"] * 2
+        return files
+
+    monkeypatch.setattr(istio, "render", twice)
+    policy = tmp_path / "p.yaml"
+    policy.write_text(BASE)
+    code, _, err = run(capsys, "render", "istio", "--policy", str(policy), "--out", str(tmp_path / "out"))
+    assert code == 1 and "rendered twice" in err and not (tmp_path / "out").exists()
+
+
+def test_a_bad_redis_url_is_an_argument_error(capsys, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "--redis-url", "localhost:6379", "policy", "diff", str(DEMO),
+                       "--rate-limit-config-dir", str(tmp_path))
+    assert code == 2 and "--redis-url" in err
+
+
+def test_diff_with_nothing_to_compare_is_an_argument_error(capsys) -> None:
+    code, _, err = run(capsys, "policy", "diff", str(DEMO))
+    assert code == 2 and "--rate-limit-config-dir" in err
+
+
+def test_diff_says_when_the_live_rate_limit_file_does_not_load(capsys, tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "igw.yaml").write_text("domain: igw\ndescriptors:\n  - key: tenant\n    rate_limit: {unit: sec")
+    code, out, _ = run(capsys, "--redis-url", redis_url, "policy", "diff", str(DEMO),
+                       "--rate-limit-config-dir", str(tmp_path))
+    assert code == 0 and "! the live rate-limit config does not load" in out.splitlines()[0]

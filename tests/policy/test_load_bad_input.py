@@ -1,0 +1,118 @@
+"""Hostile or odd YAML and numbers: each is a PolicyError naming file, line and problem, never a crash or a hang."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from igw.policy import ratelimit
+from igw.policy.load import PolicyError
+from ratelimit_svc.config import parse_config
+from tests.policy.helpers import BASE, load, policy_text
+
+
+def errors(text: str) -> list[str]:
+    with pytest.raises(PolicyError) as info:
+        load(text)
+    return str(info.value).splitlines()
+
+
+def test_a_recursive_yaml_alias_is_an_error_not_a_recursion_crash() -> None:
+    text = "version: 1\ntenants: &t\n  a: *t\nmodels: {}\n"
+    assert errors(text) == ["policy.yaml:3: tenants.a: recursive YAML alias (a value that contains itself)"]
+
+
+def test_an_alias_expansion_bomb_is_refused_quickly() -> None:
+    lines = ["version: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    started = time.perf_counter()
+    found = errors("\n".join(lines) + "\n")
+    assert time.perf_counter() - started < 10
+    assert len(found) == 1 and "YAML aliases expand to more than" in found[0]
+
+
+def test_plain_anchors_and_aliases_still_work() -> None:
+    policy = load(policy_text("aliases:\n  x: &a rn\n  y: *a\n"))
+    assert policy.aliases["y"] == "resnet"
+
+
+def test_a_merge_key_is_named_as_unsupported() -> None:
+    text = BASE.replace("  bert:\n    namespace: models\n    limit: 30\n",
+                        "  bert: &b\n    namespace: models\n    limit: 30\n  bert2:\n    <<: *b\n")
+    assert errors(text) == ["policy.yaml:20: models.bert2: YAML merge keys ('<<') are not supported: write the fields "
+                            "out (anchors and aliases are fine)"]
+
+
+@pytest.mark.parametrize("tag", ["!!python/object:os.system x", "!custom 3"])
+def test_an_unknown_yaml_tag_is_an_error_with_its_line(tag: str) -> None:
+    (line,) = errors(BASE.replace("per_replica: 10", f"per_replica: {tag}"))
+    assert line.startswith("policy.yaml:13: models.resnet.per_replica: unsupported YAML tag")
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_a_non_finite_share_is_an_error(value: str) -> None:
+    (line,) = errors(BASE.replace("share: 2", f"share: {value}"))
+    assert line.startswith("policy.yaml:6: tenants.acme.share: ") and "finite" in line
+
+
+def test_a_share_beyond_the_maximum_is_an_error_not_an_overflow() -> None:
+    text = BASE.replace("share: 2", "share: 1.0e+308").replace("tier: free", "tier: free\n    share: 1.0e+308")
+    found = errors(text)
+    assert len(found) == 2 and all("tenants." in f and "at most" in f for f in found)
+
+
+def test_a_float_where_an_integer_is_required_is_an_error() -> None:
+    assert errors(BASE.replace("per_replica: 10", "per_replica: 10.0")) == [
+        "policy.yaml:13: models.resnet.per_replica: 10.0 is not of type 'integer'"]
+
+
+def test_a_number_yaml_reads_as_text_gets_a_hint() -> None:
+    (line,) = errors(BASE.replace("share: 2", "share: 1e3"))
+    assert line.startswith("policy.yaml:6: tenants.acme.share: '1e3' is not of type 'number'")
+    assert "1.0e+3" in line
+
+
+def test_every_accepted_share_renders_a_config_the_service_loads() -> None:
+    policy = load(BASE.replace("share: 2", "share: 1000000"))
+    parse_config([(ratelimit.FILE_NAME, ratelimit.render_file(policy))])
+
+
+def test_a_model_service_name_must_start_with_a_letter() -> None:
+    (line,) = errors(BASE.replace("  bert:", "  7b-chat:"))
+    assert line.startswith("policy.yaml:16: models.7b-chat: Service name '7b-chat' must start with a letter")
+
+
+def test_an_explicit_service_name_must_start_with_a_letter() -> None:
+    (line,) = errors(BASE.replace("    limit: 30\n", "    limit: 30\n    service: 0bert\n"))
+    assert line.startswith("policy.yaml:16: models.bert: Service name '0bert' must start with a letter")
+
+
+@pytest.mark.parametrize("name", ["org/resnet", "a" * 64])
+def test_a_per_replica_model_needs_a_name_usable_as_its_replica_label(name: str) -> None:
+    (line,) = errors(BASE.replace("  resnet:\n", f"  {name}:\n    service: resnet\n"))
+    assert line.startswith(f"policy.yaml:11: models.{name}: ") and "igw.ai/model" in line
+
+
+def test_a_fixed_limit_model_may_have_any_valid_name() -> None:
+    policy = load(BASE.replace("  bert:", "  org/bert@v2:\n    service: bert"))
+    assert "org/bert@v2" in policy.models
+
+
+def test_a_fixed_limit_override_lets_its_tenant_call_a_model_whose_other_tenants_have_share_0() -> None:
+    text = BASE.replace("share: 2", "share: 1\n    overrides: {resnet: {limit: 5}}").replace(
+        "tier: free", "tier: free\n    overrides: {resnet: {share: 0}}")
+    assert load(text).tenants["acme"].overrides["resnet"].limit == 5
+
+
+def test_share_0_everywhere_is_fine_when_an_override_gives_a_tenant_a_limit() -> None:
+    text = BASE.replace("share: 2", "share: 0\n    overrides: {resnet: {unlimited: true}, bert: {limit: 5}}").replace(
+        "tier: free", "tier: free\n    share: 0")
+    assert load(text).tenants["beta"].share == 0
+
+
+def test_a_limit_0_override_does_not_count_as_a_way_to_call_the_model() -> None:
+    text = BASE.replace("share: 2", "share: 0\n    overrides: {resnet: {limit: 0}}").replace(
+        "tier: free", "tier: free\n    share: 0")
+    (line,) = errors(text)
+    assert "every tenant has share 0" in line
