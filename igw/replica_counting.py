@@ -8,7 +8,8 @@ Service onto every slice it manages:
 
 So one labels the Service (`metadata.labels`), never the slices. Several Services may carry the same
 model label (one per version, or a canary); their slices are merged. Label values are limited to 63
-characters of [A-Za-z0-9._-], so a model whose canonical name has a `/` needs a label-safe alias.
+characters of [A-Za-z0-9._-]; counts are read under the canonical name, so a per-replica model's canonical
+name must itself be a valid label value (the policy loader refuses one that is not; an alias cannot help).
 
 Counting rules, per model:
 - An endpoint is identified by its `targetRef` (`namespace/name`, normally the Pod) or, without one, by

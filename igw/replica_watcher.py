@@ -4,7 +4,7 @@ Two threads share one SliceIndex under a lock:
 - the watch loop lists the slices selected by label (paginated), then watches from the list's
   resourceVersion with bookmarks. A 410 Gone (HTTP status or ERROR event), or any other ERROR event,
   means the history is lost: relist. A dropped connection or a read timeout resumes the watch from the
-  last resourceVersion seen (object or bookmark). API errors back off exponentially with full jitter.
+  last resourceVersion seen (object or bookmark). API errors back off exponentially with jitter.
 - the writer publishes, one MULTI block per model (igw.replicas.write_commands), only the models whose
   count changed, batched per round trip, and rewrites every model each heartbeat (without a change
   notification) so the TTL keeps a dead watcher from freezing quotas.
@@ -91,7 +91,10 @@ class WatcherSettings:
 
 
 class Backoff:
-    """Exponential backoff with full jitter: uniform(0, min(max, initial × 2^n))."""
+    """Exponential backoff with equal jitter: uniform(c/2, c), c = min(max, initial × 2^n).
+
+    Half the delay is kept fixed so that a watcher failing in a tight loop (a 410 on every relist) always
+    waits a real pause; the random half still spreads several replicas' retries apart."""
 
     def __init__(self, initial: float, maximum: float, rng: Callable[[], float] = random.random) -> None:
         self.initial, self.maximum, self.rng = initial, maximum, rng
