@@ -459,7 +459,31 @@ def api_client(*, api_server: str | None = None, kubeconfig: str | None = None, 
         config.load_incluster_config(client_configuration=configuration)
     else:
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    configuration.socket_options = keepalive_socket_options()
     return client.ApiClient(configuration)
+
+
+# A watch is a long read on one connection. If the API server's node dies or a NAT forgets the flow, no
+# FIN or RST ever comes and the read would only end at read_timeout (120 s), while the writer kept
+# heartbeating counts nobody watches any more. TCP keepalive probes find the dead peer in about
+# KEEPALIVE_IDLE + KEEPALIVE_COUNT × KEEPALIVE_INTERVAL = 11 s, under the default 15 s TTL; the watch then
+# fails and resumes (or, with the API unreachable, heartbeats stop and the counts expire).
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 2, 3
+
+
+def keepalive_socket_options() -> list[tuple[int, int, int]]:
+    import socket
+
+    import urllib3
+
+    # urllib3 replaces its defaults (TCP_NODELAY) with the list given, so start from them.
+    options = list(urllib3.connection.HTTPConnection.default_socket_options)
+    options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, name):  # Linux; other platforms keep the kernel's timings
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return options
 
 
 def discovery_api(api: Any) -> Any:

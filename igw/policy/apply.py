@@ -146,6 +146,10 @@ class Plan:
 
 def plan(policy: spec.Policy, client: redis.Redis, directory: Path, *, prune: bool = False,
          merge_domains: bool = False) -> Plan:
+    # A mistyped path would otherwise diff as "every limit is new", and apply refuses it anyway.
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise ApplyError(f"rate-limit config directory {directory} {what}")
     text = ratelimit.render_file(policy)
     new = check_config(directory, text, merge_domains)
     want = records.desired(policy)
@@ -156,8 +160,6 @@ def plan(policy: spec.Policy, client: redis.Redis, directory: Path, *, prune: bo
 
 def apply(policy: spec.Policy, client: redis.Redis, directory: Path, *, prune: bool = False,
           merge_domains: bool = False) -> Plan:
-    if not directory.is_dir():
-        raise ApplyError(f"rate-limit config directory {directory} does not exist")
     the_plan = plan(policy, client, directory, prune=prune, merge_domains=merge_domains)
     target = directory / ratelimit.FILE_NAME
     # Not *.yaml: the service ignores the temporary file until the rename.

@@ -78,3 +78,15 @@ def test_diff_says_when_the_live_rate_limit_file_does_not_load(capsys, tmp_path:
     code, out, _ = run(capsys, "--redis-url", redis_url, "policy", "diff", str(DEMO),
                        "--rate-limit-config-dir", str(tmp_path))
     assert code == 0 and "! the live rate-limit config does not load" in out.splitlines()[0]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_diff_against_a_rate_limit_dir_that_is_not_a_directory_names_the_path(
+        capsys, tmp_path: Path, redis_url: str, kind: str) -> None:
+    target = tmp_path / "limits"
+    if kind == "file":
+        target.write_text("domain: igw\n")
+    code, out, err = run(capsys, "--redis-url", redis_url, "policy", "diff", str(DEMO),
+                         "--rate-limit-config-dir", str(target))
+    what = "is not a directory" if kind == "file" else "does not exist"
+    assert code == 1 and out == "" and f"rate-limit config directory {target} {what}" in err

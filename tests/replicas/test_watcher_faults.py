@@ -68,3 +68,24 @@ def test_a_watch_that_always_answers_410_does_not_relist_in_a_tight_loop(
     time.sleep(2.0)
     lists = kube_api.request_count(watch=False)
     assert lists <= 20, f"{lists} full lists in about 2 s"  # backed off, not one relist per round trip
+
+
+def test_the_watch_connection_probes_a_silent_peer_with_tcp_keepalive_within_the_ttl(
+        kube_api: FakeKubeAPI, watchers: WatcherRunner, rclient: redis.Redis) -> None:
+    """A dead API server node sends no FIN: without keepalive the watch would hang until the read timeout
+    while the writer kept heartbeating counts nobody watches any more."""
+    import socket
+
+    from igw.replica_watcher import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, WatcherSettings
+
+    kube_api.load([model_slice("llama", ["a"])])
+    watcher = watchers.start(kube_api.url)
+    wait_for(lambda: kube_api.active_watches == 1 and watcher._resp is not None, what="a watch in progress")
+    sock = watcher._resp.connection.sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+    interval = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+    count = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+    assert (idle, interval, count) == (KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+    assert idle + interval * count < WatcherSettings().ttl
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # urllib3's default kept
