@@ -107,3 +107,14 @@ def body_too_large_to_inspect(limit_bytes: int) -> Denial:
 def unsupported_media_type(allowed: tuple[str, ...]) -> Denial:
     return Denial(415, "unsupported_media_type", f"content-type must be one of: {', '.join(allowed)}",
                   "content_type")
+
+
+def unsupported_content_encoding(codings: str) -> Denial:
+    """The gateway reads this body as JSON and decompresses nothing: parsing compressed bytes would only
+    produce a misleading 'invalid JSON'."""
+    return Denial(
+        415, "unsupported_content_encoding",
+        f"the gateway reads this request's JSON body and cannot decode content-encoding {codings[:64]!r}: "
+        "send the JSON body uncompressed (no content-encoding, or 'identity')",
+        "content_encoding",
+    )

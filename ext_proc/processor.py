@@ -9,7 +9,9 @@ Body handling: Envoy sends request headers only. When a request needs its body (
 JSON body, or a model registered with inspect_body) the headers response asks for it with a
 mode_override: BUFFERED when it fits in `max_buffer_bytes`, else STREAMED (counted and scanned chunk by
 chunk, never held). Requests whose size is unknown (no content-length) are STREAMED so the tenant's
-max body size still holds. Nothing else costs an extra message.
+max body size still holds. Nothing else costs an extra message. A body that must be read as JSON but
+was sent content-encoded (anything but `identity`) is refused with 415 in the headers answer: the
+processor reads bodies as sent and decompresses nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ext_proc.routes import (
 )
 from ext_proc.shaping import (
     RequestHead,
+    applied_codings,
     model_headers,
     new_request_id,
     parse_content_length,
@@ -159,6 +162,15 @@ class _BodyPlan:
 _PHASES = frozenset(r.CONTINUE)
 
 
+def _compressed_json(content_encoding: str) -> d.Denial | None:
+    """A JSON body the processor must read but that was sent compressed: refused at the headers phase, before
+    Envoy sends any of it. The processor decompresses nothing: a few compressed kilobytes can expand far past
+    the sizes the gateway enforces. Bodies it does not read keep their encoding: the model server may
+    decompress them."""
+    codings = applied_codings(content_encoding)
+    return d.unsupported_content_encoding(codings) if codings else None
+
+
 class RequestProcessor:
     __slots__ = ("_generation_at_start", "_key_expires_at", "announced_body_mode", "announced_response_body_mode",
                  "clock", "config", "done", "lookups", "model", "plan", "request_id", "seen_request_headers",
@@ -247,7 +259,7 @@ class RequestProcessor:
         memo = shared.memo.get(memo_key) if length != -1 else None  # a bad length is refused below
         if memo is not None and memo.generation == self.lookups.generation and memo.until > time.monotonic() \
                 and not (memo.key_expires_at and memo.key_expires_at <= self.clock()):
-            return self._replay(memo, length)
+            return self._replay(memo, length, head.content_encoding)
         response = await self._decide_headers(head, digest, length, has_body, id_given)
         if not self.done and id_given and length != -1 and self.tenant is not None:
             shared.remember(memo_key, _Memo(
@@ -257,13 +269,18 @@ class RequestProcessor:
                 self.plan.buffer is not None if self.plan else False, response))
         return response
 
-    def _replay(self, memo: _Memo, length: int | None) -> pb.ProcessingResponse:
-        """The answer an identical earlier request got, with the per-request checks redone."""
+    def _replay(self, memo: _Memo, length: int | None, content_encoding: str | None) -> pb.ProcessingResponse:
+        """The answer an identical earlier request got, with the per-request checks redone (content-encoding is
+        not in the memo key: only a request whose JSON body is read depends on it)."""
         tenant = memo.tenant
         self.tenant = tenant
         self.model = memo.model
         if length is not None and length > tenant.max_body_bytes:
             return self._deny(d.body_too_large(tenant.max_body_bytes))
+        if content_encoding is not None and memo.plan_json:
+            denial = _compressed_json(content_encoding)
+            if denial is not None:
+                return self._deny(denial)
         if memo.plan_kind is not None:
             self.plan = _BodyPlan(memo.plan_kind, tenant, memo.plan_route, memo.plan_mode,  # type: ignore[arg-type]
                                   json=memo.plan_json, buffered=memo.plan_buffered, generation=memo.generation)
@@ -320,6 +337,10 @@ class RequestProcessor:
         if isinstance(plan_or_denial, d.Denial):
             return self._deny(plan_or_denial)
         plan = plan_or_denial
+        if plan is not None and plan.json and head.content_encoding is not None:
+            denial = _compressed_json(head.content_encoding)
+            if denial is not None:
+                return self._deny(denial)
         if plan is not None and self.announced_body_mode == r.BODY_FULL_DUPLEX:
             log.error("the ext_proc filter sends bodies FULL_DUPLEX_STREAMED, where Envoy ignores the body mode this "
                       "request needs (%s); configure request_body_mode NONE with allow_mode_override", plan.kind)

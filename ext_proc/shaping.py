@@ -41,6 +41,7 @@ class RequestHead:
     path: str = ""
     content_type: str | None = None
     content_length: str | None = None
+    content_encoding: str | None = None  # a repeated header is read whole: its values joined with ", "
     authorization: str | None = None
     x_api_key: str | None = None
     request_id: str | None = None
@@ -50,7 +51,8 @@ class RequestHead:
 
 # Headers the processor reads, by the RequestHead slot they fill.
 _READ = {":path": "path", ":method": "method", "content-type": "content_type", "content-length": "content_length",
-         "authorization": "authorization", "x-api-key": "x_api_key", H_REQUEST_ID: "request_id"}
+         "content-encoding": "content_encoding", "authorization": "authorization", "x-api-key": "x_api_key",
+         H_REQUEST_ID: "request_id"}
 # Headers Envoy commonly sends that are neither read nor ours: one dict lookup settles them (None).
 _PLAIN = (":authority", ":scheme", "user-agent", "accept", "accept-encoding", "accept-language", "connection",
           "te", "cookie", "origin", "referer", "cache-control", "pragma", "x-forwarded-proto", "x-forwarded-for",
@@ -58,6 +60,10 @@ _PLAIN = (":authority", ":scheme", "user-agent", "accept", "accept-encoding", "a
           "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-amzn-trace-id", "x-cloud-trace-context")
 # Slots whose header must come once: a repeated credential is refused, not resolved by order.
 _CREDENTIAL_SLOTS = {"authorization": "authorization", "x_api_key": "x-api-key"}
+# Slots a repeated header needs care for (one dict test per read header, as before): the credentials above,
+# and content-encoding, a list header whose repeats are one list (RFC 9110 5.3), so `gzip` then `identity`
+# still says the body is compressed.
+_ON_REPEAT = frozenset((*_CREDENTIAL_SLOTS, "content_encoding"))
 _CLASSIFY: dict[str, str | None] = {**dict.fromkeys(_PLAIN), **_READ}
 _SPOOFABLE = (INTERNAL_PREFIX, ENVOY_PREFIX)
 
@@ -87,10 +93,16 @@ def read_request_head(headers: Iterable[HeaderLike]) -> RequestHead:
             slot = _READ.get(lowered)
             if slot is None:
                 continue
-        if slot in _CREDENTIAL_SLOTS and getattr(head, slot) is not None:
-            head.repeated_credential = _CREDENTIAL_SLOTS[slot]
         raw = header.raw_value
-        setattr(head, slot, raw.decode("latin-1") if raw else header.value)
+        value = raw.decode("latin-1") if raw else header.value
+        if slot in _ON_REPEAT:
+            earlier = getattr(head, slot)
+            if earlier is not None:
+                if slot == "content_encoding":
+                    value = f"{earlier}, {value}"
+                else:
+                    head.repeated_credential = _CREDENTIAL_SLOTS[slot]
+        setattr(head, slot, value)
     if head.method:
         head.method = head.method.upper()
     return head
@@ -104,6 +116,14 @@ def parse_content_length(text: str | None) -> int | None:
     if not stripped.isdigit() or len(stripped) > 18:
         raise ValueError(text)
     return int(stripped)
+
+
+def applied_codings(content_encoding: str) -> str:
+    """The codings a content-encoding value says were applied to the body, as the client wrote them (joined
+    with ", "), or "" when the body is as sent: `identity` (any case) means no coding, and so does an
+    empty value or list element."""
+    codings = [part.strip() for part in content_encoding.split(",")]
+    return ", ".join(c for c in codings if c and c.lower() != "identity")
 
 
 def usable_request_id(value: str | None) -> bool:

@@ -143,7 +143,8 @@ def test_ext_proc_fails_closed_and_sends_request_headers_only() -> None:
 def test_ext_proc_is_sent_only_the_headers_it_reads_and_every_header_it_strips() -> None:
     patterns = envoy_config.ext_proc_filter()["typed_config"]["forward_rules"]["allowed_headers"]["patterns"]
     assert [p["exact"] for p in patterns if "exact" in p] == [
-        ":path", ":method", "content-type", "content-length", "authorization", "x-api-key", "x-request-id"]
+        ":path", ":method", "content-type", "content-length", "content-encoding", "authorization", "x-api-key",
+        "x-request-id"]
     assert [p for p in patterns if "prefix" in p] == [
         {"prefix": "x-igw-", "ignore_case": True}, {"prefix": "x-envoy-", "ignore_case": True}]
 
