@@ -24,6 +24,7 @@ _LIMIT_COUNTERS = {  # LimitStats field -> help text; exported as ratelimit_<fie
     "near_limit": "Hits above the near-limit ratio",
     "within_limit": "Hits within the limit",
     "shadow_mode": "Over-limit hits let through by shadow mode",
+    "over_limit_with_local_cache": "Over-limit hits answered from the local over-limit cache, without Redis",
 }
 DOMAIN_NOT_FOUND = Counter("ratelimit_domain_not_found", "Requests for a domain with no config", ["domain"])
 GLOBAL_SHADOW_MODE = Counter("ratelimit_global_shadow_mode", "OVER_LIMIT answers turned OK by SHADOW_MODE")
@@ -50,6 +51,7 @@ class LimitStats:
     near_limit: int = 0
     within_limit: int = 0
     shadow_mode: int = 0
+    over_limit_with_local_cache: int = 0
 
 
 _stats: dict[str, LimitStats] = {}

@@ -87,9 +87,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     for work in (holder.watch(settings.poll_interval, stop), probe_redis(), adaptive.run(stop), quota.run(stop)):
         runtime.spawn(work)
     log.info(
-        "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s counters=%s pid=%d",
+        "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s counters=%s local_cache=%dB pid=%d",
         runtime.address, settings.host, settings.http_port, settings.config_dir, settings.redis_url,
-        ",".join(shard.address.url for shard in shards), os.getpid(),
+        ",".join(shard.address.url for shard in shards), settings.local_cache_size_bytes, os.getpid(),
     )
     await stop.wait()
     log.info("ratelimit_svc stopping")

@@ -26,6 +26,7 @@ from ratelimit_svc.counters import Counted, Hit, MemoryCounters, PartialCount, R
 from ratelimit_svc.gcra import GcraResult
 from ratelimit_svc.loader import ConfigHolder
 from ratelimit_svc.lookup import Match, counter_group, find_limit
+from ratelimit_svc.over_limit_cache import OverLimitCache
 from ratelimit_svc.settings import Settings
 from ratelimit_svc.window import OK, OVER_LIMIT, gcra_outcome, outcome, seconds_until_reset, window_start
 
@@ -57,12 +58,16 @@ class Limiter:
         counters: RedisCounters | MemoryCounters,
         clock: Callable[[], float] = time.time,
         adaptive: AdaptiveLimits | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.holder = holder
         self.counters = counters
         self.clock = clock
         self.adaptive = adaptive
+        self.monotonic = monotonic  # times the over-limit cache's entries: wall-clock steps do not stretch them
+        self.local_cache = (OverLimitCache(settings.local_cache_size_bytes)
+                            if settings.local_cache_size_bytes else None)
         self._jitter = settings.expiration_jitter_max_seconds
         self._prefix = settings.cache_key_prefix
 
@@ -120,11 +125,11 @@ class Limiter:
                 if match is not None and match.limit.name in replaced_names:
                     matches[i] = None
 
-        now = int(self.clock())
+        wall = self.clock()
         # Statuses are filled in place in the response (building them apart and copying them in cost twice as much).
         response = Response()
         statuses = [response.statuses.add(code=OK) for _ in range(count)]
-        await self._count(config, domain, matches, hits_list, now, statuses)
+        await self._count(config, domain, matches, hits_list, wall, statuses)
         for i in range(count):
             if unlimited[i]:
                 statuses[i].limit_remaining = UINT32_MAX
@@ -145,10 +150,19 @@ class Limiter:
         return Match(limit, key, counter, entries, counter_group(domain, counter))
 
     async def _count(
-        self, config: RateLimitConfig, domain: str, matches: list[Match | None], hits_list: list[int], now: int,
+        self, config: RateLimitConfig, domain: str, matches: list[Match | None], hits_list: list[int], wall: float,
         statuses: list[DescriptorStatus],
     ) -> None:
-        """Count the matched descriptors and fill their statuses (each starts as a bare OK)."""
+        """Count the matched descriptors and fill their statuses (each starts as a bare OK).
+
+        With the over-limit cache on, a fixed-window key it holds is answered OVER_LIMIT here and left out
+        of the Redis batch (its counter is not incremented), as upstream does; the request's other
+        descriptors are counted as usual. GCRA limits are never cached: a denial of n hits says nothing
+        about n - 1, and the bucket frees a token within one emission interval (often milliseconds), on
+        Redis's clock, not ours."""
+        now = int(wall)
+        cache = self.local_cache  # None unless LOCAL_CACHE_SIZE_IN_BYTES: then this is all the cache costs
+        mono = self.monotonic() if cache is not None else 0.0
         batch: list[Hit] = []
         plan: list[tuple[int, Match, int, int, int]] = []  # (index, match, hits, limit, window)
         for i, match in enumerate(matches):
@@ -171,9 +185,12 @@ class Limiter:
                     burst=burst, group=group,
                 ))
             else:
+                key = f"{self._prefix}{match.counter_key}{window_start(now, window)}"
+                if cache is not None and cache.is_over(key, requests, mono):
+                    self._over_from_cache(match, hits, requests, seconds_until_reset(now, window), statuses[i])
+                    continue
                 ttl = window + (int(random.random() * self._jitter) if self._jitter > 0 else 0)
-                batch.append(Hit(f"{self._prefix}{match.counter_key}{window_start(now, window)}", hits,
-                                 "fixed_window", ttl=ttl, group=group))
+                batch.append(Hit(key, hits, "fixed_window", ttl=ttl, group=group))
             plan.append((i, match, hits, requests, window))
 
         if not plan:
@@ -190,7 +207,7 @@ class Limiter:
                 return
             counted = exc.results  # the shards that answered still decide for their descriptors
         near_ratio = self.settings.near_limit_ratio
-        for (i, match, hits, requests, window), value in zip(plan, counted, strict=True):
+        for (i, match, hits, requests, window), hit, value in zip(plan, batch, counted, strict=True):
             if value is None:  # on a shard that failed, under --fail-open: a bare OK
                 continue
             status = statuses[i]
@@ -202,6 +219,8 @@ class Limiter:
             else:
                 result = outcome(requests, value, hits, near_ratio)
                 reset.seconds = seconds_until_reset(now, window)
+                if cache is not None and result.code == OVER_LIMIT:  # shadow-mode limits too, as upstream
+                    cache.add(hit.key, requests, mono + (window_start(now, window) + window - wall), mono)
             stats = metrics.limit_stats(match.stats_key)
             stats.total_hits += hits
             code = result.code
@@ -218,6 +237,28 @@ class Limiter:
             current.SetInParent()
             current.name, current.requests_per_unit, current.unit = limit.name, requests, limit.unit
             status.limit_remaining = result.remaining
+
+    @staticmethod
+    def _over_from_cache(match: Match, hits: int, requests: int, reset_seconds: int, status: DescriptorStatus) -> None:
+        """Upstream's status and stats for a key in the local cache: OVER_LIMIT with nothing remaining until
+        the window ends; every hit counts as over_limit and over_limit_with_local_cache (and shadow_mode,
+        answered OK, on a shadow-mode limit), none as near or within."""
+        stats = metrics.limit_stats(match.stats_key)
+        stats.total_hits += hits
+        stats.over_limit += hits
+        stats.over_limit_with_local_cache += hits
+        limit = match.limit
+        if limit.shadow_mode:
+            stats.shadow_mode += hits
+        else:
+            status.code = OVER_LIMIT
+        reset = status.duration_until_reset
+        reset.SetInParent()
+        reset.seconds = reset_seconds
+        current = status.current_limit
+        current.SetInParent()
+        current.name, current.requests_per_unit, current.unit = limit.name, requests, limit.unit
+        status.limit_remaining = 0
 
     def _overall(self, matches: list[Match | None], statuses: list[DescriptorStatus]) -> int:
         quota_total = quota_over = 0

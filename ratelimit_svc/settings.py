@@ -89,6 +89,7 @@ class Settings:
     log_level: str
     log_format: str
     workers: int
+    local_cache_size_bytes: int = 0  # 0: no over-limit cache
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
@@ -137,6 +138,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
             help="skip config files whose name starts with a dot")
     env.add("--config-poll-interval", "CONFIG_POLL_INTERVAL", default=0.5, type=parse_duration,
             help="how often the config directory is checked for changes")
+    env.add("--local-cache-size-in-bytes", "LOCAL_CACHE_SIZE_IN_BYTES", default=0, type=non_negative_int,
+            help="memory for keys seen over their fixed-window limit, answered OVER_LIMIT without Redis "
+                 "until their window ends (about 260 bytes + key length each); 0 turns it off")
     env.add("--replica-max-age", "REPLICA_MAX_AGE", default=10.0, type=parse_duration,
             help="replica data older than this is stale; adaptive limits fall back to their min")
     add_common_flags(env)
@@ -186,4 +190,5 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         log_level=args.log_level,
         log_format=args.log_format,
         workers=args.workers,
+        local_cache_size_bytes=args.local_cache_size_in_bytes,
     )
