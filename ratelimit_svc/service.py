@@ -11,12 +11,10 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from types import MappingProxyType
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3 import rls_pb2
-from google.protobuf import struct_pb2
 
 from igw.redis_conn import RedisError
 from ratelimit_svc import metrics
@@ -27,6 +25,7 @@ from ratelimit_svc.gcra import GcraResult
 from ratelimit_svc.loader import ConfigHolder
 from ratelimit_svc.lookup import Match, counter_group, find_limit
 from ratelimit_svc.over_limit_cache import OverLimitCache
+from ratelimit_svc.response_metadata import response_metadata
 from ratelimit_svc.settings import Settings
 from ratelimit_svc.window import OK, OVER_LIMIT, gcra_outcome, outcome, seconds_until_reset, window_start
 
@@ -137,7 +136,7 @@ class Limiter:
         if self.settings.response_headers:
             self._add_headers(response, matches, statuses)
         if self.settings.response_dynamic_metadata:
-            self._add_metadata(response, matches, statuses)
+            response.dynamic_metadata.update(response_metadata(request, matches, statuses))
         return response
 
     def _override(
@@ -297,23 +296,3 @@ class Limiter:
                 base_pb2.HeaderValue(key=s.reset_header, value=str(chosen.duration_until_reset.seconds)),
             ]
         )
-
-    def _add_metadata(self, response: Response, matches: list[Match | None], statuses: list[DescriptorStatus]) -> None:
-        merged: dict[str, object] = {}
-        for match, status in zip(matches, statuses, strict=True):
-            if match is None or status.code != OK or not match.limit.metadata:
-                continue
-            for key, value in _thaw(match.limit.metadata).items():
-                merged.setdefault(key, value)
-        if merged:
-            struct = struct_pb2.Struct()
-            struct.update({"metadata": merged})
-            response.dynamic_metadata.CopyFrom(struct)
-
-
-def _thaw(value: object) -> object:
-    if isinstance(value, MappingProxyType):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
-    return value
