@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -148,17 +149,40 @@ def redis_server_binary() -> str:
     return found
 
 
-class RedisServer(ManagedProcess):
-    """A throwaway redis-server on loopback: no persistence, its own directory."""
+@dataclass(frozen=True)
+class RedisTlsFiles:
+    """A TLS-only redis-server: its certificate and key, the CA its clients' certificates must chain to,
+    and whether it asks clients for one (tls-auth-clients)."""
 
-    def __init__(self, *, log_dir: Path, port: int | None = None) -> None:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    auth_clients: bool = False
+
+
+class RedisServer(ManagedProcess):
+    """A throwaway redis-server on loopback: no persistence, its own directory. With `tls` it listens
+    on TLS alone (plain port 0)."""
+
+    def __init__(self, *, log_dir: Path, port: int | None = None, tls: RedisTlsFiles | None = None) -> None:
         self.port = port or free_port()
+        self.tls = tls
         self.data_dir = Path(tempfile.mkdtemp(prefix="igw-redis-"))
+        listen = ["--port", str(self.port)]
+        if tls is not None:
+            listen = [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(Path(tls.cert_file).resolve()),
+                "--tls-key-file", str(Path(tls.key_file).resolve()),
+                "--tls-ca-cert-file", str(Path(tls.ca_file).resolve()),
+                "--tls-auth-clients", "yes" if tls.auth_clients else "no",
+            ]
         super().__init__(
             "redis",
             [
                 redis_server_binary(),
-                "--port", str(self.port),
+                *listen,
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "no",
@@ -170,7 +194,8 @@ class RedisServer(ManagedProcess):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """rediss:// for a TLS server: the client still has to be told which CA to trust."""
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         super().start()

@@ -9,23 +9,163 @@ commands (one per descriptor) always cost a single round trip.
 A timeout or a socket error poisons the connection (replies could no longer be matched to callers), so
 it is closed, every pending caller fails fast, and the next call reconnects, with a short back-off
 so a dead Redis costs callers a quick error instead of a connect timeout each.
+
+TLS: a rediss:// URL. Its options ride in the query under redis-py's names (ssl_ca_certs, ssl_certfile,
+ssl_keyfile, ssl_cert_reqs, ssl_check_hostname), so the one URL configures this client and the redis-py
+clients of the same service (replica state, RLQS, ext_proc's stores) alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, quote, unquote, urlparse
 
 import hiredis
 
 Command = tuple[bytes | str | int | float, ...]
 
+log = logging.getLogger("igw.redis")
+
 
 class RedisError(Exception):
     """Redis could not answer: unreachable, timed out, or replied with an error."""
+
+
+# TLS files: loaded and checked here for Redis (RedisTls) and for the gRPC servers (igw/service_runtime.py), so
+# both report a missing, unreadable or malformed file the same way, naming the setting and the path.
+
+
+class TlsFileError(ValueError):
+    """A certificate, key or CA file that cannot be used; the message names the setting and the path."""
+
+
+def _read_file(path: str, label: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise TlsFileError(f"{label} {path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """OpenSSL's reason in a few words, without its source-file position."""
+    reason = str(getattr(exc, "reason", None) or exc)
+    reason = re.sub(r"\s*\(_ssl\.c:\d+\)", "", reason).replace("[SSL] ", "")
+    plain = {"PEM_LIB": "not valid PEM", "PEM lib": "not valid PEM", "NO_START_LINE": "no PEM block in it",
+             "Empty certificate data": "empty"}
+    return plain.get(reason, reason.replace("_", " ").lower())
+
+
+def load_ca_file(context: ssl.SSLContext, path: str, label: str) -> bytes:
+    """Trust the certificates of a PEM file; its bytes are returned for APIs that want them raw (grpc)."""
+    data = _read_file(path, label)
+    try:
+        context.load_verify_locations(cadata=data.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise TlsFileError(f"{label} {path}: not a PEM CA certificate ({_ssl_reason(exc)})") from None
+    return data
+
+
+def load_key_pair(context: ssl.SSLContext, cert_path: str, key_path: str | None, cert_label: str,
+                  key_label: str) -> tuple[bytes, bytes]:
+    """Load a certificate chain and its private key (the key may sit in the certificate file when
+    key_path is None). Each file is checked on its own first, so the error names the one at fault."""
+    cert = _read_file(cert_path, cert_label)
+    key = _read_file(key_path, key_label) if key_path else cert
+    try:
+        ssl.create_default_context().load_verify_locations(cadata=cert.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise TlsFileError(f"{cert_label} {cert_path}: not a PEM certificate ({_ssl_reason(exc)})") from None
+    try:
+        context.load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as exc:
+        reason = _ssl_reason(exc)
+        if "mismatch" in reason:
+            problem = f"private key does not match the certificate {cert_path}"
+        elif key_path:
+            problem = f"not a PEM private key ({reason})"
+        else:
+            problem = f"holds no private key ({reason}): give the key file too"
+        raise TlsFileError(f"{key_label if key_path else cert_label} {key_path or cert_path}: {problem}") from None
+    except OSError as exc:  # the file changed between the two reads
+        raise TlsFileError(f"{cert_label} {cert_path}: cannot read: {exc.strerror or exc}") from None
+    return cert, key
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+_TLS_QUERY = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+
+
+@dataclass(frozen=True)
+class RedisTls:
+    """How to talk TLS to one Redis: the server is verified against the system's CAs plus ca_file (as
+    upstream's REDIS_TLS_CACERT does), cert_file/key_file are our client certificate (Redis with
+    tls-auth-clients), check_hostname=False checks the chain but not the name (upstream's
+    REDIS_TLS_SKIP_HOSTNAME_VERIFICATION), cert_reqs="none" checks nothing."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    cert_reqs: str = "required"
+    check_hostname: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        """The client context; TlsFileError if a file is unreadable or not PEM."""
+        context = ssl.create_default_context()
+        if self.cert_reqs == "none" or not self.check_hostname:
+            context.check_hostname = False
+        context.verify_mode = _CERT_REQS[self.cert_reqs]
+        if self.ca_file:
+            load_ca_file(context, self.ca_file, "redis ssl_ca_certs")
+        if self.cert_file:
+            load_key_pair(context, self.cert_file, self.key_file, "redis ssl_certfile", "redis ssl_keyfile")
+        elif self.key_file:
+            raise TlsFileError(f"redis ssl_keyfile {self.key_file}: given without ssl_certfile")
+        return context
+
+    def query(self) -> str:
+        """The URL query that spells these options for parse_redis_url and redis-py."""
+        params = [("ssl_ca_certs", self.ca_file), ("ssl_certfile", self.cert_file), ("ssl_keyfile", self.key_file)]
+        parts = [f"{name}={quote(value, safe='/')}" for name, value in params if value]
+        if self.cert_reqs != "required":
+            parts.append(f"ssl_cert_reqs={self.cert_reqs}")
+        if not self.check_hostname:
+            parts.append("ssl_check_hostname=false")
+        return "&".join(parts)
+
+
+def _parse_tls(url: str, query: dict[str, list[str]]) -> RedisTls:
+    def one(name: str) -> str | None:
+        values = query.get(name)
+        return values[-1] if values else None
+
+    cert_reqs = (one("ssl_cert_reqs") or "required").lower()
+    if cert_reqs not in _CERT_REQS:
+        raise ValueError(f"redis url {url!r}: ssl_cert_reqs must be none, optional or required")
+    check = (one("ssl_check_hostname") or "true").lower()
+    if check not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"redis url {url!r}: ssl_check_hostname must be true or false")
+    return RedisTls(one("ssl_ca_certs"), one("ssl_certfile"), one("ssl_keyfile"), cert_reqs,
+                    check in ("true", "1", "yes"))
+
+
+def with_tls(url: str, tls: RedisTls) -> str:
+    """`url` turned into a rediss:// URL carrying `tls`'s options; options the URL already spells
+    itself win (a shard with a CA of its own keeps it). Unix socket URLs are refused: Redis serves
+    TLS on TCP only."""
+    parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        raise ValueError(f"redis url {url!r}: TLS needs a TCP redis:// URL, not a unix socket")
+    query = parse_qs(parsed.query)
+    extra = [part for part in tls.query().split("&") if part and part.split("=", 1)[0] not in query]
+    merged = "&".join(p for p in (parsed.query, *extra) if p)
+    return parsed._replace(scheme="rediss", query=merged).geturl()
 
 
 @dataclass(frozen=True)
@@ -36,18 +176,26 @@ class RedisAddress:
     password: str | None = None
     username: str | None = None
     unix_path: str | None = None
+    tls: RedisTls | None = None
 
     @property
     def url(self) -> str:
+        """For logs and errors: no TLS options (paths only add noise there)."""
         auth = f":{self.password}@" if self.password else ""
         if self.unix_path:
             return f"unix://{auth}{self.unix_path}?db={self.db}"
-        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{self.host}:{self.port}/{self.db}"
 
 
 def parse_redis_url(url: str) -> RedisAddress:
-    """Accept redis://[[user]:password@]host[:port][/db] and unix:///path?db=N; reject anything else."""
+    """Accept redis://[[user]:password@]host[:port][/db], the same with rediss:// (TLS, options in the
+    query: see the module docstring) and unix:///path?db=N; reject anything else. The TLS files are
+    loaded once here, so a missing or malformed one is reported where the URL is given (at startup)."""
     parsed = urlparse(url)
+    query = parse_qs(parsed.query)
+    tls_options = sorted(name for name in _TLS_QUERY if name in query)
+    if parsed.scheme in ("unix", "redis") and tls_options:
+        raise ValueError(f"redis url {url!r}: {', '.join(tls_options)}: TLS options need a rediss:// URL")
     if parsed.scheme == "unix":
         if not parsed.path:
             raise ValueError(f"redis url {url!r}: unix socket path is empty")
@@ -56,8 +204,8 @@ def parse_redis_url(url: str) -> RedisAddress:
             if part.startswith("db="):
                 db = _parse_db(url, part[3:])
         return RedisAddress("", 0, db, parsed.password and unquote(parsed.password), None, parsed.path)
-    if parsed.scheme != "redis":
-        raise ValueError(f"redis url {url!r}: scheme must be redis:// or unix://")
+    if parsed.scheme not in ("redis", "rediss"):
+        raise ValueError(f"redis url {url!r}: scheme must be redis:// or unix:// (rediss:// for TLS)")
     if not parsed.hostname:
         raise ValueError(f"redis url {url!r}: host is missing")
     try:
@@ -68,7 +216,10 @@ def parse_redis_url(url: str) -> RedisAddress:
     db = _parse_db(url, path) if path else 0
     password = unquote(parsed.password) if parsed.password else None
     username = unquote(parsed.username) if parsed.username else None
-    return RedisAddress(parsed.hostname, port, db, password, username)
+    tls = _parse_tls(url, query) if parsed.scheme == "rediss" else None
+    if tls is not None:
+        tls.context()
+    return RedisAddress(parsed.hostname, port, db, password, username, tls=tls)
 
 
 def _parse_db(url: str, text: str) -> int:
@@ -159,11 +310,18 @@ class PipelinedRedis:
         self._connecting: asyncio.Future[_RespProtocol] | None = None
         self._next_attempt = 0.0
         self._last_error: Exception | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._logged_error = ""
         self.errors = 0
 
     @property
     def connected(self) -> bool:
         return self._protocol is not None
+
+    @property
+    def last_error(self) -> str:
+        """Why the last connection attempt failed (a refused TLS certificate, say), for health pages."""
+        return str(self._last_error) if self._last_error is not None else ""
 
     async def _connect(self) -> _RespProtocol:
         loop = asyncio.get_running_loop()
@@ -174,6 +332,11 @@ class PipelinedRedis:
         try:
             if self.address.unix_path:
                 coro = loop.create_unix_connection(lambda: protocol, self.address.unix_path)
+            elif self.address.tls is not None:
+                if self._ssl is None:
+                    self._ssl = self.address.tls.context()
+                coro = loop.create_connection(lambda: protocol, self.address.host, self.address.port,
+                                              ssl=self._ssl, server_hostname=self.address.host)
             else:
                 coro = loop.create_connection(lambda: protocol, self.address.host, self.address.port)
             await asyncio.wait_for(coro, self.connect_timeout)
@@ -190,13 +353,17 @@ class PipelinedRedis:
                 for reply in replies:
                     if isinstance(reply, hiredis.ReplyError):
                         raise RedisError(f"redis setup failed: {reply}")
-        except (TimeoutError, OSError, RedisError) as exc:
+        except (TimeoutError, OSError, RedisError, TlsFileError) as exc:
             if protocol.transport is not None:
                 protocol.transport.abort()
             self._last_error = exc if not isinstance(exc, asyncio.TimeoutError) else RedisError("connect timeout")
             self._next_attempt = time.monotonic() + self.retry_backoff
             self.errors += 1
+            if str(self._last_error) != self._logged_error:  # once per cause, not once per retry
+                self._logged_error = str(self._last_error)
+                log.warning("cannot connect to redis at %s: %s", self.address.url, self._last_error)
             raise RedisError(f"cannot connect to redis at {self.address.url}: {self._last_error}") from exc
+        self._logged_error = ""
         self._protocol = protocol
         return protocol
 

@@ -9,16 +9,181 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
+import ipaddress
 import logging
 import os
-from collections.abc import Coroutine, Iterable
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from igw.http_admin import HealthCheck, start_admin_server
+from igw.redis_conn import TlsFileError, load_ca_file, load_key_pair
 from igw.workers import ADMIN_PORT_ENV
+
+_GRPC_INT_MAX = 2**31 - 1  # grpc core's "infinite" for its millisecond options
+
+
+def max_connection_age_options(age: float, grace: float) -> list[tuple[str, int]]:
+    """grpc.aio server options for upstream's GRPC_MAX_CONNECTION_AGE(_GRACE), in seconds: after `age`
+    (plus or minus 10 %) a connection gets a GOAWAY, so clients such as Envoy reconnect and spread over
+    replicas added since; calls still running after `grace` more are cut. 0 means never, as upstream."""
+    options = []
+    for name, seconds in (("grpc.max_connection_age_ms", age), ("grpc.max_connection_age_grace_ms", grace)):
+        if seconds > 0:
+            options.append((name, min(max(1, round(seconds * 1000)), _GRPC_INT_MAX)))
+    return options
+
+
+def _file_stamp(path: str | None) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS of a grpc.aio server: certificate and key, and with client_ca_file mutual TLS (every client
+    must present a certificate that chains to it). client_san further requires one of the SANs of that
+    certificate to match. `names` are the settings that hold the three paths, for error messages."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    client_san: str = ""
+    names: tuple[str, str, str] = ("certificate", "key", "client CA")
+
+    def load(self) -> grpc.ServerCertificateConfiguration:
+        """Read and check the files; TlsFileError (naming setting and path) if one cannot be used. grpc
+        itself would only fail later, at the first handshake, with nothing in the log to say why."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert, key = load_key_pair(context, self.cert_file, self.key_file, self.names[0], self.names[1])
+        ca = load_ca_file(context, self.client_ca_file, self.names[2]) if self.client_ca_file else None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def credentials(self, log: logging.Logger) -> grpc.ServerCredentials:
+        """Credentials that pick up new files (a rotated certificate, as cert-manager or a Kubernetes
+        secret update writes them) at the next connection after they change, without a restart."""
+        return grpc.dynamic_ssl_server_credentials(
+            self.load(), _CertificateReloader(self, log), require_client_authentication=bool(self.client_ca_file))
+
+    def interceptors(self, log: logging.Logger) -> list[grpc.aio.ServerInterceptor]:
+        return [ClientSanCheck(self.client_san, log)] if self.client_san else []
+
+
+class _CertificateReloader:
+    """grpc calls this before every TLS handshake: a stat of each file, and a reload when one changed.
+    A bad new file is logged and the certificate in use kept (a half-written pair is retried once the
+    second file lands, as that changes its stamp again)."""
+
+    def __init__(self, tls: ServerTls, log: logging.Logger) -> None:
+        self.tls = tls
+        self.log = log
+        self.stamps = self._stamps()
+
+    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
+        return tuple(_file_stamp(path) for path in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file))
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        stamps = self._stamps()
+        if stamps == self.stamps:
+            return None
+        self.stamps = stamps
+        try:
+            config = self.tls.load()
+        except TlsFileError as exc:
+            self.log.error("gRPC TLS files changed but cannot be used, keeping the current ones: %s", exc)
+            return None
+        self.log.info("gRPC TLS files reloaded: %s", ", ".join(
+            p for p in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file) if p))
+        return config
+
+
+def san_matches(wanted: str, san: str) -> bool:
+    """Whether a certificate SAN entry satisfies the configured one: equal (DNS names without regard to
+    case, IP addresses by value), or a DNS wildcard entry (*.example.com) covering one label of it."""
+    if san == wanted:
+        return True
+    try:
+        return ipaddress.ip_address(wanted) == ipaddress.ip_address(san)
+    except ValueError:
+        pass
+    wanted, san = wanted.lower().rstrip("."), san.lower().rstrip(".")
+    if san == wanted:
+        return True
+    if san.startswith("*.") and "." in wanted:
+        return wanted.split(".", 1)[1] == san[2:] and wanted.split(".", 1)[0] not in ("", "*")
+    return False
+
+
+class ClientSanCheck(grpc.aio.ServerInterceptor):
+    """Refuses (UNAUTHENTICATED) every call whose client certificate carries no SAN matching `san`,
+    upstream's GRPC_CLIENT_TLS_SAN. grpc's Python API has no hook into the handshake itself, so the
+    check runs per call on the verified certificate grpc reports: the connection opens, its calls fail."""
+
+    def __init__(self, san: str, log: logging.Logger) -> None:
+        self.san = san
+        self.log = log
+        self.wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self.refused = 0
+        self.next_log = 0.0
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        wrapped = self.wrapped.get(method)
+        if wrapped is None:
+            wrapped = self.wrapped[method] = self._guard(handler)
+        return wrapped
+
+    async def check(self, context: grpc.aio.ServicerContext) -> None:
+        sans = [value.decode(errors="replace")
+                for value in context.auth_context().get("x509_subject_alternative_name", ())]
+        if any(san_matches(self.san, san) for san in sans):
+            return
+        self.refused += 1
+        now = time.monotonic()
+        if now >= self.next_log:  # at most one line a minute: a misconfigured fleet retries fast
+            self.next_log = now + 60
+            self.log.warning("refused a gRPC client whose certificate SANs %s do not include %s (%d refused so far)",
+                             sans or "(none)", self.san, self.refused)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            f"client certificate has no subject alternative name {self.san!r}")
+
+    def _guard(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        check = self.check
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler))
+        for kind, make in kinds:
+            inner = getattr(handler, kind)
+            if inner is None:
+                continue
+            if inspect.isasyncgenfunction(inner):
+                async def behaviour(request: Any, context: grpc.aio.ServicerContext, inner: Any = inner) -> Any:
+                    await check(context)
+                    async for response in inner(request, context):
+                        yield response
+            else:
+                async def behaviour(request: Any, context: grpc.aio.ServicerContext, inner: Any = inner) -> Any:
+                    await check(context)
+                    return await inner(request, context)
+            return make(behaviour, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+        return handler
 
 
 class GrpcBackend(Protocol):
@@ -30,15 +195,30 @@ class GrpcBackend(Protocol):
 
 
 class AioBackend:
-    """A grpc.aio server plus grpc's own health servicer."""
+    """A grpc.aio server plus grpc's own health servicer; TLS with `credentials`, and on the unix socket
+    `uds` (upstream's GRPC_UDS) instead of host:port when given."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, credentials: grpc.ServerCredentials | None = None,
+                 uds: str = "") -> None:
         self.server = server
+        self.credentials = credentials
+        self.uds = uds
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
 
+    def target(self, host: str, port: int) -> str:
+        return f"unix:{self.uds}" if self.uds else f"{host}:{port}"
+
     async def bind(self, host: str, port: int, health_names: Iterable[str]) -> str | None:
-        if self.server.add_insecure_port(f"{host}:{port}") == 0:
+        target = self.target(host, port)
+        try:
+            if self.credentials is not None:
+                bound = self.server.add_secure_port(target, self.credentials)
+            else:
+                bound = self.server.add_insecure_port(target)
+        except RuntimeError:  # grpc raises (older versions returned 0) and logs the reason itself
+            bound = 0
+        if bound == 0:
             return "address in use or not available"
         await self.server.start()
         return None
@@ -75,7 +255,8 @@ class ServiceRuntime:
 
     async def start(self, host: str, grpc_port: int, http_port: int, health_check: HealthCheck) -> bool:
         """Bind and start both ports; False (after logging which port) if either cannot be bound."""
-        self.address = f"{host}:{grpc_port}"
+        target = getattr(self.backend, "target", None)  # AioBackend may listen on a unix socket instead
+        self.address = target(host, grpc_port) if target else f"{host}:{grpc_port}"
         error = await self.backend.bind(host, grpc_port, self.names)
         if error is not None:
             self.log.error("cannot bind gRPC port %s: %s", self.address, error)

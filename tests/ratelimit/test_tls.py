@@ -1,0 +1,686 @@
+"""TLS and socket settings of the rate-limit service, as upstream names them: gRPC over TLS and mutual TLS
+(GRPC_SERVER_USE_TLS, GRPC_SERVER_TLS_CERT/KEY, GRPC_CLIENT_TLS_CACERT/SAN), GRPC_UDS,
+GRPC_MAX_CONNECTION_AGE(_GRACE), and Redis over TLS (REDIS_TLS*, rediss:// URLs). Throwaway CAs from
+trustme; real service processes, a real TLS-only redis-server and a real Envoy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis
+import trustme
+import yaml
+from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from igw.procs import VENV_BIN, ManagedProcess, RedisServer, RedisTlsFiles, free_port, http_ok, port_open
+from igw.redis_conn import RedisTls, parse_redis_url, with_tls
+from igw.service_runtime import san_matches
+from ratelimit_svc.settings import parse_settings
+from tests.helpers import Service, ServiceFactory
+from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges
+from tests.ratelimit.test_adaptive import CONFIG as ADAPTIVE_CONFIG
+from tests.ratelimit.test_adaptive import publish, wait_for_limit
+
+CONFIG = """
+domain: tls
+descriptors:
+  - key: k
+    rate_limit: {unit: minute, requests_per_unit: 2}
+  - key: generic_key
+    value: envoy
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: fast
+    rate_limit: {unit: second, requests_per_unit: 2}
+"""
+
+
+@dataclass(frozen=True)
+class Pem:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    ca_pem: bytes
+    server: Pem  # 127.0.0.1 and localhost
+    client: Pem  # SAN client.example.com, signed by ca
+    rogue_ca: Path
+    rogue_client: Pem  # same SAN, another CA
+
+
+def _write(directory: Path, name: str, cert: trustme.LeafCert) -> Pem:
+    pem = Pem(directory / f"{name}.crt", directory / f"{name}.key")
+    cert.cert_chain_pems[0].write_to_path(str(pem.cert))
+    cert.private_key_pem.write_to_path(str(pem.key))
+    return pem
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    ca, rogue = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(directory / "ca.crt"))
+    rogue.cert_pem.write_to_path(str(directory / "rogue-ca.crt"))
+    return Pki(
+        ca=directory / "ca.crt",
+        ca_pem=ca.cert_pem.bytes(),
+        server=_write(directory, "server", ca.issue_cert("127.0.0.1", "localhost")),
+        client=_write(directory, "client", ca.issue_cert("client.example.com")),
+        rogue_ca=directory / "rogue-ca.crt",
+        rogue_client=_write(directory, "rogue-client", rogue.issue_cert("client.example.com")),
+    )
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "config"
+    directory.mkdir()
+    (directory / "tls.yaml").write_text(CONFIG)
+    return directory
+
+
+def tls_flags(pki: Pki, *, client_ca: bool = False, san: str = "") -> list[str]:
+    flags = ["--grpc-server-use-tls", "true", "--grpc-server-tls-cert", str(pki.server.cert),
+             "--grpc-server-tls-key", str(pki.server.key)]
+    if client_ca:
+        flags += ["--grpc-client-tls-cacert", str(pki.ca)]
+    if san:
+        flags += ["--grpc-client-tls-san", san]
+    return flags
+
+
+class TlsRlsClient(RlsClient):
+    """RlsClient over a TLS channel: trusts `ca`, presents `client` when given."""
+
+    def __init__(self, target: str, ca: bytes, client: Pem | None = None) -> None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca,
+            private_key=client.key.read_bytes() if client else None,
+            certificate_chain=client.cert.read_bytes() if client else None,
+        )
+        self.channel = grpc.secure_channel(target, credentials)
+        self.stub = rls_pb2_grpc.RateLimitServiceStub(self.channel)
+        self.domain = "tls"
+
+
+def call_code(client: RlsClient, key: str = "k", value: str = "v") -> int | grpc.StatusCode:
+    """The answer's overall code, or the gRPC status code of the failed call."""
+    try:
+        return client.call([(key, value)], timeout=3).overall_code
+    except grpc.RpcError as exc:
+        return exc.code()
+    finally:
+        client.close()
+
+
+# --- gRPC server TLS ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_service(services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki) -> Service:
+    return services.ratelimit(config_dir, redis_url, *tls_flags(pki))
+
+
+@pytest.fixture
+def mtls_service(services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki) -> Service:
+    return services.ratelimit(config_dir, redis_url, *tls_flags(pki, client_ca=True))
+
+
+def test_a_tls_service_answers_a_client_that_trusts_its_ca(tls_service: Service, pki: Pki) -> None:
+    assert call_code(TlsRlsClient(tls_service.grpc_target, pki.ca_pem)) == OK
+
+
+def test_a_tls_service_refuses_a_plain_text_client(tls_service: Service) -> None:
+    assert call_code(RlsClient(tls_service.grpc_target, domain="tls")) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_that_does_not_trust_the_server_certificate_gets_no_answer(tls_service: Service, pki: Pki) -> None:
+    rogue = TlsRlsClient(tls_service.grpc_target, pki.rogue_ca.read_bytes())
+    assert call_code(rogue) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_with_a_client_ca_a_client_without_a_certificate_is_refused(mtls_service: Service, pki: Pki) -> None:
+    assert call_code(TlsRlsClient(mtls_service.grpc_target, pki.ca_pem)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_with_a_client_ca_a_client_certificate_that_ca_signed_is_served(mtls_service: Service, pki: Pki) -> None:
+    assert call_code(TlsRlsClient(mtls_service.grpc_target, pki.ca_pem, pki.client)) == OK
+
+
+def test_with_a_client_ca_a_client_certificate_of_another_ca_is_refused(mtls_service: Service, pki: Pki) -> None:
+    rogue = TlsRlsClient(mtls_service.grpc_target, pki.ca_pem, pki.rogue_client)
+    assert call_code(rogue) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_certificate_without_the_required_san_is_refused(
+        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki) -> None:
+    svc = services.ratelimit(config_dir, redis_url, *tls_flags(pki, client_ca=True, san="envoy.example.com"))
+    client = TlsRlsClient(svc.grpc_target, pki.ca_pem, pki.client)
+    assert call_code(client) == grpc.StatusCode.UNAUTHENTICATED
+    deadline = time.monotonic() + 5
+    while "do not include envoy.example.com" not in svc.proc.tail(50):
+        assert time.monotonic() < deadline, svc.proc.tail()
+        time.sleep(0.05)
+
+
+def test_a_client_certificate_with_the_required_san_is_served(
+        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki) -> None:
+    svc = services.ratelimit(config_dir, redis_url, *tls_flags(pki, client_ca=True, san="client.example.com"))
+    assert call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem, pki.client)) == OK
+
+
+def test_the_san_check_covers_the_health_service_too(
+        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki) -> None:
+    svc = services.ratelimit(config_dir, redis_url, *tls_flags(pki, client_ca=True, san="envoy.example.com"))
+    credentials = grpc.ssl_channel_credentials(pki.ca_pem, pki.client.key.read_bytes(), pki.client.cert.read_bytes())
+    with grpc.secure_channel(svc.grpc_target, credentials) as channel, pytest.raises(grpc.RpcError) as info:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(("wanted", "san", "matches"), [
+    ("client.example.com", "client.example.com", True),
+    ("client.example.com", "Client.Example.COM", True),
+    ("client.example.com", "*.example.com", True),
+    ("a.b.example.com", "*.example.com", False),  # a wildcard covers one label
+    ("example.com", "*.example.com", False),
+    ("client.example.com", "other.example.com", False),
+    ("10.0.0.1", "10.0.0.1", True),
+    ("::1", "0:0:0:0:0:0:0:1", True),
+    ("spiffe://cluster.local/ns/istio-system/sa/gw", "spiffe://cluster.local/ns/istio-system/sa/gw", True),
+    ("spiffe://cluster.local/ns/a/sa/gw", "spiffe://cluster.local/ns/b/sa/gw", False),
+])
+def test_san_matching_follows_certificate_name_rules(wanted: str, san: str, matches: bool) -> None:
+    assert san_matches(wanted, san) is matches
+
+
+def test_a_rotated_server_certificate_is_used_for_new_connections_without_a_restart(
+        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki, tmp_path: Path) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(pki.server.cert.read_bytes())
+    key.write_bytes(pki.server.key.read_bytes())
+    svc = services.ratelimit(config_dir, redis_url, "--grpc-server-use-tls", "true", "--grpc-server-tls-cert",
+                             str(cert), "--grpc-server-tls-key", str(key))
+    assert call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem)) == OK
+    new_ca = trustme.CA()
+    renewed = new_ca.issue_cert("127.0.0.1")
+    for path, blob in ((key, renewed.private_key_pem), (cert, renewed.cert_chain_pems[0])):
+        blob.write_to_path(str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)  # what a Kubernetes secret update does: an atomic swap
+    assert call_code(TlsRlsClient(svc.grpc_target, new_ca.cert_pem.bytes())) == OK
+    assert call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem)) == grpc.StatusCode.UNAVAILABLE
+
+
+# --- Envoy calling the service over mutual TLS -------------------------------------------------------------------
+
+
+class _Ok(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def backend() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def _envoy_config(rls_port: int, backend_port: int, admin: int, listener: int, pki: Pki) -> dict[str, Any]:
+    def cluster(name: str, port: int) -> dict[str, Any]:
+        return {"name": name, "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+
+    ratelimit = cluster("ratelimit", rls_port)
+    ratelimit["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+    ratelimit["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": "localhost",
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [{"certificate_chain": {"filename": str(pki.client.cert)},
+                                  "private_key": {"filename": str(pki.client.key)}}],
+            "validation_context": {
+                "trusted_ca": {"filename": str(pki.ca)},
+                "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "localhost"}}]}}}}
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                 "HttpConnectionManager",
+        "stat_prefix": "in",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
+            "match": {"prefix": "/"}, "route": {"cluster": "backend", "rate_limits": [
+                {"actions": [{"generic_key": {"descriptor_value": "envoy"}}]}]}}]}]},
+        "http_filters": [
+            {"name": "envoy.filters.http.ratelimit", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                "domain": "tls", "failure_mode_deny": True, "timeout": "2s",
+                "rate_limit_service": {"transport_api_version": "V3",
+                                       "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}}}}},
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{"name": "in",
+                           "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
+                           "filter_chains": [{"filters": [{"name": "hcm", "typed_config": manager}]}]}],
+            "clusters": [ratelimit, cluster("backend", backend_port)]},
+    }
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:  # not listening yet
+        return 0
+
+
+def test_envoy_rate_limits_through_a_mutual_tls_rate_limit_cluster(
+        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki, backend: int, tmp_path: Path,
+        log_dir: Path) -> None:
+    svc = services.ratelimit(config_dir, redis_url, *tls_flags(pki, client_ca=True, san="client.example.com"))
+    admin, listener = free_port(), free_port()
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(_envoy_config(svc.grpc_port, backend, admin, listener, pki)))
+    envoy = ManagedProcess("envoy-tls", [str(VENV_BIN / "envoy"), "-c", str(path), "--concurrency", "1",
+                                         "--base-id", str(listener), "-l", "warning"], log_dir=log_dir).start()
+    try:
+        envoy.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
+        avoid_window_edges()
+        codes = [_status(f"http://127.0.0.1:{listener}/") for _ in range(3)]
+    finally:
+        envoy.stop()
+    assert codes == [200, 429, 429]  # 1 a minute; failure_mode_deny would make a TLS failure a 500
+
+
+# --- GRPC_UDS and connection age ---------------------------------------------------------------------------------
+
+
+def test_grpc_uds_serves_on_a_unix_socket_instead_of_the_port(
+        services: ServiceFactory, config_dir: Path, redis_url: str, tmp_path: Path) -> None:
+    socket_path = tmp_path / "rls.sock"
+    svc = services.ratelimit(config_dir, redis_url, env={"GRPC_UDS": str(socket_path)})
+    assert socket_path.is_socket()
+    assert not port_open("127.0.0.1", svc.grpc_port)
+    assert call_code(RlsClient(f"unix:{socket_path}", domain="tls")) == OK
+
+
+def test_grpc_uds_works_with_tls(
+        services: ServiceFactory, config_dir: Path, redis_url: str, tmp_path: Path, pki: Pki) -> None:
+    socket_path = tmp_path / "rls.sock"
+    services.ratelimit(config_dir, redis_url, "--grpc-uds", str(socket_path), *tls_flags(pki))
+    client = TlsRlsClient(f"unix:{socket_path}", pki.ca_pem)
+    client.channel.close()  # a unix target has no host name to check: name the one the certificate carries
+    credentials = grpc.ssl_channel_credentials(pki.ca_pem)
+    client.channel = grpc.secure_channel(f"unix:{socket_path}", credentials,
+                                         options=[("grpc.ssl_target_name_override", "localhost")])
+    client.stub = rls_pb2_grpc.RateLimitServiceStub(client.channel)
+    assert call_code(client) == OK
+
+
+def _watch_lifetime(target: str, deadline: float) -> tuple[float, grpc.StatusCode]:
+    """How long a health Watch stream stays open, and the status it ends with."""
+    started = time.monotonic()
+    with grpc.insecure_channel(target) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                           timeout=deadline)
+        try:
+            for _ in stream:
+                pass
+        except grpc.RpcError as exc:
+            return time.monotonic() - started, exc.code()
+    return time.monotonic() - started, grpc.StatusCode.OK
+
+
+def test_connections_older_than_the_max_age_and_grace_are_closed(
+        services: ServiceFactory, config_dir: Path, redis_url: str) -> None:
+    svc = services.ratelimit(config_dir, redis_url, env={"GRPC_MAX_CONNECTION_AGE": "500ms",
+                                                         "GRPC_MAX_CONNECTION_AGE_GRACE": "0.5s"})
+    lifetime, code = _watch_lifetime(svc.grpc_target, 8)
+    assert code == grpc.StatusCode.UNAVAILABLE and 0.5 < lifetime < 4, (code, lifetime)
+
+
+def test_by_default_a_connection_outlives_a_few_seconds(
+        services: ServiceFactory, config_dir: Path, redis_url: str) -> None:
+    svc = services.ratelimit(config_dir, redis_url)
+    _, code = _watch_lifetime(svc.grpc_target, 2.5)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# --- Redis over TLS ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_redis(pki: Pki, log_dir: Path) -> Iterator[RedisServer]:
+    """A TLS-only redis-server that also requires a client certificate from the test CA."""
+    server = RedisServer(log_dir=log_dir, tls=RedisTlsFiles(pki.server.cert, pki.server.key, pki.ca,
+                                                            auth_clients=True)).start()
+    yield server
+    server.stop()
+
+
+def redis_tls_env(pki: Pki, **extra: str) -> dict[str, str]:
+    return {"REDIS_TLS_CACERT": str(pki.ca), "REDIS_TLS_CLIENT_CERT": str(pki.client.cert),
+            "REDIS_TLS_CLIENT_KEY": str(pki.client.key), **extra}
+
+
+def direct(server: RedisServer, pki: Pki) -> redis.Redis:
+    """redis-py on the TLS server, through the same URL form the service uses."""
+    return redis.Redis.from_url(with_tls(server.url, RedisTls(str(pki.ca), str(pki.client.cert),
+                                                             str(pki.client.key))))
+
+
+@pytest.fixture
+def clean_tls_redis(tls_redis: RedisServer, pki: Pki) -> RedisServer:
+    client = direct(tls_redis, pki)
+    client.flushall()
+    client.close()
+    return tls_redis
+
+
+def test_counting_works_over_tls_with_upstreams_environment(
+        services: ServiceFactory, config_dir: Path, clean_tls_redis: RedisServer, pki: Pki) -> None:
+    env = redis_tls_env(pki, REDIS_TLS="true", REDIS_SOCKET_TYPE="tcp", REDIS_URL=f"127.0.0.1:{clean_tls_redis.port}")
+    svc = services.start_module("ratelimit_svc", "--config-dir", str(config_dir), env=env)
+    client = RlsClient(svc.grpc_target, domain="tls")
+    try:
+        assert client.codes([("k", "upstream-env")], 3) == [OK, OK, OVER]
+    finally:
+        client.close()
+    assert direct(clean_tls_redis, pki).keys("tls_k_upstream-env_*")
+
+
+def test_a_rediss_url_talks_tls_without_redis_tls_set(
+        services: ServiceFactory, config_dir: Path, clean_tls_redis: RedisServer, pki: Pki) -> None:
+    svc = services.ratelimit(config_dir, clean_tls_redis.url, env=redis_tls_env(pki))
+    client = RlsClient(svc.grpc_target, domain="tls")
+    try:
+        assert client.codes([("k", "rediss")], 3) == [OK, OK, OVER]
+    finally:
+        client.close()
+
+
+def test_a_wrong_redis_ca_fails_health_and_calls_with_the_certificate_error(
+        services: ServiceFactory, config_dir: Path, clean_tls_redis: RedisServer, pki: Pki) -> None:
+    env = redis_tls_env(pki, REDIS_TLS_CACERT=str(pki.rogue_ca))
+    svc = services.ratelimit(config_dir, clean_tls_redis.url, env=env, wait_healthy=False)
+    svc.proc.wait_ready(lambda: _status(f"{svc.http_base}/healthcheck") == 503, 20, "answering")
+    with pytest.raises(grpc.RpcError) as info:
+        RlsClient(svc.grpc_target, domain="tls").call([("k", "wrong-ca")], timeout=3)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "CERTIFICATE_VERIFY_FAILED" in (info.value.details() or "")
+    assert "certificate verify failed" in svc.proc.tail(50)  # logged once, not per retry
+    assert svc.proc.tail(200).count("certificate verify failed") == 1
+
+
+def test_without_a_client_certificate_a_redis_that_requires_one_is_unreachable(
+        services: ServiceFactory, config_dir: Path, clean_tls_redis: RedisServer, pki: Pki) -> None:
+    svc = services.ratelimit(config_dir, clean_tls_redis.url, env={"REDIS_TLS_CACERT": str(pki.ca)},
+                             wait_healthy=False)
+    svc.proc.wait_ready(lambda: _status(f"{svc.http_base}/healthcheck") == 503, 20, "answering")
+    assert call_code(RlsClient(svc.grpc_target, domain="tls")) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_shards_over_tls_each_count_their_keys(
+        services: ServiceFactory, config_dir: Path, clean_tls_redis: RedisServer, pki: Pki, log_dir: Path) -> None:
+    second = RedisServer(log_dir=log_dir, tls=RedisTlsFiles(pki.server.cert, pki.server.key, pki.ca,
+                                                            auth_clients=True)).start()
+    try:
+        shards = f"redis://127.0.0.1:{clean_tls_redis.port}/0,redis://127.0.0.1:{second.port}/0"
+        svc = services.ratelimit(config_dir, clean_tls_redis.url, "--redis-shards", shards,
+                                 env=redis_tls_env(pki, REDIS_TLS="true"))
+        client = RlsClient(svc.grpc_target, domain="tls")
+        try:
+            avoid_window_edges()
+            for value in range(12):  # spread over both shards
+                assert client.call([("k", f"shard-{value}")]).overall_code == OK
+        finally:
+            client.close()
+        counts = [len(direct(server, pki).keys("tls_k_shard-*")) for server in (clean_tls_redis, second)]
+    finally:
+        second.stop()
+    assert sum(counts) == 12 and all(counts), counts
+
+
+def test_the_per_second_redis_talks_tls_with_redis_persecond_tls(
+        services: ServiceFactory, config_dir: Path, clean_tls_redis: RedisServer, pki: Pki, redis_url: str) -> None:
+    env = redis_tls_env(pki, REDIS_PERSECOND="true", REDIS_PERSECOND_TLS="true",
+                        REDIS_PERSECOND_URL=f"127.0.0.1:{clean_tls_redis.port}", REDIS_PERSECOND_SOCKET_TYPE="tcp")
+    svc = services.ratelimit(config_dir, redis_url, env=env)
+    client = RlsClient(svc.grpc_target, domain="tls")
+    try:
+        assert client.codes([("fast", "x")], 3) == [OK, OK, OVER]
+    finally:
+        client.close()
+    assert direct(clean_tls_redis, pki).keys("tls_fast_x_*")
+
+
+def test_replica_counts_are_read_over_tls(
+        services: ServiceFactory, tmp_path: Path, clean_tls_redis: RedisServer, pki: Pki) -> None:
+    directory = tmp_path / "adaptive"
+    directory.mkdir()
+    (directory / "igw.yaml").write_text(ADAPTIVE_CONFIG)
+    svc = services.ratelimit(directory, f"redis://127.0.0.1:{clean_tls_redis.port}/0", "--replica-max-age", "3s",
+                             env=redis_tls_env(pki, REDIS_TLS="true"))
+    client = RlsClient(svc.grpc_target, domain="igw")
+    try:
+        publish(with_tls(clean_tls_redis.url, RedisTls(str(pki.ca), str(pki.client.cert), str(pki.client.key))),
+                "resnet", 6)
+        wait_for_limit(client, "acme", "resnet", 40, 3.0)  # 10 x 6 x 2/3: replica state came over TLS
+    finally:
+        client.close()
+
+
+def test_ext_proc_accepts_a_rediss_url(log_dir: Path, clean_tls_redis: RedisServer, pki: Pki) -> None:
+    url = with_tls(clean_tls_redis.url, RedisTls(str(pki.ca), str(pki.client.cert), str(pki.client.key)))
+    factory = ServiceFactory(log_dir)
+    try:
+        svc = factory.start_module("ext_proc", "--redis-url", url)
+        deadline = time.monotonic() + 10
+        while True:  # both of its Redis clients: the pipelined one and redis-py's pub/sub
+            with urllib.request.urlopen(f"{svc.http_base}/healthcheck", timeout=2) as response:
+                body = response.read().decode()
+            if "redis up, pubsub up" in body:
+                break
+            assert time.monotonic() < deadline, body
+            time.sleep(0.1)
+    finally:
+        factory.stop_all()
+
+
+def test_redis_tls_settings_become_a_rediss_url_that_keeps_its_own_options(pki: Pki) -> None:
+    url = with_tls("redis://:pw@127.0.0.1:6380/2?ssl_ca_certs=" + str(pki.rogue_ca),
+                   RedisTls(str(pki.ca), str(pki.client.cert), str(pki.client.key), check_hostname=False))
+    address = parse_redis_url(url)
+    assert address.url == "rediss://:pw@127.0.0.1:6380/2"
+    assert address.tls == RedisTls(str(pki.rogue_ca), str(pki.client.cert), str(pki.client.key),
+                                   check_hostname=False)
+
+
+def test_tls_options_on_a_plain_redis_url_are_refused() -> None:
+    with pytest.raises(ValueError, match="TLS options need a rediss:// URL"):
+        parse_redis_url("redis://127.0.0.1:6379/0?ssl_ca_certs=/etc/ca.pem")
+
+
+# --- bad settings stop the start, in one line --------------------------------------------------------------------
+
+
+def _start(config_dir: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "ratelimit_svc", "--config-dir", str(config_dir), *args],
+                          capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})})
+    return proc.returncode, proc.stderr
+
+
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def files(tmp_path: Path, pki: Pki) -> dict[str, Path]:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    truncated = tmp_path / "truncated.pem"
+    truncated.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    return {"missing": tmp_path / "missing.pem", "garbage": garbage, "truncated": truncated,
+            "directory": tmp_path}
+
+
+def test_a_missing_server_certificate_file_is_named(config_dir: Path, files: dict[str, Path], pki: Pki) -> None:
+    code, err = _start(config_dir, env={"GRPC_SERVER_USE_TLS": "true", "GRPC_SERVER_TLS_CERT": str(files["missing"]),
+                                        "GRPC_SERVER_TLS_KEY": str(pki.server.key)})
+    _one_line_error(code, err, "GRPC_SERVER_TLS_CERT", str(files["missing"]), "cannot read")
+
+
+def test_an_unreadable_key_file_is_named(config_dir: Path, files: dict[str, Path], pki: Pki) -> None:
+    code, err = _start(config_dir, *tls_flags(pki)[:4], "--grpc-server-tls-key", str(files["directory"]))
+    _one_line_error(code, err, "GRPC_SERVER_TLS_KEY", str(files["directory"]), "cannot read")
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+def test_a_malformed_server_certificate_is_named(config_dir: Path, files: dict[str, Path], pki: Pki,
+                                                 kind: str) -> None:
+    code, err = _start(config_dir, "--grpc-server-use-tls", "true", "--grpc-server-tls-cert", str(files[kind]),
+                       "--grpc-server-tls-key", str(pki.server.key))
+    _one_line_error(code, err, "GRPC_SERVER_TLS_CERT", str(files[kind]), "not a PEM certificate")
+
+
+def test_a_key_of_another_certificate_is_named(config_dir: Path, pki: Pki) -> None:
+    code, err = _start(config_dir, "--grpc-server-use-tls", "true", "--grpc-server-tls-cert", str(pki.server.cert),
+                       "--grpc-server-tls-key", str(pki.client.key))
+    _one_line_error(code, err, "GRPC_SERVER_TLS_KEY", str(pki.client.key), "does not match")
+
+
+def test_a_key_without_a_certificate_is_refused(config_dir: Path, pki: Pki) -> None:
+    code, err = _start(config_dir, env={"GRPC_SERVER_USE_TLS": "true", "GRPC_SERVER_TLS_KEY": str(pki.server.key)})
+    _one_line_error(code, err, "GRPC_SERVER_TLS_CERT", "is not set")
+
+
+def test_a_client_ca_without_tls_on_is_refused(config_dir: Path, pki: Pki) -> None:
+    code, err = _start(config_dir, env={"GRPC_CLIENT_TLS_CACERT": str(pki.ca)})
+    _one_line_error(code, err, "GRPC_CLIENT_TLS_CACERT", "GRPC_SERVER_USE_TLS")
+
+
+def test_a_malformed_client_ca_is_named(config_dir: Path, files: dict[str, Path], pki: Pki) -> None:
+    code, err = _start(config_dir, *tls_flags(pki), "--grpc-client-tls-cacert", str(files["garbage"]))
+    _one_line_error(code, err, "GRPC_CLIENT_TLS_CACERT", str(files["garbage"]), "not a PEM CA certificate")
+
+
+def test_a_san_without_a_client_ca_is_refused(config_dir: Path, pki: Pki) -> None:
+    code, err = _start(config_dir, *tls_flags(pki, san="envoy.example.com"))
+    _one_line_error(code, err, "GRPC_CLIENT_TLS_SAN", "GRPC_CLIENT_TLS_CACERT")
+
+
+def test_a_malformed_redis_ca_is_named(config_dir: Path, files: dict[str, Path]) -> None:
+    code, err = _start(config_dir, env={"REDIS_TLS": "true", "REDIS_TLS_CACERT": str(files["truncated"])})
+    _one_line_error(code, err, "REDIS_TLS_CACERT", str(files["truncated"]), "not a PEM CA certificate")
+
+
+def test_a_missing_redis_client_certificate_is_named(config_dir: Path, files: dict[str, Path], pki: Pki) -> None:
+    code, err = _start(config_dir, env={"REDIS_TLS": "true", "REDIS_TLS_CLIENT_CERT": str(files["missing"]),
+                                        "REDIS_TLS_CLIENT_KEY": str(pki.client.key)})
+    _one_line_error(code, err, "REDIS_TLS_CLIENT_CERT", str(files["missing"]), "cannot read")
+
+
+def test_a_redis_client_key_without_a_certificate_is_refused(config_dir: Path, pki: Pki) -> None:
+    code, err = _start(config_dir, env={"REDIS_TLS": "true", "REDIS_TLS_CLIENT_KEY": str(pki.client.key)})
+    _one_line_error(code, err, "REDIS_TLS_CLIENT_KEY", str(pki.client.key), "REDIS_TLS_CLIENT_CERT")
+
+
+def test_redis_tls_files_without_any_tls_redis_are_refused(config_dir: Path, pki: Pki) -> None:
+    code, err = _start(config_dir, env={"REDIS_TLS_CACERT": str(pki.ca)})
+    _one_line_error(code, err, "REDIS_TLS_CACERT", "REDIS_TLS=true")
+
+
+def test_redis_tls_on_a_unix_socket_url_is_refused(config_dir: Path) -> None:
+    code, err = _start(config_dir, env={"REDIS_TLS": "true", "REDIS_URL": "/run/redis.sock"})
+    _one_line_error(code, err, "REDIS_TLS", "/run/redis.sock", "unix socket")
+
+
+def test_a_missing_ca_in_a_rediss_url_is_named(config_dir: Path, files: dict[str, Path]) -> None:
+    code, err = _start(config_dir, "--redis-url", f"rediss://127.0.0.1:1/0?ssl_ca_certs={files['missing']}")
+    assert code == 2 and "ssl_ca_certs" in err and str(files["missing"]) in err and "Traceback" not in err, err
+
+
+def test_grpc_uds_with_several_workers_is_refused(config_dir: Path, tmp_path: Path) -> None:
+    code, err = _start(config_dir, "--workers", "2", env={"GRPC_UDS": str(tmp_path / "rls.sock")})
+    _one_line_error(code, err, "GRPC_UDS", str(tmp_path / "rls.sock"), "WORKERS=2")
+
+
+def test_grpc_uds_in_a_missing_directory_is_refused(config_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "rls.sock"
+    code, err = _start(config_dir, env={"GRPC_UDS": str(path)})
+    _one_line_error(code, err, "GRPC_UDS", str(path), "does not exist")
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("1h30m", 5400.0), ("90s", 90.0), ("250ms", 0.25), ("0", 0.0)])
+def test_max_connection_age_takes_go_durations(config_dir: Path, value: str, seconds: float,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRPC_MAX_CONNECTION_AGE", value)
+    assert parse_settings(["--config-dir", str(config_dir)]).grpc_max_connection_age == seconds
+
+
+@pytest.mark.parametrize("value", ["forever", "-1h", "1d"])
+def test_a_bad_max_connection_age_is_named(config_dir: Path, value: str) -> None:
+    code, err = _start(config_dir, env={"GRPC_MAX_CONNECTION_AGE": value})
+    assert code == 2 and "GRPC_MAX_CONNECTION_AGE" in err and "invalid duration" in err, err
+
+
+def _quota_stream(target: str, credentials: grpc.ChannelCredentials) -> Any:
+    """The first answer of an RLQS stream that reported usage of one bucket, or the status it failed with."""
+    usage = rlqs_pb2.RateLimitQuotaUsageReports.BucketQuotaUsage(
+        bucket_id=rlqs_pb2.BucketId(bucket={"k": "quota"}), time_elapsed=duration_pb2.Duration(seconds=1),
+        num_requests_allowed=1)
+    reports = [rlqs_pb2.RateLimitQuotaUsageReports(domain="tls", bucket_quota_usages=[usage])]
+    with grpc.secure_channel(target, credentials) as channel:
+        stub = rlqs_pb2_grpc.RateLimitQuotaServiceStub(channel)
+        try:
+            return next(stub.StreamRateLimitQuotas(iter(reports), timeout=3))
+        except grpc.RpcError as exc:
+            return exc.code()
+
+
+@pytest.mark.parametrize(("san", "served"), [("client.example.com", True), ("envoy.example.com", False)])
+def test_the_san_check_covers_quota_streams(services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki,
+                                            san: str, served: bool) -> None:
+    svc = services.ratelimit(config_dir, redis_url, *tls_flags(pki, client_ca=True, san=san))
+    credentials = grpc.ssl_channel_credentials(pki.ca_pem, pki.client.key.read_bytes(), pki.client.cert.read_bytes())
+    got = _quota_stream(svc.grpc_target, credentials)
+    if served:
+        assert isinstance(got, rlqs_pb2.RateLimitQuotaResponse), got
+    else:
+        assert got == grpc.StatusCode.UNAUTHENTICATED
