@@ -13,14 +13,27 @@ key spells them (lookup.counter_group), so a descriptor and the ones nested unde
 ([tenant] and [tenant, model]) share a shard and a round trip, like a Redis Cluster hash tag. A request
 whose counters span shards sends one pipelined write to each, concurrently. Changing the shard list moves
 counters: their current windows restart from zero, nothing else.
+
+Per-second Redis (upstream's REDIS_PERSECOND): counters of limits whose unit is second churn the most
+(a new key every second), so upstream lets them live on a Redis of their own. When one is given, every
+hit marked `per_second` goes there and the shards keep the rest; it is one more target of the same
+spreading, so a request touching both writes to both concurrently.
+
+Stopping increments (upstream's STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT), see `Increment`: the counters
+of a request are read first, and when its hits would take any fixed-window counter over its limit, only
+those counters get the hits. Upstream reads in one round trip and writes in a second; when the request's
+fixed-window counters live on one Redis, one script here does both atomically (no request slips in
+between), and only counters spread over several Redis need the two round trips.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import hiredis
@@ -46,6 +59,47 @@ return out
 """
 FIXED_SHA = hashlib.sha1(FIXED_LUA.encode()).hexdigest()
 
+# The fixed-window keys of a request under STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT, in one atomic script: read
+# every counter; when some counter plus its hits would exceed its limit, increment only those, otherwise all.
+# ARGV[1] '1' reads without incrementing anything (a key of the request is already known over, or the first
+# round of counters spread over several Redis). KEYS: counter keys. ARGV[1 + 3i - 2 ..]: hits_i, ttl_i,
+# limit_i. Returns each counter after the call (unchanged when not incremented; 0 for a missing key, which
+# a read does not create).
+STOP_LUA = """
+local read_only = ARGV[1] == '1'
+local counts, over = {}, false
+for i, key in ipairs(KEYS) do
+  local n = tonumber(redis.call('GET', key) or '0')
+  counts[i] = n
+  if n + tonumber(ARGV[3 * i - 1]) > tonumber(ARGV[3 * i + 1]) then over = true end
+end
+if not read_only then
+  for i, key in ipairs(KEYS) do
+    local hits = tonumber(ARGV[3 * i - 1])
+    if not over or counts[i] + hits > tonumber(ARGV[3 * i + 1]) then
+      local n = redis.call('INCRBY', key, hits)
+      if n == hits then redis.call('EXPIRE', key, ARGV[3 * i]) end
+      counts[i] = n
+    end
+  end
+end
+return counts
+"""
+STOP_SHA = hashlib.sha1(STOP_LUA.encode()).hexdigest()
+
+
+class Increment(enum.Enum):
+    """Which fixed-window counters of a request get its hits. GCRA buckets are always applied as usual: a
+    denial leaves a bucket as it was, so there is nothing to stop."""
+
+    ALL = "all"
+    # STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT: when the hits would take some counters over their limit,
+    # only those (the request is refused anyway, it should not use up the others); otherwise all.
+    ONLY_OVER = "only_over"
+    # The same setting when a key of the request is already known over (local cache): none; the counters
+    # are only read, for the statuses.
+    NONE = "none"
+
 
 @dataclass(slots=True)
 class Hit:
@@ -56,6 +110,8 @@ class Hit:
     interval_ms: float = 0.0  # gcra: window / limit
     burst: int = 0  # gcra: bucket size in hits
     group: str = ""  # what picks the Redis shard: domain and the descriptor's first entry
+    limit: int = 0  # fixed window: the limit in force (Increment.ONLY_OVER compares against it)
+    per_second: bool = False  # a limit of unit second: counted on the per-second Redis when there is one
 
 
 Counted = int | GcraResult  # fixed window: the counter after the increment
@@ -75,23 +131,42 @@ def shard_of(group: str, shards: int) -> int:
 
 
 class RedisCounters:
-    def __init__(self, *shards: PipelinedRedis) -> None:
+    def __init__(self, *shards: PipelinedRedis, per_second: PipelinedRedis | None = None) -> None:
         if not shards:
             raise ValueError("RedisCounters needs at least one Redis")
         self.shards = shards
+        self.per_second = per_second
+        # Where hits go: the shards, then the per-second Redis (if any) as one more target.
+        self.targets: tuple[PipelinedRedis, ...] = (*shards, per_second) if per_second is not None else shards
 
-    async def apply(self, hits: list[Hit]) -> list[Counted]:
-        shards = self.shards
-        if len(shards) == 1:
-            return await self._apply_on(shards[0], hits)
+    def _target_of(self, hit: Hit) -> int:
+        if hit.per_second and self.per_second is not None:
+            return len(self.shards)
+        shards = len(self.shards)
+        return 0 if shards == 1 else shard_of(hit.group, shards)
+
+    async def apply(self, hits: list[Hit], increment: Increment = Increment.ALL) -> list[Counted]:
+        if len(self.targets) == 1:
+            return await self._apply_on(self.targets[0], hits, increment)
         placed: dict[int, list[int]] = {}
         for i, hit in enumerate(hits):
-            placed.setdefault(shard_of(hit.group, len(shards)), []).append(i)
+            placed.setdefault(self._target_of(hit), []).append(i)
         if len(placed) == 1:
-            ((shard, _),) = placed.items()
-            return await self._apply_on(shards[shard], hits)
-        parts = await asyncio.gather(*(self._apply_on(shards[shard], [hits[i] for i in indexes])
-                                       for shard, indexes in placed.items()), return_exceptions=True)
+            ((target, _),) = placed.items()
+            return await self._apply_on(self.targets[target], hits, increment)
+        if increment is Increment.ONLY_OVER:
+            fixed_on = {t for t, indexes in placed.items() if any(hits[i].algorithm != "gcra" for i in indexes)}
+            if len(fixed_on) > 1:
+                return await self._only_over_across(hits, placed)
+        # NONE is decided by each Redis alone (read only), and so is ONLY_OVER when one Redis holds every
+        # fixed-window counter of the request.
+        return await self._spread(hits, placed, increment)
+
+    async def _spread(self, hits: list[Hit], placed: dict[int, list[int]], increment: Increment) -> list[Counted]:
+        """One pipelined write to each target, concurrently. A target that fails leaves None for its hits
+        (PartialCount), so fail-open can still enforce the ones counted elsewhere."""
+        parts = await asyncio.gather(*(self._apply_on(self.targets[target], [hits[i] for i in indexes], increment)
+                                       for target, indexes in placed.items()), return_exceptions=True)
         results: list[Counted | None] = [None] * len(hits)
         failure: BaseException | None = None
         for indexes, part in zip(placed.values(), parts, strict=True):
@@ -106,24 +181,63 @@ class RedisCounters:
             raise PartialCount(f"a counter shard failed: {failure}", results)
         return results  # type: ignore[return-value]
 
+    async def _only_over_across(self, hits: list[Hit], placed: dict[int, list[int]]) -> list[Counted]:
+        """Increment.ONLY_OVER with fixed-window counters on several Redis: read them all (one round trip to
+        each, concurrently), decide, then write, as upstream does. A request in between can be counted in
+        the read of one and not the other; upstream has the same window."""
+        fixed = [i for i, hit in enumerate(hits) if hit.algorithm != "gcra"]
+        read_placed: dict[int, list[int]] = {}
+        for j, i in enumerate(fixed):
+            read_placed.setdefault(self._target_of(hits[i]), []).append(j)
+        try:
+            current = await self._spread([hits[i] for i in fixed], read_placed, Increment.NONE)
+        except PartialCount as exc:  # nothing was counted anywhere: the call fails as a whole
+            raise RedisError(str(exc)) from None
+        counts = dict(zip(fixed, current, strict=True))
+        over = {i for i in fixed if counts[i] + hits[i].hits > hits[i].limit}  # type: ignore[operator]
+        if not over:
+            return await self._spread(hits, placed, Increment.ALL)
+        written = [i for i, hit in enumerate(hits) if hit.algorithm == "gcra" or i in over]
+        write_placed: dict[int, list[int]] = {}
+        for j, i in enumerate(written):
+            write_placed.setdefault(self._target_of(hits[i]), []).append(j)
+        results: list[Counted | None] = [counts.get(i) for i in range(len(hits))]
+        try:
+            done: Sequence[Counted | None] = await self._spread([hits[i] for i in written], write_placed, Increment.ALL)
+        except PartialCount as exc:
+            for i, value in zip(written, exc.results, strict=True):
+                results[i] = value
+            raise PartialCount(str(exc), results) from None
+        for i, value in zip(written, done, strict=True):
+            results[i] = value
+        return results  # type: ignore[return-value]
+
     @staticmethod
-    async def _apply_on(redis: PipelinedRedis, hits: list[Hit]) -> list[Counted]:
+    async def _apply_on(redis: PipelinedRedis, hits: list[Hit], increment: Increment = Increment.ALL) -> list[Counted]:
         commands: list[tuple[object, ...]] = []
         fixed_keys: list[str] = []
         fixed_args: list[int] = []
         for hit in hits:
             if hit.algorithm == "gcra":
                 commands.append(("EVALSHA", GCRA_SHA, 1, hit.key, repr(hit.interval_ms), hit.burst, hit.hits))
-            else:
+            elif increment is Increment.ALL:
                 fixed_keys.append(hit.key)
                 fixed_args += (hit.hits, hit.ttl)
+            else:
+                fixed_keys.append(hit.key)
+                fixed_args += (hit.hits, hit.ttl, hit.limit)
         if fixed_keys:
-            commands.append(("EVALSHA", FIXED_SHA, len(fixed_keys), *fixed_keys, *fixed_args))
+            if increment is Increment.ALL:
+                commands.append(("EVALSHA", FIXED_SHA, len(fixed_keys), *fixed_keys, *fixed_args))
+            else:
+                read_only = 1 if increment is Increment.NONE else 0
+                commands.append(("EVALSHA", STOP_SHA, len(fixed_keys), *fixed_keys, read_only, *fixed_args))
         replies = await redis.execute_many(commands)  # type: ignore[arg-type]
         missing = [i for i, reply in enumerate(replies)
                    if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")]
         if missing:  # a Redis that restarted or flushed its scripts: load them, re-send only what did not run
-            await redis.execute_many([("SCRIPT", "LOAD", LUA), ("SCRIPT", "LOAD", FIXED_LUA)])
+            await redis.execute_many([("SCRIPT", "LOAD", LUA), ("SCRIPT", "LOAD", FIXED_LUA),
+                                      ("SCRIPT", "LOAD", STOP_LUA)])
             for i, reply in zip(missing, await redis.execute_many([commands[i] for i in missing]), strict=True):
                 replies[i] = reply
         for reply in replies:
@@ -149,10 +263,11 @@ class MemoryCounters:
         self.tats: dict[str, float] = {}
         self._next_sweep = 0.0
 
-    async def apply(self, hits: list[Hit]) -> list[Counted]:
+    async def apply(self, hits: list[Hit], increment: Increment = Increment.ALL) -> list[Counted]:
         now = time.time()
         if now > self._next_sweep:
             self._sweep(now)
+        counted = self._incremented(hits, increment, now)
         results: list[Counted] = []
         for hit in hits:
             if hit.algorithm == "gcra":
@@ -162,10 +277,21 @@ class MemoryCounters:
                 results.append(result)
             else:
                 count, expires = self.fixed.get(hit.key, (0, now + hit.ttl))
-                count += hit.hits
-                self.fixed[hit.key] = (count, expires)
+                if counted is None or hit.key in counted:
+                    count += hit.hits
+                    self.fixed[hit.key] = (count, expires)
                 results.append(count)
         return results
+
+    def _incremented(self, hits: list[Hit], increment: Increment, now: float) -> set[str] | None:
+        """The fixed-window keys that get their hits (None: all), by the same rule as the Redis script."""
+        if increment is Increment.ALL:
+            return None
+        if increment is Increment.NONE:
+            return set()
+        current = {hit.key: self.fixed.get(hit.key, (0, now))[0] for hit in hits if hit.algorithm != "gcra"}
+        over = {hit.key for hit in hits if hit.algorithm != "gcra" and current[hit.key] + hit.hits > hit.limit}
+        return over or None
 
     def _sweep(self, now: float) -> None:
         self.fixed = {k: v for k, v in self.fixed.items() if v[1] > now}

@@ -105,7 +105,28 @@ class ConfigHolder:
     def changed(self) -> bool:
         return signature(self.directory, ignore_dotfiles=self.ignore_dotfiles) != self._signature
 
-    async def watch(self, interval: float, stop: asyncio.Event) -> None:
+    def unhealthy_reason(self, *, need_a_domain: bool = False) -> str | None:
+        """Why the config makes the service unhealthy, or None. With no config in force every call would
+        fail, so the service is unhealthy then (upstream, by default, stays healthy). `need_a_domain` is
+        upstream's HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED: the config in force must also declare a domain,
+        so a reload that leaves none turns the service unhealthy again; a reload that fails keeps the last
+        good config and changes nothing."""
+        if self.config is None:
+            return f"no config loaded: {self.last_error or 'first load still running'}"
+        if need_a_domain and not self.config.domains:
+            return "the config in force declares no domain (HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED)"
+        return None
+
+    async def watch(self, interval: float, stop: asyncio.Event, *, load_first: bool = False) -> None:
+        """Poll for changes until `stop`. `load_first` loads the directory at once, in a thread, before the
+        first poll: FORCE_START_WITHOUT_INITIAL_CONFIG, where the ports open before the first load."""
+        if load_first:
+            try:
+                if await asyncio.to_thread(self.reload):
+                    for listener in self.listeners:
+                        listener()
+            except Exception:  # the watcher must outlive the first load too; it retries on the next change
+                log.exception("first config load failed; still watching %s", self.directory)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 
 import grpc
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from prometheus_client import Gauge
 
-from igw.redis_conn import PipelinedRedis, RedisError
-from igw.service_runtime import AioBackend, ServiceRuntime
+from igw.redis_conn import PipelinedRedis, RedisError, parse_redis_url
+from igw.service_runtime import AioBackend, ServiceRuntime, max_connection_age_options
 from ratelimit_svc import metrics
 from ratelimit_svc.adaptive import AdaptiveLimits
 from ratelimit_svc.counters import MemoryCounters, RedisCounters
@@ -25,6 +28,26 @@ log = logging.getLogger("ratelimit_svc")
 
 SERVICE_NAME = "envoy.service.ratelimit.v3.RateLimitService"
 HEALTH_NAMES = (SERVICE_NAME, "envoy.service.rate_limit_quota.v3.RateLimitQuotaService")
+
+
+@functools.cache
+def _persecond_up() -> Gauge:
+    """Registered only with a per-second Redis, so the metric's absence says there is none."""
+    return Gauge("ratelimit_redis_persecond_up", "1 when the last health probe of the per-second Redis "
+                 "(REDIS_PERSECOND) succeeded")
+
+
+def _shown(redis: PipelinedRedis, per_second: bool = False) -> str:
+    """A Redis as /healthcheck and the logs name it: the URL without its password."""
+    address = redis.address
+    if address.password:
+        address = dataclasses.replace(address, password="***")
+    return f"per-second {address.url}" if per_second else address.url
+
+
+def _masked(url: str) -> str:
+    address = parse_redis_url(url)
+    return dataclasses.replace(address, password="***").url if address.password else address.url
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
@@ -48,25 +71,39 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
     holder = ConfigHolder(settings.config_dir, merge_domains=settings.merge_domains,
                           ignore_dotfiles=settings.ignore_dotfiles)
-    holder.reload()
+    for warning in settings.upstream_warnings:
+        log.warning("%s", warning)
+    if not settings.force_start_without_initial_config:
+        holder.reload()  # as upstream, which waits for its first config event (files send theirs at once)
     shards = [PipelinedRedis(url, timeout=settings.redis_timeout, connect_timeout=settings.redis_timeout)
               for url in settings.redis_shards]
+    per_second = (PipelinedRedis(settings.redis_persecond_url, timeout=settings.redis_persecond_timeout,
+                                 connect_timeout=settings.redis_persecond_timeout)
+                  if settings.redis_persecond_url and settings.backend == "redis" else None)
     adaptive = AdaptiveLimits(settings.redis_url, max_age=settings.replica_max_age)
-    counters = MemoryCounters() if settings.backend == "memory" else RedisCounters(*shards)
+    counters = MemoryCounters() if settings.backend == "memory" else RedisCounters(*shards, per_second=per_second)
     limiter = Limiter(settings, holder, counters, adaptive=adaptive)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", 1000)])
+    tls = settings.grpc_tls
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", 1000),
+                 *max_connection_age_options(settings.grpc_max_connection_age, settings.grpc_max_connection_age_grace)],
+        interceptors=tls.interceptors(log) if tls else None,
+    )
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter), server)
     quota = QuotaServer(QuotaBudgets(holder, adaptive), settings.redis_url)
     rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(quota, server)
     holder.listeners.append(quota.wake)
     adaptive.listeners.append(quota.wake)
-    runtime = ServiceRuntime(AioBackend(server), HEALTH_NAMES, log)
-    redis_down: list[str] = [shard.address.url for shard in shards]
+    backend = AioBackend(server, tls.credentials(log) if tls else None, settings.grpc_uds)
+    runtime = ServiceRuntime(backend, HEALTH_NAMES, log)
+    probed = [*shards, per_second] if per_second is not None else shards
+    redis_down: list[str] = [_shown(redis, redis is per_second) for redis in probed]
+    need_a_domain = settings.healthy_with_at_least_one_config_loaded
 
     async def health_state() -> tuple[bool, str]:
-        if holder.config is None:
-            return False, f"no config loaded: {holder.last_error}"
+        if (why := holder.unhealthy_reason(need_a_domain=need_a_domain)) is not None:
+            return False, why
         if redis_down and settings.backend == "redis":
             return False, f"redis unreachable: {', '.join(redis_down)}"
         return True, "OK"
@@ -77,25 +114,31 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     async def probe_redis() -> None:
         nonlocal redis_down
         while not stop.is_set():
-            up = await asyncio.gather(*(shard.ping() for shard in shards))
-            redis_down = [shard.address.url for shard, ok in zip(shards, up, strict=True) if not ok]
-            metrics.REDIS_UP.set(0 if redis_down else 1)
-            await runtime.set_serving((not redis_down or settings.backend == "memory") and holder.config is not None)
+            up = await asyncio.gather(*(redis.ping() for redis in probed))
+            redis_down = [_shown(redis, redis is per_second) for redis, ok in zip(probed, up, strict=True) if not ok]
+            metrics.REDIS_UP.set(1 if all(up[:len(shards)]) else 0)
+            if per_second is not None:
+                _persecond_up().set(1 if up[-1] else 0)
+            await runtime.set_serving((not redis_down or settings.backend == "memory")
+                                      and holder.unhealthy_reason(need_a_domain=need_a_domain) is None)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
 
-    for work in (holder.watch(settings.poll_interval, stop), probe_redis(), adaptive.run(stop), quota.run(stop)):
+    watch = holder.watch(settings.poll_interval, stop, load_first=settings.force_start_without_initial_config)
+    for work in (watch, probe_redis(), adaptive.run(stop), quota.run(stop)):
         runtime.spawn(work)
     log.info(
-        "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s counters=%s local_cache=%dB pid=%d",
-        runtime.address, settings.host, settings.http_port, settings.config_dir, settings.redis_url,
-        ",".join(shard.address.url for shard in shards), settings.local_cache_size_bytes, os.getpid(),
+        "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s counters=%s persecond=%s local_cache=%dB "
+        "pid=%d", runtime.address, settings.host, settings.http_port, settings.config_dir,
+        _masked(settings.redis_url), ",".join(_shown(shard) for shard in shards),
+        _shown(per_second) if per_second else "-",
+        settings.local_cache_size_bytes, os.getpid(),
     )
     await stop.wait()
     log.info("ratelimit_svc stopping")
     await runtime.stop()
-    for shard in shards:
-        shard.close()
+    for redis in probed:
+        redis.close()
     await adaptive.close()
     await quota.close()
     return 0

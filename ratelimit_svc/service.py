@@ -19,8 +19,8 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from igw.redis_conn import RedisError
 from ratelimit_svc import metrics
 from ratelimit_svc.adaptive import AdaptiveLimits
-from ratelimit_svc.config import UNIT_SECONDS, RateLimit, RateLimitConfig
-from ratelimit_svc.counters import Counted, Hit, MemoryCounters, PartialCount, RedisCounters
+from ratelimit_svc.config import UNIT_SECONDS, UNITS, RateLimit, RateLimitConfig
+from ratelimit_svc.counters import Counted, Hit, Increment, MemoryCounters, PartialCount, RedisCounters
 from ratelimit_svc.gcra import GcraResult
 from ratelimit_svc.loader import ConfigHolder
 from ratelimit_svc.lookup import Match, counter_group, find_limit
@@ -36,6 +36,7 @@ UINT32_MAX = 2**32 - 1
 # so larger ones are counted as this many. Counted as sent, they would overflow Redis's int64 counters
 # (or lose digits in Lua) and turn a plain OVER_LIMIT into a backend error, which --fail-open answers OK.
 HITS_CAP = UINT32_MAX + 1
+SECOND = UNITS["SECOND"]  # limits of this unit count on the per-second Redis (REDIS_PERSECOND) when there is one
 Response = rls_pb2.RateLimitResponse
 DescriptorStatus = rls_pb2.RateLimitResponse.DescriptorStatus
 RateLimitOverride = RateLimitDescriptor.RateLimitOverride
@@ -69,6 +70,7 @@ class Limiter:
                             if settings.local_cache_size_bytes else None)
         self._jitter = settings.expiration_jitter_max_seconds
         self._prefix = settings.cache_key_prefix
+        self._stop_when_over = settings.stop_cache_key_increment_when_overlimit
 
     async def should_rate_limit(self, request: rls_pb2.RateLimitRequest) -> Response:
         domain = request.domain
@@ -158,10 +160,17 @@ class Limiter:
         of the Redis batch (its counter is not incremented), as upstream does; the request's other
         descriptors are counted as usual. GCRA limits are never cached: a denial of n hits says nothing
         about n - 1, and the bucket frees a token within one emission interval (often milliseconds), on
-        Redis's clock, not ours."""
+        Redis's clock, not ours.
+
+        STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT changes which fixed-window counters get the hits, as
+        upstream decides it: if a key of the request is in the over-limit cache, none (they are only read);
+        otherwise, if the hits would take some counters over their limit, only those; otherwise all.
+        Any over-limit counter counts, shadow-mode and quota-mode ones too, as upstream. A counter left as
+        it was gets the status of its current count (upstream's INCRBY 0): OK with what remains."""
         now = int(wall)
         cache = self.local_cache  # None unless LOCAL_CACHE_SIZE_IN_BYTES: then this is all the cache costs
         mono = self.monotonic() if cache is not None else 0.0
+        increment = Increment.ONLY_OVER if self._stop_when_over else Increment.ALL
         batch: list[Hit] = []
         plan: list[tuple[int, Match, int, int, int]] = []  # (index, match, hits, limit, window)
         for i, match in enumerate(matches):
@@ -181,22 +190,25 @@ class Limiter:
                 batch.append(Hit(
                     key=f"{self._prefix}{match.counter_key}gcra", hits=min(hits, burst + 1), algorithm="gcra",
                     interval_ms=window * 1000 / requests if requests else float(window * 1000),
-                    burst=burst, group=group,
+                    burst=burst, group=group, per_second=limit.unit == SECOND,
                 ))
             else:
                 key = f"{self._prefix}{match.counter_key}{window_start(now, window)}"
                 if cache is not None and cache.is_over(key, requests, mono):
                     self._over_from_cache(match, hits, requests, seconds_until_reset(now, window), statuses[i])
+                    if increment is Increment.ONLY_OVER:
+                        increment = Increment.NONE
                     continue
                 ttl = window + (int(random.random() * self._jitter) if self._jitter > 0 else 0)
-                batch.append(Hit(key, hits, "fixed_window", ttl=ttl, group=group))
+                batch.append(Hit(key, hits, "fixed_window", ttl=ttl, group=group, limit=requests,
+                                 per_second=limit.unit == SECOND))
             plan.append((i, match, hits, requests, window))
 
         if not plan:
             return
         counted: list[Counted | None]
         try:
-            counted = await self.counters.apply(batch)  # type: ignore[assignment]
+            counted = await self.counters.apply(batch, increment)  # type: ignore[assignment]
         except RedisError as exc:
             metrics.REDIS_ERRORS.inc()
             if not self.settings.fail_open:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from typing import TYPE_CHECKING, NoReturn
+from urllib.parse import quote, urlparse
 
 from igw.runtime import (
     EnvDefaults,
@@ -17,6 +21,9 @@ from igw.runtime import (
     parse_port,
     redis_url_arg,
 )
+
+if TYPE_CHECKING:
+    from igw.service_runtime import ServerTls
 
 
 def _ratio(text: str) -> float:
@@ -60,6 +67,109 @@ def _backend(text: str) -> str:
     return text
 
 
+def _persecond_redis_url(text: str) -> str:
+    """REDIS_PERSECOND_URL in our URL form or upstream's, like REDIS_URL, but with the per-second Redis's
+    own REDIS_PERSECOND_SOCKET_TYPE and REDIS_PERSECOND_AUTH, as upstream reads them."""
+    if "://" not in text:
+        unix = os.environ.get("REDIS_PERSECOND_SOCKET_TYPE", "").lower() == "unix" or text.startswith("/")
+        auth = os.environ.get("REDIS_PERSECOND_AUTH", "")
+        user, _, password = auth.partition(":") if ":" in auth else ("", "", auth)
+        userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}@" if auth else ""
+        text = f"unix://{userinfo}{text}" if unix else f"redis://{userinfo}{text}"
+    return redis_url_arg(text)
+
+
+@dataclass(frozen=True)
+class UpstreamSetting:
+    """An environment variable of envoyproxy/ratelimit that this service does not implement."""
+
+    name: str
+    refuse: bool  # True: behaviour we lack, so refuse to start; False: observability/ops only, warn
+    harmless: tuple[str, ...]  # values (lower case) that change nothing here: upstream's default and the like
+    why: str  # what we offer instead
+
+
+# Every upstream setting we do not implement and that could be set to something that matters. A value outside
+# `harmless` either stops the service (`refuse`: it would silently lose behaviour the operator relies on)
+# or is logged once at startup as a warning. Settings we implement are flags in build_parser, not here
+# (tests/ratelimit/test_upstream_settings.py checks the two never overlap, BACKEND_TYPE's values aside).
+# Upstream settings not listed change nothing here: TRACING_* and CONFIG_GRPC_XDS_* other than those below
+# only matter with TRACING_ENABLED / CONFIG_TYPE=GRPC_XDS_SOTW, which are listed; REDIS_SENTINEL_AUTH only
+# with REDIS_TYPE=SENTINEL; REDIS_HEALTH_CHECK_ACTIVE_CONNECTION is always on here (a Redis that does not
+# answer a PING makes /healthcheck fail).
+_NO_STATSD = "no statsd is sent here: scrape Prometheus metrics from /metrics on PORT"
+_NO_POOL = "each Redis gets one connection that pipelines every concurrent call: there is no pool to size"
+_PIPELINED = "calls are always pipelined: what is ready is written at once, there is no window or limit"
+_PROMETHEUS = "Prometheus metrics (ratelimit_*) are always served on /metrics of PORT"
+_ZERO_DURATION = ("0", "0s", "0ms", "0us", "0ns")
+UPSTREAM_SETTINGS: tuple[UpstreamSetting, ...] = (
+    UpstreamSetting("BACKEND_TYPE", True, ("redis", "memory"),
+                    "memcached is not supported; counters live in Redis (redis) or in this process (memory)"),
+    UpstreamSetting("REDIS_TYPE", True, ("single",),
+                    "Redis Sentinel and Cluster are not supported; REDIS_URL names one redis-server (or a "
+                    "proxy in front of several), and REDIS_SHARDS spreads the counters over several"),
+    UpstreamSetting("REDIS_PERSECOND_TYPE", True, ("single",),
+                    "Redis Sentinel and Cluster are not supported; REDIS_PERSECOND_URL names one redis-server"),
+    UpstreamSetting("CONFIG_TYPE", True, ("file",),
+                    "an xDS config server is not supported; limits are read from YAML files (CONFIG_DIR or "
+                    "RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY)"),
+    UpstreamSetting("CONFIG_GRPC_XDS_SERVER_URL", False, ("localhost:18000",),
+                    "used upstream only with CONFIG_TYPE=GRPC_XDS_SOTW, which is not supported"),
+    UpstreamSetting("CONFIG_GRPC_XDS_NODE_ID", False, ("default",),
+                    "used upstream only with CONFIG_TYPE=GRPC_XDS_SOTW, which is not supported"),
+    UpstreamSetting("MEMCACHE_HOST_PORT", False, ("",),
+                    "used upstream only with BACKEND_TYPE=memcache, which is not supported"),
+    UpstreamSetting("MEMCACHE_SRV", False, ("",),
+                    "used upstream only with BACKEND_TYPE=memcache, which is not supported"),
+    UpstreamSetting("USE_DOG_STATSD", False, ("false",), _NO_STATSD),
+    UpstreamSetting("USE_DOG_STATSD_MOGRIFIERS", False, ("",), _NO_STATSD),
+    UpstreamSetting("STATSD_HOST", False, ("localhost",), _NO_STATSD),
+    UpstreamSetting("STATSD_PORT", False, ("8125",), _NO_STATSD),
+    UpstreamSetting("STATS_FLUSH_INTERVAL", False, ("10s",), "metrics are read when /metrics is scraped"),
+    UpstreamSetting("EXTRA_TAGS", False, ("",),
+                    "metrics carry no extra tags: add labels when scraping (Prometheus relabelling)"),
+    UpstreamSetting("DISABLE_STATS", False, ("false",), _PROMETHEUS + " and cannot be turned off"),
+    UpstreamSetting("USE_PROMETHEUS", False, ("false",), _PROMETHEUS),
+    UpstreamSetting("PROMETHEUS_ADDR", False, (":9090",), _PROMETHEUS),
+    UpstreamSetting("PROMETHEUS_PATH", False, ("/metrics",), _PROMETHEUS),
+    UpstreamSetting("PROMETHEUS_MAPPER_YAML", False, ("",), _PROMETHEUS + " with fixed names (README)"),
+    UpstreamSetting("TRACING_ENABLED", False, ("false",), "no OpenTelemetry tracing"),
+    UpstreamSetting("DEBUG_HOST", False, ("0.0.0.0",),
+                    "no debug port (pprof, /rlconfig, /stats): metrics on /metrics of PORT; "
+                    "`igw ratelimit check DIR` lists the limits a directory loads"),
+    UpstreamSetting("DEBUG_PORT", False, ("6070",),
+                    "no debug port (pprof, /rlconfig, /stats): metrics on /metrics of PORT; "
+                    "`igw ratelimit check DIR` lists the limits a directory loads"),
+    UpstreamSetting("HOST", False, ("0.0.0.0", "::"),
+                    "the HTTP port (PORT) listens on GRPC_HOST (--host), like the gRPC port"),
+    UpstreamSetting("REDIS_POOL_SIZE", False, ("10",), _NO_POOL),
+    UpstreamSetting("REDIS_PERSECOND_POOL_SIZE", False, ("10",), _NO_POOL),
+    UpstreamSetting("REDIS_POOL_ON_EMPTY_BEHAVIOR", False, ("wait",), _NO_POOL),
+    UpstreamSetting("REDIS_PERSECOND_POOL_ON_EMPTY_BEHAVIOR", False, ("wait",), _NO_POOL),
+    UpstreamSetting("REDIS_PIPELINE_WINDOW", False, _ZERO_DURATION, _PIPELINED),
+    UpstreamSetting("REDIS_PIPELINE_LIMIT", False, ("0",), _PIPELINED),
+    UpstreamSetting("REDIS_PERSECOND_PIPELINE_WINDOW", False, _ZERO_DURATION, _PIPELINED),
+    UpstreamSetting("REDIS_PERSECOND_PIPELINE_LIMIT", False, ("0",), _PIPELINED),
+    UpstreamSetting("REDIS_USE_EXPLICIT_PIPELINE", False, ("false",), _PIPELINED),
+    UpstreamSetting("REDIS_PERSECOND_USE_EXPLICIT_PIPELINE", False, ("false",), _PIPELINED),
+)
+
+
+def upstream_settings_in(environ: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """(refusals, warnings): one line for each upstream setting of the table set to a value that matters."""
+    refusals: list[str] = []
+    warnings: list[str] = []
+    for setting in UPSTREAM_SETTINGS:
+        raw = environ.get(setting.name)
+        if raw is None or raw.strip().lower() in setting.harmless or not raw.strip():
+            continue
+        if setting.refuse:
+            refusals.append(f"{setting.name}={raw}: {setting.why}")
+        else:
+            warnings.append(f"{setting.name}={raw} is ignored: {setting.why}")
+    return refusals, warnings
+
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -90,6 +200,19 @@ class Settings:
     log_format: str
     workers: int
     local_cache_size_bytes: int = 0  # 0: no over-limit cache
+    stop_cache_key_increment_when_overlimit: bool = False
+    healthy_with_at_least_one_config_loaded: bool = False  # also need a domain in the config to be healthy
+    force_start_without_initial_config: bool = False  # open the ports first, load the config in the background
+    redis_persecond_url: str | None = None  # REDIS_PERSECOND: where counters of unit=second limits live
+    redis_persecond_timeout: float = 0.25
+    upstream_warnings: tuple[str, ...] = ()  # upstream settings set here that change nothing: logged at startup
+    # gRPC socket and TLS (upstream's GRPC_UDS, GRPC_MAX_CONNECTION_AGE*, GRPC_SERVER_USE_TLS and friends).
+    # Redis TLS has no field: REDIS_TLS* turn redis_url, redis_shards and redis_persecond_url into rediss://
+    # URLs that carry the options (igw/redis_conn.py), which every Redis client of the service understands.
+    grpc_uds: str = ""  # serve gRPC on this unix socket instead of host:grpc_port
+    grpc_max_connection_age: float = 86400.0  # seconds; 0: never
+    grpc_max_connection_age_grace: float = 3600.0
+    grpc_tls: ServerTls | None = None  # files already checked
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
@@ -102,7 +225,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     env.add("--config-dir", "CONFIG_DIR", default=None,
             help="directory of *.yaml configs; default RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY")
     env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0", type=_redis_url,
-            help="redis://[:password@]host:port/db or unix:///path; upstream's bare host:port or socket path "
+            help="redis://[:password@]host:port/db, the same with rediss:// for TLS, or unix:///path; "
+                 "upstream's bare host:port or socket path "
                  "(REDIS_SOCKET_TYPE, REDIS_AUTH) also works")
     env.add("--redis-shards", "REDIS_SHARDS", default=None, type=_redis_urls,
             help="comma-separated redis URLs to spread the counters over (by descriptor domain and first "
@@ -141,8 +265,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     env.add("--local-cache-size-in-bytes", "LOCAL_CACHE_SIZE_IN_BYTES", default=0, type=non_negative_int,
             help="memory for keys seen over their fixed-window limit, answered OVER_LIMIT without Redis "
                  "until their window ends (about 260 bytes + key length each); 0 turns it off")
+    env.add("--stop-cache-key-increment-when-overlimit", "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", default=False,
+            type=parse_bool, help="when a request's hits would take some fixed-window counters over their limit, "
+                                  "increment only those (costs a read before the write)")
+    env.add("--healthy-with-at-least-one-config-loaded", "HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED", default=False,
+            type=parse_bool, help="healthy only while the config in force declares at least one domain "
+                                  "(a config must be loaded in any case)")
+    env.add("--force-start-without-initial-config", "FORCE_START_WITHOUT_INITIAL_CONFIG", default=False,
+            type=parse_bool, help="open the ports before the first config load, which then runs in the "
+                                  "background (calls fail and health is 503 until it is in force)")
+    env.add("--redis-persecond", "REDIS_PERSECOND", default=False, type=parse_bool,
+            help="keep the counters of limits whose unit is second on the --redis-persecond-url Redis")
+    env.add("--redis-persecond-url", "REDIS_PERSECOND_URL", default=None, type=_persecond_redis_url,
+            help="the per-second Redis, in --redis-url's forms (upstream's uses REDIS_PERSECOND_SOCKET_TYPE, "
+                 "REDIS_PERSECOND_AUTH)")
+    env.add("--redis-persecond-timeout", "REDIS_PERSECOND_TIMEOUT", default=None, type=parse_duration,
+            help="per-call deadline on the per-second Redis; default --redis-timeout")
     env.add("--replica-max-age", "REPLICA_MAX_AGE", default=10.0, type=parse_duration,
             help="replica data older than this is stale; adaptive limits fall back to their min")
+    _add_tls_flags(env)
     add_common_flags(env)
     return parser, env
 
@@ -157,16 +298,38 @@ def config_dir_from_runtime_env() -> Path:
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
     parser, env = build_parser()
+    # Before the flags: BACKEND_TYPE=memcache gets this line rather than the flag's "invalid backend".
+    refusals, warnings = upstream_settings_in(os.environ)
+    if refusals:  # one line each, without the usage text: nothing is wrong with the command line
+        parser.exit(2, "".join(f"{parser.prog}: error: {line}\n" for line in refusals))
     args = env.parse(argv)
     config_dir = Path(args.config_dir) if args.config_dir else config_dir_from_runtime_env()
     if not config_dir.is_dir():
         parser.error(f"config directory {str(config_dir)!r} does not exist or is not a directory")
     if not os.access(config_dir, os.R_OK | os.X_OK):
         parser.error(f"config directory {str(config_dir)!r} is not readable")
+    persecond_url: str | None = None
+    if args.redis_persecond:
+        if args.redis_persecond_url is None:
+            parser.error("REDIS_PERSECOND=true (--redis-persecond) needs REDIS_PERSECOND_URL (--redis-persecond-url), "
+                         "the Redis for the counters of limits whose unit is second")
+        if args.backend == "memory":
+            warnings.append("REDIS_PERSECOND=true is ignored: BACKEND_TYPE=memory keeps every counter in this process")
+        else:
+            persecond_url = args.redis_persecond_url
+    elif args.redis_persecond_url is not None:
+        warnings.append("REDIS_PERSECOND_URL is ignored: REDIS_PERSECOND (--redis-persecond) is not true, so "
+                        "per-second counters stay with the others, as upstream")
+    redis_urls = _redis_tls(parser, args, persecond_url, warnings)
+    persecond_url = redis_urls.persecond
     return Settings(
         config_dir=config_dir,
-        redis_url=args.redis_url,
-        redis_shards=tuple(args.redis_shards or [args.redis_url]),
+        redis_url=redis_urls.main,
+        redis_shards=redis_urls.shards,
+        grpc_uds=_grpc_uds(parser, args),
+        grpc_max_connection_age=args.grpc_max_connection_age,
+        grpc_max_connection_age_grace=args.grpc_max_connection_age_grace,
+        grpc_tls=_grpc_tls(parser, args),
         backend=args.backend,
         host=args.host,
         grpc_port=args.grpc_port,
@@ -191,4 +354,169 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         log_format=args.log_format,
         workers=args.workers,
         local_cache_size_bytes=args.local_cache_size_in_bytes,
+        stop_cache_key_increment_when_overlimit=args.stop_cache_key_increment_when_overlimit,
+        healthy_with_at_least_one_config_loaded=args.healthy_with_at_least_one_config_loaded,
+        force_start_without_initial_config=args.force_start_without_initial_config,
+        redis_persecond_url=persecond_url,
+        redis_persecond_timeout=(args.redis_timeout if args.redis_persecond_timeout is None
+                                 else args.redis_persecond_timeout),
+        upstream_warnings=tuple(warnings),
     )
+
+
+# --- gRPC socket and TLS, Redis TLS ---------------------------------------------------------------------------
+
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _go_duration(text: str) -> float:
+    """Seconds from Go's duration forms (24h, 1h30m, 1.5s, 0), as upstream's environment has them, or a
+    bare number of seconds."""
+    value = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return float(value)
+    parts = _GO_DURATION_PART.findall(value)
+    if not parts or "".join(number + unit for number, unit in parts) != value:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (Go form: 24h, 1h30m, 90s; 0 for never)")
+    return sum(float(number) * _GO_UNITS[unit] for number, unit in parts)
+
+
+def _add_tls_flags(env: EnvDefaults) -> None:
+    env.add("--grpc-uds", "GRPC_UDS", default="",
+            help="serve gRPC on this unix socket path instead of --host:--grpc-port (HTTP stays on its port)")
+    env.add("--grpc-max-connection-age", "GRPC_MAX_CONNECTION_AGE", default="24h", type=_go_duration,
+            help="send clients a GOAWAY after a connection lived this long (+/-10%%), so they reconnect and "
+                 "spread over new replicas; 0: never")
+    env.add("--grpc-max-connection-age-grace", "GRPC_MAX_CONNECTION_AGE_GRACE", default="1h", type=_go_duration,
+            help="close a connection this long after its GOAWAY even with calls in flight; 0: never")
+    env.add("--grpc-server-use-tls", "GRPC_SERVER_USE_TLS", default=False, type=parse_bool,
+            help="serve gRPC over TLS (needs --grpc-server-tls-cert and --grpc-server-tls-key)")
+    env.add("--grpc-server-tls-cert", "GRPC_SERVER_TLS_CERT", default="",
+            help="PEM certificate chain of the gRPC server; reloaded when the file changes")
+    env.add("--grpc-server-tls-key", "GRPC_SERVER_TLS_KEY", default="", help="PEM private key of that certificate")
+    env.add("--grpc-client-tls-cacert", "GRPC_CLIENT_TLS_CACERT", default="",
+            help="PEM CA(s): clients must present a certificate signed by one (mutual TLS)")
+    env.add("--grpc-client-tls-san", "GRPC_CLIENT_TLS_SAN", default="",
+            help="with --grpc-client-tls-cacert: calls whose client certificate has no such subject alternative "
+                 "name (DNS, IP, URI; *.domain certificates match one label) fail UNAUTHENTICATED")
+    env.add("--redis-tls", "REDIS_TLS", default=False, type=parse_bool,
+            help="talk TLS to the --redis-url and --redis-shards servers (a rediss:// URL does so anyway)")
+    env.add("--redis-persecond-tls", "REDIS_PERSECOND_TLS", default=False, type=parse_bool,
+            help="talk TLS to the --redis-persecond-url server")
+    env.add("--redis-tls-client-cert", "REDIS_TLS_CLIENT_CERT", default="",
+            help="PEM client certificate for Redis servers that verify clients (tls-auth-clients)")
+    env.add("--redis-tls-client-key", "REDIS_TLS_CLIENT_KEY", default="", help="PEM private key of that certificate")
+    env.add("--redis-tls-cacert", "REDIS_TLS_CACERT", default="",
+            help="PEM CA(s) trusted for Redis server certificates, besides the system's")
+    env.add("--redis-tls-skip-hostname-verification", "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION", default=False,
+            type=parse_bool, help="check that the Redis certificate chains to a trusted CA, not that it names the host")
+
+
+def _startup_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """One line, without the usage text: the command line is well formed, a setting's value is not."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _grpc_uds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    path = args.grpc_uds
+    if not path:
+        return ""
+    if args.workers > 1:
+        _startup_error(parser, f"GRPC_UDS (--grpc-uds) {path}: WORKERS={args.workers} processes cannot share one "
+                               "unix socket (each would replace the one before); run one process per socket")
+    if len(os.fsencode(path)) > 107:
+        _startup_error(parser, f"GRPC_UDS (--grpc-uds) {path}: longer than the 107 bytes a unix socket path may have")
+    parent = Path(path).parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        _startup_error(parser, f"GRPC_UDS (--grpc-uds) {path}: directory {str(parent)!r} does not exist or is "
+                               "not writable")
+    return path
+
+
+def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerTls | None:
+    given = [f"{env} (--{env.lower().replace('_', '-')})" for env, value in (
+        ("GRPC_SERVER_TLS_CERT", args.grpc_server_tls_cert), ("GRPC_SERVER_TLS_KEY", args.grpc_server_tls_key),
+        ("GRPC_CLIENT_TLS_CACERT", args.grpc_client_tls_cacert), ("GRPC_CLIENT_TLS_SAN", args.grpc_client_tls_san),
+    ) if value]
+    if not args.grpc_server_use_tls:
+        if given:
+            _startup_error(parser, f"{given[0]} is set but GRPC_SERVER_USE_TLS (--grpc-server-use-tls) is not true: "
+                                   "gRPC would be served in plain text")
+        return None
+    if not args.grpc_server_tls_cert or not args.grpc_server_tls_key:
+        missing = "GRPC_SERVER_TLS_CERT" if not args.grpc_server_tls_cert else "GRPC_SERVER_TLS_KEY"
+        _startup_error(parser, f"GRPC_SERVER_USE_TLS=true needs GRPC_SERVER_TLS_CERT (--grpc-server-tls-cert) and "
+                               f"GRPC_SERVER_TLS_KEY (--grpc-server-tls-key); {missing} is not set")
+    if args.grpc_client_tls_san and not args.grpc_client_tls_cacert:
+        _startup_error(parser, "GRPC_CLIENT_TLS_SAN (--grpc-client-tls-san) needs GRPC_CLIENT_TLS_CACERT "
+                               "(--grpc-client-tls-cacert): only a verified client certificate has a SAN to check")
+    from igw.redis_conn import TlsFileError
+    from igw.service_runtime import ServerTls
+
+    tls = ServerTls(args.grpc_server_tls_cert, args.grpc_server_tls_key, args.grpc_client_tls_cacert or None,
+                    args.grpc_client_tls_san, names=(
+                        "GRPC_SERVER_TLS_CERT (--grpc-server-tls-cert)", "GRPC_SERVER_TLS_KEY (--grpc-server-tls-key)",
+                        "GRPC_CLIENT_TLS_CACERT (--grpc-client-tls-cacert)"))
+    try:
+        tls.load()
+    except TlsFileError as exc:
+        _startup_error(parser, str(exc))
+    return tls
+
+
+@dataclass(frozen=True)
+class _RedisUrls:
+    main: str
+    shards: tuple[str, ...]
+    persecond: str | None
+
+
+def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persecond: str | None,
+               warnings: list[str]) -> _RedisUrls:
+    """The Redis URLs with REDIS_TLS* folded in: REDIS_TLS makes --redis-url and the shards rediss://,
+    REDIS_PERSECOND_TLS the per-second one, and the file settings apply to every rediss:// URL (a URL that
+    spells an option itself keeps it)."""
+    from igw.redis_conn import RedisTls, TlsFileError, load_ca_file, load_key_pair, with_tls
+
+    main, shards = args.redis_url, list(args.redis_shards or [args.redis_url])
+    options = [name for name, value in (("REDIS_TLS_CACERT", args.redis_tls_cacert),
+                                        ("REDIS_TLS_CLIENT_CERT", args.redis_tls_client_cert),
+                                        ("REDIS_TLS_CLIENT_KEY", args.redis_tls_client_key),
+                                        ("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION",
+                                         args.redis_tls_skip_hostname_verification)) if value]
+    if args.redis_tls_client_key and not args.redis_tls_client_cert:
+        _startup_error(parser, f"REDIS_TLS_CLIENT_KEY (--redis-tls-client-key) {args.redis_tls_client_key} is set "
+                               "without REDIS_TLS_CLIENT_CERT (--redis-tls-client-cert)")
+    try:
+        context = ssl.create_default_context()
+        if args.redis_tls_cacert:
+            load_ca_file(context, args.redis_tls_cacert, "REDIS_TLS_CACERT (--redis-tls-cacert)")
+        if args.redis_tls_client_cert:
+            load_key_pair(context, args.redis_tls_client_cert, args.redis_tls_client_key or None,
+                          "REDIS_TLS_CLIENT_CERT (--redis-tls-client-cert)",
+                          "REDIS_TLS_CLIENT_KEY (--redis-tls-client-key)")
+    except TlsFileError as exc:
+        _startup_error(parser, str(exc))
+    tls = RedisTls(args.redis_tls_cacert or None, args.redis_tls_client_cert or None,
+                   args.redis_tls_client_key or None, check_hostname=not args.redis_tls_skip_hostname_verification)
+
+    def secured(url: str, on: bool, setting: str) -> str:
+        if not (on or urlparse(url).scheme == "rediss"):
+            return url
+        try:
+            return with_tls(url, tls)
+        except ValueError as exc:
+            _startup_error(parser, f"{setting}: {exc}")
+
+    main = secured(main, args.redis_tls, "REDIS_TLS=true (--redis-tls)")
+    shards = [secured(url, args.redis_tls, "REDIS_TLS=true (--redis-tls)") for url in shards]
+    if persecond is not None:
+        persecond = secured(persecond, args.redis_persecond_tls, "REDIS_PERSECOND_TLS=true (--redis-persecond-tls)")
+    elif args.redis_persecond_tls:
+        warnings.append("REDIS_PERSECOND_TLS is ignored: there is no per-second Redis (REDIS_PERSECOND is not true)")
+    urls = [main, *shards, *([persecond] if persecond else [])]
+    if options and not any(urlparse(url).scheme == "rediss" for url in urls):
+        _startup_error(parser, f"{options[0]} is set but no Redis is reached over TLS: set REDIS_TLS=true "
+                               "(--redis-tls) or give rediss:// URLs")
+    return _RedisUrls(main, tuple(shards), persecond)

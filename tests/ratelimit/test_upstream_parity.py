@@ -230,3 +230,15 @@ def test_upstreams_redis_auth_supplies_the_password(
     c = RlsClient(svc.grpc_target, domain="d")
     assert c.call([("minute", "auth")]).statuses[0].limit_remaining == 4
     c.close()
+
+
+def test_the_startup_log_never_shows_the_redis_password(
+    services: ServiceFactory, config_dir: Path, own_redis: RedisServer
+) -> None:
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.config_set("requirepass", "s3cret")
+    admin.close()
+    svc = services.ratelimit(config_dir, f"redis://:s3cret@127.0.0.1:{own_redis.port}/0")
+    log = svc.proc.log_path.read_text()
+    assert "ratelimit_svc ready" in log and "redis=redis://:***@127.0.0.1" in log
+    assert "s3cret" not in log

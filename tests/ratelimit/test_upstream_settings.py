@@ -1,0 +1,100 @@
+"""Upstream environment variables that this service does not implement: one that would change behaviour stops
+it with one line naming the setting; an observability/ops one is named in one warning at startup; upstream's
+defaults say nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ratelimit_svc.settings import UPSTREAM_SETTINGS, build_parser, upstream_settings_in
+from tests.helpers import ServiceFactory
+
+CONFIG = """
+domain: test-domain
+descriptors:
+  - key: minute
+    rate_limit: {unit: minute, requests_per_unit: 5}
+"""
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    (tmp_path / "test.yaml").write_text(CONFIG)
+    return tmp_path
+
+
+def run(config_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in {s.name for s in UPSTREAM_SETTINGS}}
+    return subprocess.run([sys.executable, "-m", "ratelimit_svc", "--config-dir", str(config_dir)],
+                          capture_output=True, text=True, timeout=30, env={**clean, **env})
+
+
+@pytest.mark.parametrize(("name", "value", "reason"), [
+    ("REDIS_TYPE", "CLUSTER", "Sentinel and Cluster are not supported"),
+    ("REDIS_TYPE", "sentinel", "Sentinel and Cluster are not supported"),
+    ("REDIS_PERSECOND_TYPE", "CLUSTER", "Sentinel and Cluster are not supported"),
+    ("CONFIG_TYPE", "GRPC_XDS_SOTW", "xDS config server is not supported"),
+    ("BACKEND_TYPE", "memcache", "memcached is not supported"),
+])
+def test_a_setting_that_would_change_behaviour_stops_the_service_with_one_line(
+    config_dir: Path, name: str, value: str, reason: str
+) -> None:
+    proc = run(config_dir, {name: value})
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"python -m ratelimit_svc: error: {name}={value}: ")
+    assert reason in line
+
+
+def test_every_refused_setting_gets_its_own_line(config_dir: Path) -> None:
+    proc = run(config_dir, {"REDIS_TYPE": "cluster", "CONFIG_TYPE": "GRPC_XDS_SOTW"})
+    assert proc.returncode == 2
+    assert [line.split(": ")[2].split("=")[0] for line in proc.stderr.splitlines()] == ["REDIS_TYPE", "CONFIG_TYPE"]
+
+
+def test_upstream_defaults_are_accepted_without_a_word(
+    services: ServiceFactory, config_dir: Path, redis_url: str
+) -> None:
+    defaults = {"USE_STATSD": "true", "STATSD_HOST": "localhost", "STATSD_PORT": "8125", "REDIS_TYPE": "SINGLE",
+                "CONFIG_TYPE": "FILE", "BACKEND_TYPE": "redis", "REDIS_POOL_SIZE": "10", "REDIS_PIPELINE_WINDOW": "0",
+                "USE_PROMETHEUS": "false", "TRACING_ENABLED": "false", "DEBUG_PORT": "6070", "EXTRA_TAGS": ""}
+    svc = services.ratelimit(config_dir, redis_url, env=defaults)
+    warnings = [line for line in svc.proc.log_path.read_text().splitlines() if " WARNING " in line]
+    assert [w for w in warnings if any(name in w for name in defaults)] == []
+
+
+def test_an_ops_setting_is_named_in_one_warning_at_startup(
+    services: ServiceFactory, config_dir: Path, redis_url: str
+) -> None:
+    env = {"USE_PROMETHEUS": "true", "PROMETHEUS_ADDR": ":9102", "DEBUG_PORT": "6071", "REDIS_POOL_SIZE": "50",
+           "STATSD_HOST": "statsd-exporter", "TRACING_ENABLED": "true"}
+    svc = services.ratelimit(config_dir, redis_url, env=env)
+    warnings = [line for line in svc.proc.log_path.read_text().splitlines() if " WARNING " in line]
+    assert len(warnings) == len(env)
+    for name, value in env.items():
+        assert len([w for w in warnings if f"{name}={value} is ignored: " in w]) == 1, name
+    (prometheus,) = [w for w in warnings if "USE_PROMETHEUS" in w]
+    assert prometheus.endswith("USE_PROMETHEUS=true is ignored: Prometheus metrics (ratelimit_*) are always "
+                               "served on /metrics of PORT")
+
+
+def test_the_table_reports_only_values_that_differ_from_upstreams_default() -> None:
+    refusals, warnings = upstream_settings_in({"REDIS_TYPE": " Single ", "STATSD_PORT": "8125", "HOST": "::",
+                                               "REDIS_PIPELINE_WINDOW": "150us", "MEMCACHE_HOST_PORT": ""})
+    assert refusals == []
+    assert warnings == ["REDIS_PIPELINE_WINDOW=150us is ignored: calls are always pipelined: what is ready is "
+                        "written at once, there is no window or limit"]
+
+
+def test_no_setting_in_the_table_is_also_one_we_implement() -> None:
+    """A name here and in a flag would refuse or warn about something the service does. BACKEND_TYPE is the
+    exception: the flag implements redis and memory, the table refuses upstream's memcache."""
+    parser, _ = build_parser()
+    implemented = {name for action in parser._actions for name in re.findall(r"\(env ([A-Z0-9_]+)", action.help or "")}
+    assert {s.name for s in UPSTREAM_SETTINGS} & implemented == {"BACKEND_TYPE"}
