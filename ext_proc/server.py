@@ -26,6 +26,7 @@ from ext_proc.settings import Settings
 from igw.grpclib_server import GrpclibBackend, recv_bounded
 from igw.redis_conn import PipelinedRedis
 from igw.service_runtime import ServiceRuntime
+from igw.tls import ServerContext, TlsFileError
 
 log = logging.getLogger("ext_proc")
 
@@ -71,9 +72,25 @@ def max_message_bytes(settings: Settings) -> int:
     return max(4 * 1024 * 1024, settings.max_buffer_bytes + 64 * 1024)
 
 
+def _tls_summary(settings: Settings) -> str:
+    if settings.grpc_tls is None:
+        return ""
+    if settings.grpc_tls.client_ca_file is None:
+        return " (TLS)"
+    san = f", SAN {settings.grpc_client_san}" if settings.grpc_client_san else ""
+    return f" (mutual TLS{san})"
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
     if settings.key_secret_is_default:
         log.warning("using the built-in API key secret: fine for the local test bed, set IGW_KEY_SECRET elsewhere")
+    tls: ServerContext | None = None
+    if settings.grpc_tls is not None:
+        try:
+            tls = ServerContext(settings.grpc_tls, log)
+        except TlsFileError as exc:  # checked at startup; a file changed since
+            log.error("cannot serve gRPC over TLS: %s", exc)
+            return 1
     redis = PipelinedRedis(settings.redis_url, timeout=settings.redis_timeout,
                            connect_timeout=settings.redis_timeout)
     directory = Directory(redis, ttl=settings.cache_ttl, stale_if_error=settings.stale_if_error,
@@ -84,7 +101,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
 
     servicer = ExternalProcessorServicer(lambda: RequestProcessor(config, directory, shared),
                                          max_message_bytes(settings))
-    runtime = ServiceRuntime(GrpclibBackend([servicer], settings.max_concurrent_streams), [SERVICE_NAME], log)
+    backend = GrpclibBackend([servicer], settings.max_concurrent_streams, ssl_context=tls.context if tls else None,
+                             client_san=settings.grpc_client_san, logger=log)
+    runtime = ServiceRuntime(backend, [SERVICE_NAME], log)
     redis_ok = False
 
     async def health_state() -> tuple[bool, str]:
@@ -106,8 +125,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
 
     runtime.spawn(probe_redis())
     runtime.spawn(directory.watch_invalidations(settings.redis_url, stop))
-    log.info("ext_proc ready: grpc=%s http=%s:%d redis=%s pid=%d", runtime.address, settings.host,
-             settings.http_port, redis.address.url, os.getpid())
+    log.info("ext_proc ready: grpc=%s%s http=%s:%d redis=%s pid=%d", runtime.address, _tls_summary(settings),
+             settings.host, settings.http_port, redis.address.url, os.getpid())
     await stop.wait()
     log.info("ext_proc stopping")
     await runtime.stop()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from typing import NoReturn
 
 from ext_proc.apikeys import DEFAULT_KEY_SECRET
 from igw.runtime import (
     EnvDefaults,
     add_common_flags,
+    add_server_tls_flags,
     parse_bool,
     parse_duration,
     parse_port,
@@ -17,6 +19,7 @@ from igw.runtime import (
     positive_int,
     redis_url_arg,
 )
+from igw.tls import SERVER_TLS_NAMES, ServerFiles, TlsFileError, server_tls_settings_problem
 
 
 def _non_negative_duration(text: str) -> float:
@@ -41,6 +44,8 @@ class Settings:
     log_level: str
     log_format: str
     workers: int
+    grpc_tls: ServerFiles | None = None  # None: plain-text gRPC
+    grpc_client_san: str = ""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
@@ -73,12 +78,34 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
             help="pass Authorization / x-api-key on to the model server (default: removed)")
     env.add("--max-concurrent-streams", "MAX_CONCURRENT_STREAMS", default=1000, type=positive_int,
             help="HTTP/2 streams per connection from Envoy")
+    add_server_tls_flags(env)
     add_common_flags(env)
     return parser, env
 
 
+def _startup_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """One line, without the usage text: the command line is well formed, a setting's value is not."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerFiles | None:
+    """The TLS files, read and checked now (every worker of --workers N does so too), so a bad one stops
+    the start with a line naming it instead of failing each handshake later."""
+    if problem := server_tls_settings_problem(args):
+        _startup_error(parser, problem)
+    if not args.grpc_server_use_tls:
+        return None
+    files = ServerFiles(args.grpc_server_tls_cert, args.grpc_server_tls_key, args.grpc_client_tls_cacert or None,
+                        names=SERVER_TLS_NAMES)
+    try:
+        files.h2_context()
+    except TlsFileError as exc:
+        _startup_error(parser, str(exc))
+    return files
+
+
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    _parser, env = build_parser()
+    parser, env = build_parser()
     args = env.parse(argv)
     return Settings(
         redis_url=args.redis_url,
@@ -97,4 +124,6 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         log_level=args.log_level,
         log_format=args.log_format,
         workers=args.workers,
+        grpc_tls=_grpc_tls(parser, args),
+        grpc_client_san=args.grpc_client_tls_san,
     )

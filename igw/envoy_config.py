@@ -399,6 +399,42 @@ def _dns_cluster_type() -> Config:
         "dns_lookup_family": "V4_ONLY", "dns_refresh_rate": "5s", "all_addresses_in_single_endpoint": False}}
 
 
+TLS_SOCKET_TYPE = _TYPE + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """Envoy's side of a gRPC service served over TLS (ext_proc's GRPC_SERVER_USE_TLS): the CA that signed
+    the service's certificate, the name to send as SNI and require among the certificate's SANs (without
+    one Envoy checks the chain only, so any certificate of that CA would do), and for mutual TLS the
+    client certificate Envoy presents. Paths are as Envoy sees them."""
+
+    ca_file: str
+    server_name: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("UpstreamTls: a client certificate needs both cert_file and key_file")
+
+
+def upstream_tls_socket(tls: UpstreamTls) -> Config:
+    """The cluster's transport_socket: TLS with ALPN h2 (gRPC servers require it)."""
+    validation: Config = {"trusted_ca": {"filename": tls.ca_file}}
+    if tls.server_name:
+        validation["match_typed_subject_alt_names"] = [
+            {"san_type": "DNS", "matcher": {"exact": tls.server_name}}]
+    common: Config = {"alpn_protocols": ["h2"], "validation_context": validation}
+    if tls.cert_file:
+        common["tls_certificates"] = [{"certificate_chain": {"filename": tls.cert_file},
+                                       "private_key": {"filename": tls.key_file}}]
+    context: Config = {"@type": TLS_SOCKET_TYPE, "common_tls_context": common}
+    if tls.server_name:
+        context["sni"] = tls.server_name
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
 def service_cluster(
     name: str,
     endpoints: list[Endpoint],
@@ -406,9 +442,13 @@ def service_cluster(
     discovery: str = "STATIC",
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     grpc_health_service: str = "",
+    tls: UpstreamTls | None = None,
 ) -> Config:
-    """A gRPC service (ext_proc, rate limit): HTTP/2, gRPC health checks, outlier detection."""
+    """A gRPC service (ext_proc, rate limit): HTTP/2, gRPC health checks, outlier detection; over TLS
+    with `tls` (health checks too), plain text without."""
     cluster = _base_cluster(name, endpoints, discovery, timeouts)
+    if tls is not None:
+        cluster["transport_socket"] = upstream_tls_socket(tls)
     cluster["typed_extension_protocol_options"] = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": HTTP_OPTIONS_TYPE,

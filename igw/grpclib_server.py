@@ -12,12 +12,19 @@ grpclib has no receive-size limit and no setting for MAX_CONCURRENT_STREAMS; bot
 with a few lines that touch grpclib's stream and protocol internals. The version is pinned in
 pyproject.toml and tests/ext_proc/test_protocol.py covers both limits, so an upgrade that moves
 them fails a test instead of silently dropping a limit.
+
+TLS: GrpclibBackend serves with an ssl.SSLContext (igw/tls.py's ServerContext, which also swaps in
+rotated files). The client SAN check runs once per connection, when its handshake is done: a connection
+whose verified client certificate has no matching SAN gets a method table of its own in which every
+method fails UNAUTHENTICATED, so its calls are refused with a reason and the others pay nothing per call.
+Without TLS (or without a SAN to check) the protocol class is the plain one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -29,6 +36,8 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
+
+from igw.service_runtime import san_matches
 
 log = logging.getLogger("igw.grpclib")
 
@@ -125,29 +134,93 @@ class _Protocol(H2Protocol):
         self.connection.flush()
 
 
+class ConnectionSanCheck:
+    """Refuses (UNAUTHENTICATED) every call on a connection whose verified client certificate carries no
+    SAN matching `san`, as igw/service_runtime.py's ClientSanCheck does per call on grpc.aio. Decided once
+    per connection, right after its handshake."""
+
+    def __init__(self, san: str, log: logging.Logger) -> None:
+        self.san = san
+        self.log = log
+        self.refused = 0
+        self.next_log = 0.0
+        self.refusing: dict[str, Handler] = {}
+
+    def build(self, mapping: dict[str, Handler]) -> None:
+        """The method table of refused connections: the same methods (so their streams are set up as
+        usual and a client learns why), each failing at once."""
+        message = f"client certificate has no subject alternative name {self.san!r}"
+
+        async def refuse(stream: grpclib.server.Stream[Any, Any]) -> None:
+            raise GRPCError(Status.UNAUTHENTICATED, message)
+
+        self.refusing = {name: Handler(refuse, method.cardinality, method.request_type, method.reply_type)
+                         for name, method in mapping.items()}
+
+    def allowed(self, transport: asyncio.BaseTransport) -> bool:
+        ssl_object = transport.get_extra_info("ssl_object")
+        cert = ssl_object.getpeercert() if ssl_object is not None else None
+        sans = [str(value) for _kind, value in (cert or {}).get("subjectAltName", ())]
+        if any(san_matches(self.san, san) for san in sans):
+            return True
+        self.refused += 1
+        now = time.monotonic()
+        if now >= self.next_log:  # at most one line a minute: a misconfigured fleet reconnects fast
+            self.next_log = now + 60
+            self.log.warning("refused the calls of a gRPC client %s whose certificate SANs %s do not include %s "
+                             "(%d connections refused so far)", transport.get_extra_info("peername"),
+                             sans or "(none)", self.san, self.refused)
+        return False
+
+
+class _SanCheckedProtocol(_Protocol):
+    def __init__(self, like: H2Protocol, max_concurrent_streams: int, check: ConnectionSanCheck) -> None:
+        super().__init__(like, max_concurrent_streams)
+        self.check = check
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # called once the TLS handshake is done
+        if not self.check.allowed(transport):
+            self.handler.mapping = self.check.refusing  # type: ignore[attr-defined]  # this connection's only
+
+
 class _Server(grpclib.server.Server):
-    def __init__(self, handlers: list[Servable], max_concurrent_streams: int) -> None:
+    def __init__(self, handlers: list[Servable], max_concurrent_streams: int,
+                 san_check: ConnectionSanCheck | None = None) -> None:
         super().__init__(handlers)  # type: ignore[arg-type]
         self.max_concurrent_streams = max_concurrent_streams
+        self.san_check = san_check
+        if san_check is not None:
+            san_check.build(self._mapping)
 
     def _protocol_factory(self) -> H2Protocol:
+        if self.san_check is not None:
+            return _SanCheckedProtocol(super()._protocol_factory(), self.max_concurrent_streams, self.san_check)
         return _Protocol(super()._protocol_factory(), self.max_concurrent_streams)
 
 
 class GrpclibBackend:
-    """The grpclib side of igw.service_runtime.ServiceRuntime: bind, health statuses, graceful stop."""
+    """The grpclib side of igw.service_runtime.ServiceRuntime: bind, health statuses, graceful stop. With
+    `ssl_context` the port serves TLS only; `client_san` (with a context that verifies client
+    certificates) refuses the calls of clients whose certificate lacks that SAN, logging to `logger`."""
 
-    def __init__(self, handlers: Iterable[Servable], max_concurrent_streams: int = 100) -> None:
+    def __init__(self, handlers: Iterable[Servable], max_concurrent_streams: int = 100, *,
+                 ssl_context: ssl.SSLContext | None = None, client_san: str = "",
+                 logger: logging.Logger = log) -> None:
+        if client_san and (ssl_context is None or ssl_context.verify_mode != ssl.CERT_REQUIRED):
+            raise ValueError("a client SAN check needs TLS with verified client certificates")
         self.handlers = list(handlers)
         self.health: HealthService | None = None
         self.max_concurrent_streams = max_concurrent_streams
+        self.ssl_context = ssl_context
+        self.san_check = ConnectionSanCheck(client_san, logger) if client_san else None
         self.server: _Server | None = None
 
     async def bind(self, host: str, port: int, health_names: Iterable[str]) -> str | None:
         self.health = HealthService(health_names)
-        self.server = _Server([*self.handlers, self.health], self.max_concurrent_streams)
+        self.server = _Server([*self.handlers, self.health], self.max_concurrent_streams, self.san_check)
         try:
-            await self.server.start(host, port, reuse_port=True)
+            await self.server.start(host, port, reuse_port=True, ssl=self.ssl_context)
         except OSError as exc:
             return str(exc)
         return None

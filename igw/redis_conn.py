@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
 import time
 from collections import deque
@@ -28,6 +27,9 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 
 import hiredis
 
+# TLS files are loaded and checked in igw/tls.py (ratelimit_svc/settings.py still imports these names from here).
+from igw.tls import TlsFileError, load_ca_file, load_key_pair
+
 Command = tuple[bytes | str | int | float, ...]
 
 log = logging.getLogger("igw.redis")
@@ -35,67 +37,6 @@ log = logging.getLogger("igw.redis")
 
 class RedisError(Exception):
     """Redis could not answer: unreachable, timed out, or replied with an error."""
-
-
-# TLS files: loaded and checked here for Redis (RedisTls) and for the gRPC servers (igw/service_runtime.py), so
-# both report a missing, unreadable or malformed file the same way, naming the setting and the path.
-
-
-class TlsFileError(ValueError):
-    """A certificate, key or CA file that cannot be used; the message names the setting and the path."""
-
-
-def _read_file(path: str, label: str) -> bytes:
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as exc:
-        raise TlsFileError(f"{label} {path}: cannot read: {exc.strerror or exc}") from None
-
-
-def _ssl_reason(exc: Exception) -> str:
-    """OpenSSL's reason in a few words, without its source-file position."""
-    reason = str(getattr(exc, "reason", None) or exc)
-    reason = re.sub(r"\s*\(_ssl\.c:\d+\)", "", reason).replace("[SSL] ", "")
-    plain = {"PEM_LIB": "not valid PEM", "PEM lib": "not valid PEM", "NO_START_LINE": "no PEM block in it",
-             "Empty certificate data": "empty"}
-    return plain.get(reason, reason.replace("_", " ").lower())
-
-
-def load_ca_file(context: ssl.SSLContext, path: str, label: str) -> bytes:
-    """Trust the certificates of a PEM file; its bytes are returned for APIs that want them raw (grpc)."""
-    data = _read_file(path, label)
-    try:
-        context.load_verify_locations(cadata=data.decode("ascii", errors="replace"))
-    except (ssl.SSLError, ValueError) as exc:
-        raise TlsFileError(f"{label} {path}: not a PEM CA certificate ({_ssl_reason(exc)})") from None
-    return data
-
-
-def load_key_pair(context: ssl.SSLContext, cert_path: str, key_path: str | None, cert_label: str,
-                  key_label: str) -> tuple[bytes, bytes]:
-    """Load a certificate chain and its private key (the key may sit in the certificate file when
-    key_path is None). Each file is checked on its own first, so the error names the one at fault."""
-    cert = _read_file(cert_path, cert_label)
-    key = _read_file(key_path, key_label) if key_path else cert
-    try:
-        ssl.create_default_context().load_verify_locations(cadata=cert.decode("ascii", errors="replace"))
-    except (ssl.SSLError, ValueError) as exc:
-        raise TlsFileError(f"{cert_label} {cert_path}: not a PEM certificate ({_ssl_reason(exc)})") from None
-    try:
-        context.load_cert_chain(cert_path, key_path)
-    except ssl.SSLError as exc:
-        reason = _ssl_reason(exc)
-        if "mismatch" in reason:
-            problem = f"private key does not match the certificate {cert_path}"
-        elif key_path:
-            problem = f"not a PEM private key ({reason})"
-        else:
-            problem = f"holds no private key ({reason}): give the key file too"
-        raise TlsFileError(f"{key_label if key_path else cert_label} {key_path or cert_path}: {problem}") from None
-    except OSError as exc:  # the file changed between the two reads
-        raise TlsFileError(f"{cert_label} {cert_path}: cannot read: {exc.strerror or exc}") from None
-    return cert, key
 
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}

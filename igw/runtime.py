@@ -141,6 +141,21 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
+def add_server_tls_flags(env: EnvDefaults) -> None:
+    """Upstream envoyproxy/ratelimit's names for gRPC server TLS, read by both services (README, "TLS"): one
+    vocabulary for operators, checked together by igw.tls.server_tls_settings_problem."""
+    env.add("--grpc-server-use-tls", "GRPC_SERVER_USE_TLS", default=False, type=parse_bool,
+            help="serve gRPC over TLS (needs --grpc-server-tls-cert and --grpc-server-tls-key); HTTP stays plain")
+    env.add("--grpc-server-tls-cert", "GRPC_SERVER_TLS_CERT", default="",
+            help="PEM certificate chain of the gRPC server; new files are used from the next connection on")
+    env.add("--grpc-server-tls-key", "GRPC_SERVER_TLS_KEY", default="", help="PEM private key of that certificate")
+    env.add("--grpc-client-tls-cacert", "GRPC_CLIENT_TLS_CACERT", default="",
+            help="PEM CA(s): clients must present a certificate signed by one (mutual TLS)")
+    env.add("--grpc-client-tls-san", "GRPC_CLIENT_TLS_SAN", default="",
+            help="with --grpc-client-tls-cacert: calls from a client whose certificate has no such subject "
+                 "alternative name (DNS, IP, URI; *.domain certificates match one label) fail UNAUTHENTICATED")
+
+
 def add_common_flags(env: EnvDefaults) -> None:
     env.add("--log-level", "LOG_LEVEL", default="info", type=_log_level, help="log level")
     env.add("--log-format", "LOG_FORMAT", default="text", type=_log_format, help="text or json")

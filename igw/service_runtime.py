@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from igw.http_admin import HealthCheck, start_admin_server
-from igw.redis_conn import TlsFileError, load_ca_file, load_key_pair
+from igw.tls import TlsFileError, file_stamp, load_ca_file, load_key_pair
 from igw.workers import ADMIN_PORT_ENV
 
 _GRPC_INT_MAX = 2**31 - 1  # grpc core's "infinite" for its millisecond options
@@ -38,14 +38,6 @@ def max_connection_age_options(age: float, grace: float) -> list[tuple[str, int]
         if seconds > 0:
             options.append((name, min(max(1, round(seconds * 1000)), _GRPC_INT_MAX)))
     return options
-
-
-def _file_stamp(path: str | None) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ class _CertificateReloader:
         self.stamps = self._stamps()
 
     def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
-        return tuple(_file_stamp(path) for path in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file))
+        return tuple(file_stamp(path) for path in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file))
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         stamps = self._stamps()

@@ -15,6 +15,7 @@ from urllib.parse import quote, urlparse
 from igw.runtime import (
     EnvDefaults,
     add_common_flags,
+    add_server_tls_flags,
     non_negative_int,
     parse_bool,
     parse_duration,
@@ -390,16 +391,7 @@ def _add_tls_flags(env: EnvDefaults) -> None:
                  "spread over new replicas; 0: never")
     env.add("--grpc-max-connection-age-grace", "GRPC_MAX_CONNECTION_AGE_GRACE", default="1h", type=_go_duration,
             help="close a connection this long after its GOAWAY even with calls in flight; 0: never")
-    env.add("--grpc-server-use-tls", "GRPC_SERVER_USE_TLS", default=False, type=parse_bool,
-            help="serve gRPC over TLS (needs --grpc-server-tls-cert and --grpc-server-tls-key)")
-    env.add("--grpc-server-tls-cert", "GRPC_SERVER_TLS_CERT", default="",
-            help="PEM certificate chain of the gRPC server; reloaded when the file changes")
-    env.add("--grpc-server-tls-key", "GRPC_SERVER_TLS_KEY", default="", help="PEM private key of that certificate")
-    env.add("--grpc-client-tls-cacert", "GRPC_CLIENT_TLS_CACERT", default="",
-            help="PEM CA(s): clients must present a certificate signed by one (mutual TLS)")
-    env.add("--grpc-client-tls-san", "GRPC_CLIENT_TLS_SAN", default="",
-            help="with --grpc-client-tls-cacert: calls whose client certificate has no such subject alternative "
-                 "name (DNS, IP, URI; *.domain certificates match one label) fail UNAUTHENTICATED")
+    add_server_tls_flags(env)
     env.add("--redis-tls", "REDIS_TLS", default=False, type=parse_bool,
             help="talk TLS to the --redis-url and --redis-shards servers (a rediss:// URL does so anyway)")
     env.add("--redis-persecond-tls", "REDIS_PERSECOND_TLS", default=False, type=parse_bool,
@@ -435,29 +427,15 @@ def _grpc_uds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
 
 
 def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerTls | None:
-    given = [f"{env} (--{env.lower().replace('_', '-')})" for env, value in (
-        ("GRPC_SERVER_TLS_CERT", args.grpc_server_tls_cert), ("GRPC_SERVER_TLS_KEY", args.grpc_server_tls_key),
-        ("GRPC_CLIENT_TLS_CACERT", args.grpc_client_tls_cacert), ("GRPC_CLIENT_TLS_SAN", args.grpc_client_tls_san),
-    ) if value]
-    if not args.grpc_server_use_tls:
-        if given:
-            _startup_error(parser, f"{given[0]} is set but GRPC_SERVER_USE_TLS (--grpc-server-use-tls) is not true: "
-                                   "gRPC would be served in plain text")
-        return None
-    if not args.grpc_server_tls_cert or not args.grpc_server_tls_key:
-        missing = "GRPC_SERVER_TLS_CERT" if not args.grpc_server_tls_cert else "GRPC_SERVER_TLS_KEY"
-        _startup_error(parser, f"GRPC_SERVER_USE_TLS=true needs GRPC_SERVER_TLS_CERT (--grpc-server-tls-cert) and "
-                               f"GRPC_SERVER_TLS_KEY (--grpc-server-tls-key); {missing} is not set")
-    if args.grpc_client_tls_san and not args.grpc_client_tls_cacert:
-        _startup_error(parser, "GRPC_CLIENT_TLS_SAN (--grpc-client-tls-san) needs GRPC_CLIENT_TLS_CACERT "
-                               "(--grpc-client-tls-cacert): only a verified client certificate has a SAN to check")
-    from igw.redis_conn import TlsFileError
     from igw.service_runtime import ServerTls
+    from igw.tls import SERVER_TLS_NAMES, TlsFileError, server_tls_settings_problem
 
+    if problem := server_tls_settings_problem(args):
+        _startup_error(parser, problem)
+    if not args.grpc_server_use_tls:
+        return None
     tls = ServerTls(args.grpc_server_tls_cert, args.grpc_server_tls_key, args.grpc_client_tls_cacert or None,
-                    args.grpc_client_tls_san, names=(
-                        "GRPC_SERVER_TLS_CERT (--grpc-server-tls-cert)", "GRPC_SERVER_TLS_KEY (--grpc-server-tls-key)",
-                        "GRPC_CLIENT_TLS_CACERT (--grpc-client-tls-cacert)"))
+                    args.grpc_client_tls_san, names=SERVER_TLS_NAMES)
     try:
         tls.load()
     except TlsFileError as exc:

@@ -65,3 +65,12 @@ class ServiceFactory:
         for proc in self.started:
             proc.stop()
         self.started.clear()
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """A bad setting stops a service with exit 2 and one line naming it, never a traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

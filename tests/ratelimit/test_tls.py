@@ -13,7 +13,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,11 @@ from igw.procs import VENV_BIN, ManagedProcess, RedisServer, RedisTlsFiles, free
 from igw.redis_conn import RedisTls, parse_redis_url, with_tls
 from igw.service_runtime import san_matches
 from ratelimit_svc.settings import parse_settings
-from tests.helpers import Service, ServiceFactory
+from tests.helpers import Service, ServiceFactory, assert_one_line_error
 from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges
 from tests.ratelimit.test_adaptive import CONFIG as ADAPTIVE_CONFIG
 from tests.ratelimit.test_adaptive import publish, wait_for_limit
+from tests.tls_pki import Pem, Pki, make_pki
 
 CONFIG = """
 domain: tls
@@ -50,43 +50,9 @@ descriptors:
 """
 
 
-@dataclass(frozen=True)
-class Pem:
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    ca_pem: bytes
-    server: Pem  # 127.0.0.1 and localhost
-    client: Pem  # SAN client.example.com, signed by ca
-    rogue_ca: Path
-    rogue_client: Pem  # same SAN, another CA
-
-
-def _write(directory: Path, name: str, cert: trustme.LeafCert) -> Pem:
-    pem = Pem(directory / f"{name}.crt", directory / f"{name}.key")
-    cert.cert_chain_pems[0].write_to_path(str(pem.cert))
-    cert.private_key_pem.write_to_path(str(pem.key))
-    return pem
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca, rogue = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(directory / "ca.crt"))
-    rogue.cert_pem.write_to_path(str(directory / "rogue-ca.crt"))
-    return Pki(
-        ca=directory / "ca.crt",
-        ca_pem=ca.cert_pem.bytes(),
-        server=_write(directory, "server", ca.issue_cert("127.0.0.1", "localhost")),
-        client=_write(directory, "client", ca.issue_cert("client.example.com")),
-        rogue_ca=directory / "rogue-ca.crt",
-        rogue_client=_write(directory, "rogue-client", rogue.issue_cert("client.example.com")),
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
@@ -542,14 +508,6 @@ def _start(config_dir: Path, *args: str, env: dict[str, str] | None = None) -> t
     return proc.returncode, proc.stderr
 
 
-def _one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 @pytest.fixture
 def files(tmp_path: Path, pki: Pki) -> dict[str, Path]:
     garbage = tmp_path / "garbage.pem"
@@ -563,12 +521,12 @@ def files(tmp_path: Path, pki: Pki) -> dict[str, Path]:
 def test_a_missing_server_certificate_file_is_named(config_dir: Path, files: dict[str, Path], pki: Pki) -> None:
     code, err = _start(config_dir, env={"GRPC_SERVER_USE_TLS": "true", "GRPC_SERVER_TLS_CERT": str(files["missing"]),
                                         "GRPC_SERVER_TLS_KEY": str(pki.server.key)})
-    _one_line_error(code, err, "GRPC_SERVER_TLS_CERT", str(files["missing"]), "cannot read")
+    assert_one_line_error(code, err, "GRPC_SERVER_TLS_CERT", str(files["missing"]), "cannot read")
 
 
 def test_an_unreadable_key_file_is_named(config_dir: Path, files: dict[str, Path], pki: Pki) -> None:
     code, err = _start(config_dir, *tls_flags(pki)[:4], "--grpc-server-tls-key", str(files["directory"]))
-    _one_line_error(code, err, "GRPC_SERVER_TLS_KEY", str(files["directory"]), "cannot read")
+    assert_one_line_error(code, err, "GRPC_SERVER_TLS_KEY", str(files["directory"]), "cannot read")
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated"])
@@ -576,59 +534,59 @@ def test_a_malformed_server_certificate_is_named(config_dir: Path, files: dict[s
                                                  kind: str) -> None:
     code, err = _start(config_dir, "--grpc-server-use-tls", "true", "--grpc-server-tls-cert", str(files[kind]),
                        "--grpc-server-tls-key", str(pki.server.key))
-    _one_line_error(code, err, "GRPC_SERVER_TLS_CERT", str(files[kind]), "not a PEM certificate")
+    assert_one_line_error(code, err, "GRPC_SERVER_TLS_CERT", str(files[kind]), "not a PEM certificate")
 
 
 def test_a_key_of_another_certificate_is_named(config_dir: Path, pki: Pki) -> None:
     code, err = _start(config_dir, "--grpc-server-use-tls", "true", "--grpc-server-tls-cert", str(pki.server.cert),
                        "--grpc-server-tls-key", str(pki.client.key))
-    _one_line_error(code, err, "GRPC_SERVER_TLS_KEY", str(pki.client.key), "does not match")
+    assert_one_line_error(code, err, "GRPC_SERVER_TLS_KEY", str(pki.client.key), "does not match")
 
 
 def test_a_key_without_a_certificate_is_refused(config_dir: Path, pki: Pki) -> None:
     code, err = _start(config_dir, env={"GRPC_SERVER_USE_TLS": "true", "GRPC_SERVER_TLS_KEY": str(pki.server.key)})
-    _one_line_error(code, err, "GRPC_SERVER_TLS_CERT", "is not set")
+    assert_one_line_error(code, err, "GRPC_SERVER_TLS_CERT", "is not set")
 
 
 def test_a_client_ca_without_tls_on_is_refused(config_dir: Path, pki: Pki) -> None:
     code, err = _start(config_dir, env={"GRPC_CLIENT_TLS_CACERT": str(pki.ca)})
-    _one_line_error(code, err, "GRPC_CLIENT_TLS_CACERT", "GRPC_SERVER_USE_TLS")
+    assert_one_line_error(code, err, "GRPC_CLIENT_TLS_CACERT", "GRPC_SERVER_USE_TLS")
 
 
 def test_a_malformed_client_ca_is_named(config_dir: Path, files: dict[str, Path], pki: Pki) -> None:
     code, err = _start(config_dir, *tls_flags(pki), "--grpc-client-tls-cacert", str(files["garbage"]))
-    _one_line_error(code, err, "GRPC_CLIENT_TLS_CACERT", str(files["garbage"]), "not a PEM CA certificate")
+    assert_one_line_error(code, err, "GRPC_CLIENT_TLS_CACERT", str(files["garbage"]), "not a PEM CA certificate")
 
 
 def test_a_san_without_a_client_ca_is_refused(config_dir: Path, pki: Pki) -> None:
     code, err = _start(config_dir, *tls_flags(pki, san="envoy.example.com"))
-    _one_line_error(code, err, "GRPC_CLIENT_TLS_SAN", "GRPC_CLIENT_TLS_CACERT")
+    assert_one_line_error(code, err, "GRPC_CLIENT_TLS_SAN", "GRPC_CLIENT_TLS_CACERT")
 
 
 def test_a_malformed_redis_ca_is_named(config_dir: Path, files: dict[str, Path]) -> None:
     code, err = _start(config_dir, env={"REDIS_TLS": "true", "REDIS_TLS_CACERT": str(files["truncated"])})
-    _one_line_error(code, err, "REDIS_TLS_CACERT", str(files["truncated"]), "not a PEM CA certificate")
+    assert_one_line_error(code, err, "REDIS_TLS_CACERT", str(files["truncated"]), "not a PEM CA certificate")
 
 
 def test_a_missing_redis_client_certificate_is_named(config_dir: Path, files: dict[str, Path], pki: Pki) -> None:
     code, err = _start(config_dir, env={"REDIS_TLS": "true", "REDIS_TLS_CLIENT_CERT": str(files["missing"]),
                                         "REDIS_TLS_CLIENT_KEY": str(pki.client.key)})
-    _one_line_error(code, err, "REDIS_TLS_CLIENT_CERT", str(files["missing"]), "cannot read")
+    assert_one_line_error(code, err, "REDIS_TLS_CLIENT_CERT", str(files["missing"]), "cannot read")
 
 
 def test_a_redis_client_key_without_a_certificate_is_refused(config_dir: Path, pki: Pki) -> None:
     code, err = _start(config_dir, env={"REDIS_TLS": "true", "REDIS_TLS_CLIENT_KEY": str(pki.client.key)})
-    _one_line_error(code, err, "REDIS_TLS_CLIENT_KEY", str(pki.client.key), "REDIS_TLS_CLIENT_CERT")
+    assert_one_line_error(code, err, "REDIS_TLS_CLIENT_KEY", str(pki.client.key), "REDIS_TLS_CLIENT_CERT")
 
 
 def test_redis_tls_files_without_any_tls_redis_are_refused(config_dir: Path, pki: Pki) -> None:
     code, err = _start(config_dir, env={"REDIS_TLS_CACERT": str(pki.ca)})
-    _one_line_error(code, err, "REDIS_TLS_CACERT", "REDIS_TLS=true")
+    assert_one_line_error(code, err, "REDIS_TLS_CACERT", "REDIS_TLS=true")
 
 
 def test_redis_tls_on_a_unix_socket_url_is_refused(config_dir: Path) -> None:
     code, err = _start(config_dir, env={"REDIS_TLS": "true", "REDIS_URL": "/run/redis.sock"})
-    _one_line_error(code, err, "REDIS_TLS", "/run/redis.sock", "unix socket")
+    assert_one_line_error(code, err, "REDIS_TLS", "/run/redis.sock", "unix socket")
 
 
 def test_a_missing_ca_in_a_rediss_url_is_named(config_dir: Path, files: dict[str, Path]) -> None:
@@ -638,13 +596,13 @@ def test_a_missing_ca_in_a_rediss_url_is_named(config_dir: Path, files: dict[str
 
 def test_grpc_uds_with_several_workers_is_refused(config_dir: Path, tmp_path: Path) -> None:
     code, err = _start(config_dir, "--workers", "2", env={"GRPC_UDS": str(tmp_path / "rls.sock")})
-    _one_line_error(code, err, "GRPC_UDS", str(tmp_path / "rls.sock"), "WORKERS=2")
+    assert_one_line_error(code, err, "GRPC_UDS", str(tmp_path / "rls.sock"), "WORKERS=2")
 
 
 def test_grpc_uds_in_a_missing_directory_is_refused(config_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "nowhere" / "rls.sock"
     code, err = _start(config_dir, env={"GRPC_UDS": str(path)})
-    _one_line_error(code, err, "GRPC_UDS", str(path), "does not exist")
+    assert_one_line_error(code, err, "GRPC_UDS", str(path), "does not exist")
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("1h30m", 5400.0), ("90s", 90.0), ("250ms", 0.25), ("0", 0.0)])

@@ -1,0 +1,191 @@
+"""TLS files, one home for loading and checking them: Redis clients (igw/redis_conn.py), the grpc.aio server
+of the rate-limit service (igw/service_runtime.py) and the grpclib server of ext_proc (igw/grpclib_server.py)
+all report a missing, unreadable or malformed file the same way, naming the setting and the path, at startup
+rather than at the first handshake.
+
+ServerContext is the asyncio side of a server certificate: an ssl.SSLContext for HTTP/2 (ALPN h2) that
+picks up rotated files without a restart."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import ssl
+from dataclasses import dataclass
+
+
+class TlsFileError(ValueError):
+    """A certificate, key or CA file that cannot be used; the message names the setting and the path."""
+
+
+def _read_file(path: str, label: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise TlsFileError(f"{label} {path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """OpenSSL's reason in a few words, without its source-file position."""
+    reason = str(getattr(exc, "reason", None) or exc)
+    reason = re.sub(r"\s*\(_ssl\.c:\d+\)", "", reason).replace("[SSL] ", "")
+    plain = {"PEM_LIB": "not valid PEM", "PEM lib": "not valid PEM", "NO_START_LINE": "no PEM block in it",
+             "Empty certificate data": "empty"}
+    return plain.get(reason, reason.replace("_", " ").lower())
+
+
+def load_ca_file(context: ssl.SSLContext, path: str, label: str) -> bytes:
+    """Trust the certificates of a PEM file; its bytes are returned for APIs that want them raw (grpc)."""
+    data = _read_file(path, label)
+    try:
+        context.load_verify_locations(cadata=data.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise TlsFileError(f"{label} {path}: not a PEM CA certificate ({_ssl_reason(exc)})") from None
+    return data
+
+
+def load_key_pair(context: ssl.SSLContext, cert_path: str, key_path: str | None, cert_label: str,
+                  key_label: str) -> tuple[bytes, bytes]:
+    """Load a certificate chain and its private key (the key may sit in the certificate file when
+    key_path is None). Each file is checked on its own first, so the error names the one at fault."""
+    cert = _read_file(cert_path, cert_label)
+    key = _read_file(key_path, key_label) if key_path else cert
+    try:
+        ssl.create_default_context().load_verify_locations(cadata=cert.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise TlsFileError(f"{cert_label} {cert_path}: not a PEM certificate ({_ssl_reason(exc)})") from None
+    try:
+        context.load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as exc:
+        reason = _ssl_reason(exc)
+        if "mismatch" in reason:
+            problem = f"private key does not match the certificate {cert_path}"
+        elif key_path:
+            problem = f"not a PEM private key ({reason})"
+        else:
+            problem = f"holds no private key ({reason}): give the key file too"
+        raise TlsFileError(f"{key_label if key_path else cert_label} {key_path or cert_path}: {problem}") from None
+    except OSError as exc:  # the file changed between the two reads
+        raise TlsFileError(f"{cert_label} {cert_path}: cannot read: {exc.strerror or exc}") from None
+    return cert, key
+
+
+def _flag(env: str) -> str:
+    return f"{env} (--{env.lower().replace('_', '-')})"
+
+
+SERVER_TLS_NAMES = (_flag("GRPC_SERVER_TLS_CERT"), _flag("GRPC_SERVER_TLS_KEY"), _flag("GRPC_CLIENT_TLS_CACERT"))
+
+
+def server_tls_settings_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with upstream's GRPC_SERVER_USE_TLS / _TLS_CERT / _TLS_KEY / GRPC_CLIENT_TLS_CACERT / _SAN
+    as given together (both services read them), before any file is opened; None when they fit. Stricter
+    than upstream on purpose: TLS files without TLS on would serve in plain text what the operator meant
+    to protect."""
+    use_tls, cert, key = args.grpc_server_use_tls, args.grpc_server_tls_cert, args.grpc_server_tls_key
+    client_ca, client_san = args.grpc_client_tls_cacert, args.grpc_client_tls_san
+    given = [_flag(env) for env, value in (("GRPC_SERVER_TLS_CERT", cert), ("GRPC_SERVER_TLS_KEY", key),
+                                           ("GRPC_CLIENT_TLS_CACERT", client_ca),
+                                           ("GRPC_CLIENT_TLS_SAN", client_san)) if value]
+    if not use_tls:
+        if given:
+            return (f"{given[0]} is set but {_flag('GRPC_SERVER_USE_TLS')} is not true: gRPC would be served "
+                    "in plain text")
+        return None
+    if not cert or not key:
+        missing = "GRPC_SERVER_TLS_CERT" if not cert else "GRPC_SERVER_TLS_KEY"
+        return (f"GRPC_SERVER_USE_TLS=true needs {_flag('GRPC_SERVER_TLS_CERT')} and {_flag('GRPC_SERVER_TLS_KEY')}; "
+                f"{missing} is not set")
+    if client_san and not client_ca:
+        return (f"{_flag('GRPC_CLIENT_TLS_SAN')} needs {_flag('GRPC_CLIENT_TLS_CACERT')}: only a verified client "
+                "certificate has a SAN to check")
+    return None
+
+
+def file_stamp(path: str | None) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten or swapped (a Kubernetes secret update renames a directory)."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """The files of a TLS server: certificate chain and key, and with client_ca_file mutual TLS (every
+    client must present a certificate that chains to it). `names` are the settings that hold the three
+    paths, for error messages."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    names: tuple[str, str, str] = ("certificate", "key", "client CA")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
+
+    def h2_context(self) -> ssl.SSLContext:
+        """A server context for HTTP/2 (gRPC) from the files as they are now; TlsFileError if one cannot
+        be used. TLS 1.2 at least (HTTP/2 forbids older), ALPN h2 (gRPC clients require it), and no
+        session resumption: a resumed session would skip the check of the client certificate against the
+        client CA in use now, and the connections of a gRPC client are long-lived, so nothing is lost."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["h2"])
+        context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0
+        load_key_pair(context, self.cert_file, self.key_file, self.names[0], self.names[1])
+        if self.client_ca_file:
+            load_ca_file(context, self.client_ca_file, self.names[2])
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+class ServerContext:
+    """The ssl.SSLContext an asyncio server is started with, plus new files without a restart.
+
+    An asyncio server keeps the context it was started with, so `context` stays that first one; its SNI
+    callback, which OpenSSL calls at every handshake (with or without a server name sent), stats the
+    files and, when one changed, builds a whole new context from them and hands that one to the
+    connection. A whole context rather than load_cert_chain on the live one: a half-written pair or a bad
+    file never leaves the server without a working certificate, and a new client CA replaces the old one
+    instead of being added to it. A bad new file is logged and the context in use kept; a pair written
+    one file after the other is retried once the second lands, as that changes its stamp again."""
+
+    def __init__(self, files: ServerFiles, log: logging.Logger) -> None:
+        self.files = files
+        self.log = log
+        self.stamps = self._stamps()
+        self.context = files.h2_context()
+        self.current = self.context
+        self.context.sni_callback = self._handshake
+
+    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
+        return tuple(file_stamp(path) for path in (self.files.cert_file, self.files.key_file,
+                                                   self.files.client_ca_file))
+
+    def reload_if_changed(self) -> None:
+        stamps = self._stamps()
+        if stamps == self.stamps:
+            return
+        self.stamps = stamps
+        try:
+            self.current = self.files.h2_context()
+        except TlsFileError as exc:
+            self.log.error("TLS files changed but cannot be used, keeping the current ones: %s", exc)
+            return
+        self.log.info("TLS files reloaded: %s", ", ".join(self.files.paths))
+
+    def _handshake(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                   context: ssl.SSLContext) -> None:
+        try:
+            self.reload_if_changed()
+        except Exception:  # an exception here would fail the handshake with a bare alert
+            self.log.exception("checking the TLS files for changes failed; keeping the current ones")
+        if self.current is not context:
+            connection.context = self.current
