@@ -30,6 +30,7 @@ Choices that matter (and why):
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,9 +406,10 @@ TLS_SOCKET_TYPE = _TYPE + "envoy.extensions.transport_sockets.tls.v3.UpstreamTls
 @dataclass(frozen=True)
 class UpstreamTls:
     """Envoy's side of a gRPC service served over TLS (ext_proc's GRPC_SERVER_USE_TLS): the CA that signed
-    the service's certificate, the name to send as SNI and require among the certificate's SANs (without
-    one Envoy checks the chain only, so any certificate of that CA would do), and for mutual TLS the
-    client certificate Envoy presents. Paths are as Envoy sees them."""
+    the service's certificate, the name to send as SNI and require among the certificate's SANs (an IP
+    address is required among its IP SANs and not sent as SNI; without a name Envoy checks the chain
+    only, so any certificate of that CA would do), and for mutual TLS the client certificate Envoy
+    presents. Paths are as Envoy sees them."""
 
     ca_file: str
     server_name: str = ""
@@ -419,18 +421,27 @@ class UpstreamTls:
             raise ValueError("UpstreamTls: a client certificate needs both cert_file and key_file")
 
 
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def upstream_tls_socket(tls: UpstreamTls) -> Config:
     """The cluster's transport_socket: TLS with ALPN h2 (gRPC servers require it)."""
     validation: Config = {"trusted_ca": {"filename": tls.ca_file}}
-    if tls.server_name:
+    is_ip = _is_ip_address(tls.server_name)
+    if tls.server_name:  # an IP address is checked against IP SANs, and is never sent as SNI (RFC 6066)
         validation["match_typed_subject_alt_names"] = [
-            {"san_type": "DNS", "matcher": {"exact": tls.server_name}}]
+            {"san_type": "IP_ADDRESS" if is_ip else "DNS", "matcher": {"exact": tls.server_name}}]
     common: Config = {"alpn_protocols": ["h2"], "validation_context": validation}
     if tls.cert_file:
         common["tls_certificates"] = [{"certificate_chain": {"filename": tls.cert_file},
                                        "private_key": {"filename": tls.key_file}}]
     context: Config = {"@type": TLS_SOCKET_TYPE, "common_tls_context": common}
-    if tls.server_name:
+    if tls.server_name and not is_ip:
         context["sni"] = tls.server_name
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 

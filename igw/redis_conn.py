@@ -81,6 +81,17 @@ class RedisTls:
         return "&".join(parts)
 
 
+def masked_url(url: str) -> str:
+    """`url` as an error message may show it: a password in it replaced by ***, as a bad URL stops the
+    start with a line that lands in the logs."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    user = parsed.username or ""
+    host = parsed.netloc.rpartition("@")[2]
+    return parsed._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 def _parse_tls(url: str, query: dict[str, list[str]]) -> RedisTls:
     def one(name: str) -> str | None:
         values = query.get(name)
@@ -88,10 +99,10 @@ def _parse_tls(url: str, query: dict[str, list[str]]) -> RedisTls:
 
     cert_reqs = (one("ssl_cert_reqs") or "required").lower()
     if cert_reqs not in _CERT_REQS:
-        raise ValueError(f"redis url {url!r}: ssl_cert_reqs must be none, optional or required")
+        raise ValueError(f"redis url {masked_url(url)!r}: ssl_cert_reqs must be none, optional or required")
     check = (one("ssl_check_hostname") or "true").lower()
     if check not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(f"redis url {url!r}: ssl_check_hostname must be true or false")
+        raise ValueError(f"redis url {masked_url(url)!r}: ssl_check_hostname must be true or false")
     return RedisTls(one("ssl_ca_certs"), one("ssl_certfile"), one("ssl_keyfile"), cert_reqs,
                     check in ("true", "1", "yes"))
 
@@ -102,7 +113,7 @@ def with_tls(url: str, tls: RedisTls) -> str:
     TLS on TCP only."""
     parsed = urlparse(url)
     if parsed.scheme == "unix":
-        raise ValueError(f"redis url {url!r}: TLS needs a TCP redis:// URL, not a unix socket")
+        raise ValueError(f"redis url {masked_url(url)!r}: TLS needs a TCP redis:// URL, not a unix socket")
     query = parse_qs(parsed.query)
     extra = [part for part in tls.query().split("&") if part and part.split("=", 1)[0] not in query]
     merged = "&".join(p for p in (parsed.query, *extra) if p)
@@ -121,8 +132,9 @@ class RedisAddress:
 
     @property
     def url(self) -> str:
-        """For logs and errors: no TLS options (paths only add noise there)."""
-        auth = f":{self.password}@" if self.password else ""
+        """For logs and errors, which reach operators' log stores, /healthcheck and gRPC status messages:
+        the password masked, no TLS options (paths only add noise there). Not a URL to connect with."""
+        auth = f"{quote(self.username or '', safe='')}:***@" if self.password else ""
         if self.unix_path:
             return f"unix://{auth}{self.unix_path}?db={self.db}"
         return f"{'rediss' if self.tls else 'redis'}://{auth}{self.host}:{self.port}/{self.db}"
@@ -133,26 +145,33 @@ def parse_redis_url(url: str) -> RedisAddress:
     query: see the module docstring) and unix:///path?db=N; reject anything else. The TLS files are
     loaded once here, so a missing or malformed one is reported where the URL is given (at startup)."""
     parsed = urlparse(url)
-    query = parse_qs(parsed.query)
+    query = parse_qs(parsed.query, keep_blank_values=True)
     tls_options = sorted(name for name in _TLS_QUERY if name in query)
     if parsed.scheme in ("unix", "redis") and tls_options:
-        raise ValueError(f"redis url {url!r}: {', '.join(tls_options)}: TLS options need a rediss:// URL")
+        raise ValueError(f"redis url {masked_url(url)!r}: {', '.join(tls_options)}: TLS options need a rediss:// URL")
+    known = ("db",) if parsed.scheme == "unix" else _TLS_QUERY
+    if unknown := sorted(name for name in query if name not in known):
+        # redis-py (the service's other clients of the same URL) would act on options this client ignores
+        # (ssl_ca_path, ssl_min_version, db=...) or take them as strings: refused rather than half-applied.
+        raise ValueError(f"redis url {masked_url(url)!r}: unknown option {unknown[0]!r} (known: {', '.join(known)})")
+    if repeated := sorted(name for name, values in query.items() if len(values) > 1):
+        raise ValueError(f"redis url {masked_url(url)!r}: option {repeated[0]!r} given more than once")
     if parsed.scheme == "unix":
         if not parsed.path:
-            raise ValueError(f"redis url {url!r}: unix socket path is empty")
+            raise ValueError(f"redis url {masked_url(url)!r}: unix socket path is empty")
         db = 0
         for part in parsed.query.split("&"):
             if part.startswith("db="):
                 db = _parse_db(url, part[3:])
         return RedisAddress("", 0, db, parsed.password and unquote(parsed.password), None, parsed.path)
     if parsed.scheme not in ("redis", "rediss"):
-        raise ValueError(f"redis url {url!r}: scheme must be redis:// or unix:// (rediss:// for TLS)")
+        raise ValueError(f"redis url {masked_url(url)!r}: scheme must be redis:// or unix:// (rediss:// for TLS)")
     if not parsed.hostname:
-        raise ValueError(f"redis url {url!r}: host is missing")
+        raise ValueError(f"redis url {masked_url(url)!r}: host is missing")
     try:
         port = parsed.port or 6379
     except ValueError as exc:
-        raise ValueError(f"redis url {url!r}: invalid port") from exc
+        raise ValueError(f"redis url {masked_url(url)!r}: invalid port") from exc
     path = parsed.path.lstrip("/")
     db = _parse_db(url, path) if path else 0
     password = unquote(parsed.password) if parsed.password else None
@@ -165,7 +184,7 @@ def parse_redis_url(url: str) -> RedisAddress:
 
 def _parse_db(url: str, text: str) -> int:
     if not text.isdigit():
-        raise ValueError(f"redis url {url!r}: database must be a number, got {text!r}")
+        raise ValueError(f"redis url {masked_url(url)!r}: database must be a number, got {text!r}")
     return int(text)
 
 

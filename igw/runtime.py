@@ -103,7 +103,9 @@ class EnvDefaults:
             try:
                 value = type(raw)
             except (argparse.ArgumentTypeError, ValueError) as exc:
-                self.env_errors.append(f"environment variable {env}={raw!r}: {exc}")
+                from igw.redis_conn import masked_url  # a URL's password must not reach the logs
+
+                self.env_errors.append(f"environment variable {env}={masked_url(raw)!r}: {exc}")
         shown = f" (env {env}, default {default!r})" if default not in (None, "") else f" (env {env})"
         self.parser.add_argument(flag, type=type, default=value, help=help + shown)
 

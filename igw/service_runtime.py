@@ -99,20 +99,31 @@ class _CertificateReloader:
 
 
 def san_matches(wanted: str, san: str) -> bool:
-    """Whether a certificate SAN entry satisfies the configured one: equal (DNS names without regard to
-    case, IP addresses by value), or a DNS wildcard entry (*.example.com) covering one label of it."""
-    if san == wanted:
-        return True
+    """Whether a certificate SAN entry satisfies the configured one. Its kind is taken from `wanted` (grpc
+    hands SANs over without theirs): an IP address matches the same address only; a URI (a SPIFFE ID)
+    only the same string, exactly, as URI paths are case-sensitive; a DNS name matches without regard to
+    case or a trailing dot, or through a wildcard entry (*.example.com) covering its first label, never
+    several labels nor a whole top-level domain (*.com)."""
     try:
-        return ipaddress.ip_address(wanted) == ipaddress.ip_address(san)
+        wanted_ip = ipaddress.ip_address(wanted)
     except ValueError:
         pass
+    else:
+        try:
+            return ipaddress.ip_address(san) == wanted_ip
+        except ValueError:
+            return False
+    if ":" in wanted or "/" in wanted or "@" in wanted:  # a URI or an e-mail address: compared as is
+        return san == wanted
     wanted, san = wanted.lower().rstrip("."), san.lower().rstrip(".")
     if san == wanted:
-        return True
-    if san.startswith("*.") and "." in wanted:
-        return wanted.split(".", 1)[1] == san[2:] and wanted.split(".", 1)[0] not in ("", "*")
-    return False
+        return bool(wanted)
+    if not wanted or "*" in wanted:
+        return False
+    if not san.startswith("*.") or "." not in san[2:]:
+        return False
+    label, _, rest = wanted.partition(".")
+    return bool(label) and rest == san[2:]
 
 
 class ClientSanCheck(grpc.aio.ServerInterceptor):

@@ -14,6 +14,7 @@ import os
 import re
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 
 class TlsFileError(ValueError):
@@ -114,6 +115,9 @@ def file_stamp(path: str | None) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
 
 
+H2_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.3's suites are all AEAD and not affected
+
+
 @dataclass(frozen=True)
 class ServerFiles:
     """The files of a TLS server: certificate chain and key, and with client_ca_file mutual TLS (every
@@ -129,13 +133,17 @@ class ServerFiles:
     def paths(self) -> tuple[str, ...]:
         return tuple(p for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
 
-    def h2_context(self) -> ssl.SSLContext:
+    def h2_context(self, kind: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
         """A server context for HTTP/2 (gRPC) from the files as they are now; TlsFileError if one cannot
-        be used. TLS 1.2 at least (HTTP/2 forbids older), ALPN h2 (gRPC clients require it), and no
-        session resumption: a resumed session would skip the check of the client certificate against the
-        client CA in use now, and the connections of a gRPC client are long-lived, so nothing is lost."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        be used. TLS 1.2 at least (HTTP/2 forbids older) with forward-secret AEAD ciphers only (HTTP/2
+        blocklists the rest; grpc's own servers offer the same), ALPN h2 (gRPC clients require it), and no
+        session tickets. A TLS 1.2 client may still resume by session ID (Python cannot turn OpenSSL's
+        session cache off), which skips the client certificate check: that is only safe because the
+        cache belongs to this context, and a reload builds a new one (ServerContext), so no session
+        outlives the client CA it was verified against."""
+        context = kind(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(H2_TLS12_CIPHERS)
         context.set_alpn_protocols(["h2"])
         context.options |= ssl.OP_NO_TICKET
         context.num_tickets = 0
@@ -146,24 +154,40 @@ class ServerFiles:
         return context
 
 
+class _PerConnectionContext(ssl.SSLContext):
+    """The context an asyncio server is started with; each connection's TLS object is made by the context
+    ServerContext holds at that moment instead (asyncio asks for one with wrap_bio per connection)."""
+
+    owner: ServerContext
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        current = self.owner.for_new_connection()
+        if current is self:
+            return super().wrap_bio(*args, **kwargs)
+        return current.wrap_bio(*args, **kwargs)
+
+
 class ServerContext:
     """The ssl.SSLContext an asyncio server is started with, plus new files without a restart.
 
-    An asyncio server keeps the context it was started with, so `context` stays that first one; its SNI
-    callback, which OpenSSL calls at every handshake (with or without a server name sent), stats the
-    files and, when one changed, builds a whole new context from them and hands that one to the
-    connection. A whole context rather than load_cert_chain on the live one: a half-written pair or a bad
-    file never leaves the server without a working certificate, and a new client CA replaces the old one
-    instead of being added to it. A bad new file is logged and the context in use kept; a pair written
-    one file after the other is retried once the second lands, as that changes its stamp again."""
+    An asyncio server keeps the context it was started with, so `context` stays that first one, but it
+    makes each connection's TLS object from the newest context: before every handshake the files are
+    stat'ed and, when one changed, a whole new context is built from them. A whole context rather than
+    load_cert_chain on the live one: a half-written pair or a bad file never leaves the server without a
+    working certificate, a new client CA replaces the old one instead of being added to it, and the TLS
+    1.2 sessions cached before the change (each context has its own cache) cannot be resumed after it,
+    which would skip the check against the new client CA. (Swapping the context in the SNI callback did
+    not do that: OpenSSL looks sessions up in the cache of the context the connection was made with.)
+    A bad new file is logged and the context in use kept; a pair written one file after the other is
+    retried once the second lands, as that changes its stamp again."""
 
     def __init__(self, files: ServerFiles, log: logging.Logger) -> None:
         self.files = files
         self.log = log
         self.stamps = self._stamps()
-        self.context = files.h2_context()
-        self.current = self.context
-        self.context.sni_callback = self._handshake
+        self.context = files.h2_context(_PerConnectionContext)
+        self.context.owner = self  # type: ignore[attr-defined]
+        self.current: ssl.SSLContext = self.context
 
     def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
         return tuple(file_stamp(path) for path in (self.files.cert_file, self.files.key_file,
@@ -181,11 +205,9 @@ class ServerContext:
             return
         self.log.info("TLS files reloaded: %s", ", ".join(self.files.paths))
 
-    def _handshake(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
-                   context: ssl.SSLContext) -> None:
+    def for_new_connection(self) -> ssl.SSLContext:
         try:
             self.reload_if_changed()
-        except Exception:  # an exception here would fail the handshake with a bare alert
+        except Exception:  # an exception here would fail the connection without a word
             self.log.exception("checking the TLS files for changes failed; keeping the current ones")
-        if self.current is not context:
-            connection.context = self.current
+        return self.current

@@ -5,8 +5,11 @@ an UpstreamTlsContext, and the one-line startup errors."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -159,6 +162,18 @@ def test_the_san_check_covers_the_health_service_too(services: ServiceFactory, w
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_a_dns_wildcard_certificate_does_not_pass_for_a_required_ip_san(
+        services: ServiceFactory, world: World, pki: Pki, tmp_path: Path) -> None:
+    clients = trustme.CA()
+    clients.cert_pem.write_to_path(str(tmp_path / "clients.crt"))
+    wildcard = Pem(tmp_path / "wildcard.crt", tmp_path / "wildcard.key")
+    leaf = clients.issue_cert("*.0.0.1")  # a DNS name, which the old matcher let stand for 10.0.0.1
+    leaf.cert_chain_pems[0].write_to_path(str(wildcard.cert))
+    leaf.private_key_pem.write_to_path(str(wildcard.key))
+    svc = start(services, world, *tls_flags(pki.server.cert, pki.server.key, tmp_path / "clients.crt", "10.0.0.1"))
+    assert authenticate(TlsExtProcClient(svc.grpc_target, pki.ca, wildcard), world) == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_a_san_check_without_verified_client_certificates_is_refused_by_the_server_builder(pki: Pki) -> None:
     context = ServerFiles(str(pki.server.cert), str(pki.server.key)).h2_context()
     with pytest.raises(ValueError, match="verified client certificates"):
@@ -250,6 +265,62 @@ def test_a_rotated_client_ca_replaces_the_old_one(
     assert authenticate(TlsExtProcClient(svc.grpc_target, pki.ca, pki.client), world) == grpc.StatusCode.UNAVAILABLE
 
 
+def _tls12_handshake(target: str, context: ssl.SSLContext, session: ssl.SSLSession | None) -> ssl.SSLSession:
+    """A bare TLS 1.2 handshake (what a BoringSSL client such as Envoy's may resume by session ID); its
+    session, after checking whether the given one was resumed."""
+    host, port = target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=host, session=session) as tls:
+        assert tls.session_reused is (session is not None), "resumption did not go as expected"
+        assert tls.recv(9)  # the server's HTTP/2 SETTINGS: the handshake is done on its side too
+        session = tls.session
+        assert session is not None
+        with contextlib.suppress(ssl.SSLError):  # the server's frames may still arrive after our close_notify
+            tls.unwrap()  # a clean close: OpenSSL drops the sessions of connections cut short from its cache
+        return session
+
+
+@pytest.mark.parametrize(("cipher", "served"), [
+    ("ECDHE-ECDSA-AES128-GCM-SHA256", True),
+    ("ECDHE-ECDSA-AES128-SHA256", False),  # CBC: on HTTP/2's blocklist (RFC 9113 9.2.2), and not in grpc's own list
+])
+def test_tls12_is_served_with_aead_ciphers_only(tls_ext_proc: Service, pki: Pki, cipher: str, served: bool) -> None:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(cipher)
+    context.set_alpn_protocols(["h2"])
+    if served:
+        session = _tls12_handshake(tls_ext_proc.grpc_target, context, None)
+        assert session is not None
+    else:
+        with pytest.raises(ssl.SSLError):
+            _tls12_handshake(tls_ext_proc.grpc_target, context, None)
+
+
+def test_a_tls12_session_from_before_a_client_ca_rotation_cannot_be_resumed(
+        services: ServiceFactory, world: World, pki: Pki, tmp_path: Path) -> None:
+    client_ca = tmp_path / "client-ca.crt"
+    client_ca.write_bytes(pki.ca.read_bytes())
+    svc = start(services, world, *tls_flags(pki.server.cert, pki.server.key, client_ca))
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    context.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+    session = _tls12_handshake(svc.grpc_target, context, None)
+    session = _tls12_handshake(svc.grpc_target, context, session)  # resumption works while nothing changed
+    _swap(client_ca, pki.rogue_ca.read_bytes())  # pki.client is no longer trusted
+    with pytest.raises(ssl.SSLError):
+        _tls12_handshake(svc.grpc_target, context, session)
+
+
+def test_the_redis_password_is_not_in_the_log(services: ServiceFactory) -> None:
+    url = f"redis://igw:n0t-in-logs@127.0.0.1:{free_port()}/0"  # nothing listens there
+    svc = services.start_module("ext_proc", "--redis-url", url, wait_healthy=False)
+    wait_for_log(svc, "redis=redis://igw:***@127.0.0.1")
+    wait_for_log(svc, "cannot connect to redis at redis://igw:***@127.0.0.1")
+    assert "n0t-in-logs" not in svc.proc.tail(500)
+
+
 # --- Envoy through an UpstreamTlsContext -------------------------------------------------------------------------
 
 
@@ -296,6 +367,25 @@ def test_envoy_authenticates_and_routes_through_a_mutual_tls_ext_proc_cluster(
     seen = routed.json()["headers"]
     assert (seen["x-igw-tenant"], seen["x-igw-model"]) == ("acme", "llama-3-8b") and "authorization" not in seen
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing_api_key"
+
+
+@pytest.mark.parametrize(("server_name", "status"), [
+    ("localhost", 200),
+    ("127.0.0.1", 200),  # an IP address is matched against the certificate's IP SANs, not its DNS ones
+    ("other.example.com", 503),  # a certificate of the right CA for another name is refused
+])
+def test_envoy_checks_the_server_name_in_the_ext_proc_certificate(
+        services: ServiceFactory, world: World, pki: Pki, model_server: int, log_dir: Path, tmp_path: Path,
+        server_name: str, status: int) -> None:
+    svc = start(services, world, *tls_flags(pki.server.cert, pki.server.key))
+    envoy = run_envoy(svc, model_server, UpstreamTls(str(pki.ca), server_name=server_name), log_dir, tmp_path)
+    try:
+        response = httpx.post(f"http://127.0.0.1:{envoy.listen}/v2/models/llama/infer",  # type: ignore[attr-defined]
+                              content=b"{}", timeout=5, headers={"authorization": f"Bearer {world.acme_key}",
+                                                                 "content-type": "application/json"})
+    finally:
+        envoy.stop()
+    assert response.status_code == status, response.text
 
 
 def test_envoy_without_the_client_certificate_fails_closed(

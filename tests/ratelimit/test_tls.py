@@ -6,6 +6,8 @@ trustme; real service processes, a real TLS-only redis-server and a real Envoy."
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -173,9 +175,42 @@ def test_the_san_check_covers_the_health_service_too(
     ("::1", "0:0:0:0:0:0:0:1", True),
     ("spiffe://cluster.local/ns/istio-system/sa/gw", "spiffe://cluster.local/ns/istio-system/sa/gw", True),
     ("spiffe://cluster.local/ns/a/sa/gw", "spiffe://cluster.local/ns/b/sa/gw", False),
+    ("spiffe://cluster.local/ns/a/sa/gw", "spiffe://cluster.local/ns/A/sa/gw", False),  # URI paths keep case
+    ("spiffe://cluster.local/ns/a/sa/gw", "spiffe://cluster.local/ns/a/sa/gw.", False),
+    ("spiffe://gw.cluster.local", "*.cluster.local", False),  # a DNS wildcard never stands for a URI
+    ("10.0.0.1", "*.0.0.1", False),  # nor for an IP address
+    ("10.0.0.1", "10.0.0.1.example.com", False),
+    ("client.example.com", "client.example.com.", True),
+    ("example.com", "*.com", False),  # a wildcard over a whole top-level domain
+    ("client.example.com", "*", False),
+    ("*.example.com", "client.example.com", False),
 ])
 def test_san_matching_follows_certificate_name_rules(wanted: str, san: str, matches: bool) -> None:
     assert san_matches(wanted, san) is matches
+
+
+def test_each_of_several_workers_serves_mutual_tls_and_checks_the_san(
+        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki) -> None:
+    svc = services.ratelimit(config_dir, redis_url, "--workers", "2",
+                             *tls_flags(pki, client_ca=True, san="client.example.com"))
+    # new connections spread over the workers (SO_REUSEPORT): enough of them reach both
+    assert {call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem, pki.client), value=f"w{i}") for i in range(8)} == {OK}
+    assert {call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem, pki.rogue_client)) for _ in range(8)} == {
+        grpc.StatusCode.UNAVAILABLE}
+    assert {call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem)) for _ in range(8)} == {grpc.StatusCode.UNAVAILABLE}
+
+
+def test_a_dns_wildcard_certificate_does_not_pass_for_a_required_ip_san(
+        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki, tmp_path: Path) -> None:
+    clients = trustme.CA()
+    clients.cert_pem.write_to_path(str(tmp_path / "clients.crt"))
+    wildcard = Pem(tmp_path / "wildcard.crt", tmp_path / "wildcard.key")
+    leaf = clients.issue_cert("*.0.0.1")  # a DNS name, which the old matcher let stand for 10.0.0.1
+    leaf.cert_chain_pems[0].write_to_path(str(wildcard.cert))
+    leaf.private_key_pem.write_to_path(str(wildcard.key))
+    svc = services.ratelimit(config_dir, redis_url, *tls_flags(pki), "--grpc-client-tls-cacert",
+                             str(tmp_path / "clients.crt"), "--grpc-client-tls-san", "10.0.0.1")
+    assert call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem, wildcard)) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_a_rotated_server_certificate_is_used_for_new_connections_without_a_restart(
@@ -193,6 +228,65 @@ def test_a_rotated_server_certificate_is_used_for_new_connections_without_a_rest
         os.replace(path.with_suffix(".tmp"), path)  # what a Kubernetes secret update does: an atomic swap
     assert call_code(TlsRlsClient(svc.grpc_target, new_ca.cert_pem.bytes())) == OK
     assert call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem)) == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(("cipher", "served"), [
+    ("ECDHE-ECDSA-AES128-GCM-SHA256", True),
+    ("ECDHE-ECDSA-AES128-SHA256", False),  # CBC: on HTTP/2's blocklist, as ext_proc's server refuses it too
+])
+def test_tls12_is_served_with_aead_ciphers_only(tls_service: Service, pki: Pki, cipher: str, served: bool) -> None:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(cipher)
+    context.set_alpn_protocols(["h2"])
+    host, port = tls_service.grpc_target.rsplit(":", 1)
+    if not served:
+        with pytest.raises(ssl.SSLError), socket.create_connection((host, int(port)), timeout=5) as raw:
+            context.wrap_socket(raw, server_hostname=host)
+        return
+    with socket.create_connection((host, int(port)), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as tls:
+        assert tls.cipher()[0] == cipher
+
+
+def test_a_rotated_client_ca_replaces_the_old_one(
+        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki, tmp_path: Path) -> None:
+    client_ca = tmp_path / "client-ca.crt"
+    client_ca.write_bytes(pki.ca.read_bytes())
+    svc = services.ratelimit(config_dir, redis_url, *tls_flags(pki), "--grpc-client-tls-cacert", str(client_ca))
+    assert call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem, pki.client)) == OK
+    replacement = tmp_path / "client-ca.tmp"
+    replacement.write_bytes(pki.rogue_ca.read_bytes())
+    os.replace(replacement, client_ca)
+    assert call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem, pki.rogue_client)) == OK
+    assert call_code(TlsRlsClient(svc.grpc_target, pki.ca_pem, pki.client)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_tls12_session_from_before_a_client_ca_rotation_cannot_be_resumed(
+        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki, tmp_path: Path) -> None:
+    client_ca = tmp_path / "client-ca.crt"
+    client_ca.write_bytes(pki.ca.read_bytes())
+    svc = services.ratelimit(config_dir, redis_url, *tls_flags(pki), "--grpc-client-tls-cacert", str(client_ca))
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    context.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+    host, port = svc.grpc_target.rsplit(":", 1)
+
+    def handshake(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool]:
+        with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname=host, session=session) as tls:
+            assert tls.recv(9)  # the server's HTTP/2 SETTINGS
+            return tls.session, tls.session_reused
+
+    session, _ = handshake(None)
+    session, reused = handshake(session)
+    assert reused  # grpc resumes TLS 1.2 sessions while nothing changed
+    replacement = tmp_path / "client-ca.tmp"
+    replacement.write_bytes(pki.rogue_ca.read_bytes())
+    os.replace(replacement, client_ca)  # pki.client is no longer trusted
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        handshake(session)
 
 
 # --- Envoy calling the service over mutual TLS -------------------------------------------------------------------
@@ -489,9 +583,25 @@ def test_redis_tls_settings_become_a_rediss_url_that_keeps_its_own_options(pki: 
     url = with_tls("redis://:pw@127.0.0.1:6380/2?ssl_ca_certs=" + str(pki.rogue_ca),
                    RedisTls(str(pki.ca), str(pki.client.cert), str(pki.client.key), check_hostname=False))
     address = parse_redis_url(url)
-    assert address.url == "rediss://:pw@127.0.0.1:6380/2"
+    assert address.url == "rediss://:***@127.0.0.1:6380/2"
     assert address.tls == RedisTls(str(pki.rogue_ca), str(pki.client.cert), str(pki.client.key),
                                    check_hostname=False)
+
+
+def test_the_redis_password_is_in_no_log_line_error_or_health_page(
+        services: ServiceFactory, config_dir: Path) -> None:
+    url = f"redis://igw:n0t-in-logs@127.0.0.1:{free_port()}/0"  # nothing listens there
+    svc = services.ratelimit(config_dir, url, wait_healthy=False)
+    svc.proc.wait_ready(lambda: _status(f"{svc.http_base}/healthcheck") == 503, 20, "answering")
+    with pytest.raises(grpc.RpcError) as info:
+        RlsClient(svc.grpc_target, domain="tls").call([("k", "secret")], timeout=3)
+    details = info.value.details() or ""
+    with pytest.raises(urllib.error.HTTPError) as page:
+        urllib.request.urlopen(f"{svc.http_base}/healthcheck", timeout=5)
+    health = page.value.read().decode()
+    assert "redis://igw:***@127.0.0.1" in details
+    assert "redis unreachable: redis://igw:***@127.0.0.1" in health
+    assert "n0t-in-logs" not in details + health + svc.proc.tail(500)
 
 
 def test_tls_options_on_a_plain_redis_url_are_refused() -> None:
@@ -592,6 +702,23 @@ def test_redis_tls_on_a_unix_socket_url_is_refused(config_dir: Path) -> None:
 def test_a_missing_ca_in_a_rediss_url_is_named(config_dir: Path, files: dict[str, Path]) -> None:
     code, err = _start(config_dir, "--redis-url", f"rediss://127.0.0.1:1/0?ssl_ca_certs={files['missing']}")
     assert code == 2 and "ssl_ca_certs" in err and str(files["missing"]) in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("query", "named"), [
+    ("ssl_ca_cert=/etc/ca.pem", "unknown option 'ssl_ca_cert'"),  # a typo: the CA would silently not be used
+    ("ssl_ca_path=/etc/ssl/redis", "unknown option 'ssl_ca_path'"),  # redis-py would use it, our client not
+    ("db=3", "unknown option 'db'"),  # redis-py would select db 3, the counters db 0
+    ("ssl_check_hostname=true&ssl_check_hostname=false", "'ssl_check_hostname' given more than once"),
+])
+def test_an_unknown_or_repeated_rediss_url_option_is_named(config_dir: Path, query: str, named: str) -> None:
+    code, err = _start(config_dir, "--redis-url", f"rediss://127.0.0.1:1/0?{query}")
+    assert code == 2 and named in err and "Traceback" not in err, err
+
+
+def test_a_bad_redis_url_is_named_without_its_password(config_dir: Path) -> None:
+    code, err = _start(config_dir, "--redis-url", "redis://igw:n0t-in-logs@127.0.0.1:1/zero")
+    assert code == 2 and "'redis://igw:***@127.0.0.1:1/zero': database must be a number" in err, err
+    assert "n0t-in-logs" not in err
 
 
 def test_grpc_uds_with_several_workers_is_refused(config_dir: Path, tmp_path: Path) -> None:

@@ -96,4 +96,4 @@ def test_bad_urls_are_refused_naming_the_problem(url: str, problem: str) -> None
 def test_a_url_with_password_and_unix_socket_parses() -> None:
     address = parse_redis_url("unix://:s3cret@/run/redis.sock?db=2")
     assert (address.unix_path, address.db, address.password) == ("/run/redis.sock", 2, "s3cret")
-    assert parse_redis_url("redis://user:pw@redis:6380/1").url == "redis://:pw@redis:6380/1"
+    assert parse_redis_url("redis://user:pw@redis:6380/1").url == "redis://user:***@redis:6380/1"
