@@ -184,32 +184,40 @@ class RedisCounters:
     async def _only_over_across(self, hits: list[Hit], placed: dict[int, list[int]]) -> list[Counted]:
         """Increment.ONLY_OVER with fixed-window counters on several Redis: read them all (one round trip to
         each, concurrently), decide, then write, as upstream does. A request in between can be counted in
-        the read of one and not the other; upstream has the same window."""
+        the read of one and not the other; upstream has the same window.
+
+        A Redis whose read fails is left out of the rest: the decision is made among the counters that were
+        read and only the Redis that answered are written to, then PartialCount names the hits left without a
+        count, so --fail-open still enforces the limits of the Redis that answer (as without the setting)."""
         fixed = [i for i, hit in enumerate(hits) if hit.algorithm != "gcra"]
         read_placed: dict[int, list[int]] = {}
         for j, i in enumerate(fixed):
             read_placed.setdefault(self._target_of(hits[i]), []).append(j)
+        failure: PartialCount | None = None
+        current: Sequence[Counted | None]
         try:
             current = await self._spread([hits[i] for i in fixed], read_placed, Increment.NONE)
-        except PartialCount as exc:  # nothing was counted anywhere: the call fails as a whole
-            raise RedisError(str(exc)) from None
-        counts = dict(zip(fixed, current, strict=True))
-        over = {i for i in fixed if counts[i] + hits[i].hits > hits[i].limit}  # type: ignore[operator]
-        if not over:
-            return await self._spread(hits, placed, Increment.ALL)
-        written = [i for i, hit in enumerate(hits) if hit.algorithm == "gcra" or i in over]
-        write_placed: dict[int, list[int]] = {}
-        for j, i in enumerate(written):
-            write_placed.setdefault(self._target_of(hits[i]), []).append(j)
-        results: list[Counted | None] = [counts.get(i) for i in range(len(hits))]
-        try:
-            done: Sequence[Counted | None] = await self._spread([hits[i] for i in written], write_placed, Increment.ALL)
         except PartialCount as exc:
-            for i, value in zip(written, exc.results, strict=True):
+            failure, current = exc, exc.results
+        counts = {i: value for i, value in zip(fixed, current, strict=True) if value is not None}
+        down = {self._target_of(hits[i]) for i in fixed if i not in counts}
+        over = {i for i, value in counts.items() if value + hits[i].hits > hits[i].limit}  # type: ignore[operator]
+        written = [i for i, hit in enumerate(hits) if self._target_of(hit) not in down
+                   and (hit.algorithm == "gcra" or not over or i in over)]
+        results: list[Counted | None] = [counts.get(i) for i in range(len(hits))]
+        if written:
+            write_placed: dict[int, list[int]] = {}
+            for j, i in enumerate(written):
+                write_placed.setdefault(self._target_of(hits[i]), []).append(j)
+            try:
+                done: Sequence[Counted | None] = await self._spread(
+                    [hits[i] for i in written], write_placed, Increment.ALL)
+            except PartialCount as exc:
+                failure, done = failure or exc, exc.results
+            for i, value in zip(written, done, strict=True):
                 results[i] = value
-            raise PartialCount(str(exc), results) from None
-        for i, value in zip(written, done, strict=True):
-            results[i] = value
+        if failure is not None:
+            raise PartialCount(str(failure), results)
         return results  # type: ignore[return-value]
 
     @staticmethod

@@ -27,6 +27,9 @@ import sys
 from collections import OrderedDict
 
 ENTRY_OVERHEAD_BYTES = 208
+# The smallest cache, as upstream's freecache has it: a smaller LOCAL_CACHE_SIZE_IN_BYTES gets this much there, so
+# a setting that works upstream (1000 caches thousands of keys) must not silently cache nothing here.
+MIN_SIZE_BYTES = 512 * 1024
 SWEEP_INTERVAL_SECONDS = 1.0
 
 

@@ -22,6 +22,7 @@ from igw.runtime import (
     parse_port,
     redis_url_arg,
 )
+from ratelimit_svc.over_limit_cache import MIN_SIZE_BYTES as LOCAL_CACHE_MIN_BYTES
 
 if TYPE_CHECKING:
     from igw.service_runtime import ServerTls
@@ -88,6 +89,9 @@ class UpstreamSetting:
     refuse: bool  # True: behaviour we lack, so refuse to start; False: observability/ops only, warn
     harmless: tuple[str, ...]  # values (lower case) that change nothing here: upstream's default and the like
     why: str  # what we offer instead
+    # Read upstream only with REDIS_PERSECOND=true: without a per-second Redis the value changes nothing there,
+    # so here it is named in a warning instead of refused, and decided after the flags are parsed.
+    persecond_only: bool = False
 
 
 # Every upstream setting we do not implement and that could be set to something that matters. A value outside
@@ -110,7 +114,8 @@ UPSTREAM_SETTINGS: tuple[UpstreamSetting, ...] = (
                     "Redis Sentinel and Cluster are not supported; REDIS_URL names one redis-server (or a "
                     "proxy in front of several), and REDIS_SHARDS spreads the counters over several"),
     UpstreamSetting("REDIS_PERSECOND_TYPE", True, ("single",),
-                    "Redis Sentinel and Cluster are not supported; REDIS_PERSECOND_URL names one redis-server"),
+                    "Redis Sentinel and Cluster are not supported; REDIS_PERSECOND_URL names one redis-server",
+                    persecond_only=True),
     UpstreamSetting("CONFIG_TYPE", True, ("file",),
                     "an xDS config server is not supported; limits are read from YAML files (CONFIG_DIR or "
                     "RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY)"),
@@ -156,15 +161,22 @@ UPSTREAM_SETTINGS: tuple[UpstreamSetting, ...] = (
 )
 
 
-def upstream_settings_in(environ: Mapping[str, str]) -> tuple[list[str], list[str]]:
-    """(refusals, warnings): one line for each upstream setting of the table set to a value that matters."""
+def upstream_settings_in(environ: Mapping[str, str], persecond: bool | None = None) -> tuple[list[str], list[str]]:
+    """(refusals, warnings): one line for each upstream setting of the table set to a value that matters.
+    `persecond` None: every setting but the per-second-only ones; True/False (REDIS_PERSECOND, known once the
+    flags are parsed): only those."""
     refusals: list[str] = []
     warnings: list[str] = []
     for setting in UPSTREAM_SETTINGS:
+        if setting.persecond_only == (persecond is None):
+            continue
         raw = environ.get(setting.name)
         if raw is None or raw.strip().lower() in setting.harmless or not raw.strip():
             continue
-        if setting.refuse:
+        if setting.persecond_only and not persecond:
+            warnings.append(f"{setting.name}={raw} is ignored: REDIS_PERSECOND (--redis-persecond) is not true, "
+                            "so there is no per-second Redis, as upstream")
+        elif setting.refuse:
             refusals.append(f"{setting.name}={raw}: {setting.why}")
         else:
             warnings.append(f"{setting.name}={raw} is ignored: {setting.why}")
@@ -265,7 +277,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
             help="how often the config directory is checked for changes")
     env.add("--local-cache-size-in-bytes", "LOCAL_CACHE_SIZE_IN_BYTES", default=0, type=non_negative_int,
             help="memory for keys seen over their fixed-window limit, answered OVER_LIMIT without Redis "
-                 "until their window ends (about 260 bytes + key length each); 0 turns it off")
+                 "until their window ends (about 260 bytes + key length each; at least 512 KiB, as upstream); "
+                 "0 turns it off")
     env.add("--stop-cache-key-increment-when-overlimit", "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", default=False,
             type=parse_bool, help="when a request's hits would take some fixed-window counters over their limit, "
                                   "increment only those (costs a read before the write)")
@@ -304,6 +317,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     if refusals:  # one line each, without the usage text: nothing is wrong with the command line
         parser.exit(2, "".join(f"{parser.prog}: error: {line}\n" for line in refusals))
     args = env.parse(argv)
+    refusals, persecond_warnings = upstream_settings_in(os.environ, persecond=args.redis_persecond)
+    if refusals:
+        parser.exit(2, "".join(f"{parser.prog}: error: {line}\n" for line in refusals))
+    warnings += persecond_warnings
     config_dir = Path(args.config_dir) if args.config_dir else config_dir_from_runtime_env()
     if not config_dir.is_dir():
         parser.error(f"config directory {str(config_dir)!r} does not exist or is not a directory")
@@ -321,6 +338,11 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     elif args.redis_persecond_url is not None:
         warnings.append("REDIS_PERSECOND_URL is ignored: REDIS_PERSECOND (--redis-persecond) is not true, so "
                         "per-second counters stay with the others, as upstream")
+    local_cache_size = args.local_cache_size_in_bytes
+    if 0 < local_cache_size < LOCAL_CACHE_MIN_BYTES:
+        warnings.append(f"LOCAL_CACHE_SIZE_IN_BYTES={local_cache_size} is below the smallest cache: using "
+                        f"{LOCAL_CACHE_MIN_BYTES} bytes, as upstream (its freecache has the same minimum)")
+        local_cache_size = LOCAL_CACHE_MIN_BYTES
     redis_urls = _redis_tls(parser, args, persecond_url, warnings)
     persecond_url = redis_urls.persecond
     return Settings(
@@ -354,7 +376,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         log_level=args.log_level,
         log_format=args.log_format,
         workers=args.workers,
-        local_cache_size_bytes=args.local_cache_size_in_bytes,
+        local_cache_size_bytes=local_cache_size,
         stop_cache_key_increment_when_overlimit=args.stop_cache_key_increment_when_overlimit,
         healthy_with_at_least_one_config_loaded=args.healthy_with_at_least_one_config_loaded,
         force_start_without_initial_config=args.force_start_without_initial_config,

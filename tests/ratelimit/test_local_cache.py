@@ -19,7 +19,6 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.type.v3 import ratelimit_unit_pb2
 
 from igw.procs import RedisServer
-from ratelimit_svc.over_limit_cache import entry_bytes
 from tests.helpers import Service, ServiceFactory
 from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges, descriptor
 from tests.ratelimit.test_adaptive import publish
@@ -268,26 +267,6 @@ def test_request_override_with_a_higher_limit_is_not_denied_by_an_entry_of_a_low
     avoid_window_edges(minute_margin_s=3)
     assert [client.call(override(1)).overall_code for _ in range(3)] == [OK, OVER, OVER]
     assert client.call(override(10)).overall_code == OK
-
-
-def test_full_cache_evicts_and_the_evicted_key_is_counted_in_redis_again(
-    services: ServiceFactory, config_dir: Path, redis_url: str, store: redis.Redis
-) -> None:
-    one_entry = entry_bytes(f"test-domain_minute_a_{int(time.time()) // 60 * 60}")
-    svc = services.ratelimit(config_dir, redis_url, "--local-cache-size-in-bytes", str(one_entry))
-    c = RlsClient(svc.grpc_target)
-    try:
-        avoid_window_edges(minute_margin_s=3)
-        codes(c, [("minute", "a")], 3)
-        codes(c, [("minute", "a")], 2)
-        assert counter(store, "minute", "a") == 3  # cached
-        codes(c, [("minute", "b")], 3)  # b goes over and takes the only slot
-        assert c.call([("minute", "a")]).overall_code == OVER
-        assert counter(store, "minute", "a") == 4  # a was evicted: Redis counted it again
-        assert c.call([("minute", "a")]).overall_code == OVER
-        assert counter(store, "minute", "a") == 4  # and cached it again
-    finally:
-        c.close()
 
 
 def test_gcra_limits_are_not_cached(services: ServiceFactory, config_dir: Path, own_redis: RedisServer) -> None:

@@ -38,7 +38,6 @@ def run(config_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[st
 @pytest.mark.parametrize(("name", "value", "reason"), [
     ("REDIS_TYPE", "CLUSTER", "Sentinel and Cluster are not supported"),
     ("REDIS_TYPE", "sentinel", "Sentinel and Cluster are not supported"),
-    ("REDIS_PERSECOND_TYPE", "CLUSTER", "Sentinel and Cluster are not supported"),
     ("CONFIG_TYPE", "GRPC_XDS_SOTW", "xDS config server is not supported"),
     ("BACKEND_TYPE", "memcache", "memcached is not supported"),
 ])
@@ -50,6 +49,25 @@ def test_a_setting_that_would_change_behaviour_stops_the_service_with_one_line(
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"python -m ratelimit_svc: error: {name}={value}: ")
     assert reason in line
+
+
+def test_a_per_second_redis_of_an_unsupported_type_stops_the_service_with_one_line(config_dir: Path) -> None:
+    proc = run(config_dir, {"REDIS_PERSECOND_TYPE": "CLUSTER", "REDIS_PERSECOND": "true",
+                            "REDIS_PERSECOND_URL": "127.0.0.1:1"})
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("python -m ratelimit_svc: error: REDIS_PERSECOND_TYPE=CLUSTER: ")
+    assert "Sentinel and Cluster are not supported" in line
+
+
+def test_the_per_second_redis_type_without_a_per_second_redis_is_only_named_in_a_warning(
+    services: ServiceFactory, config_dir: Path, redis_url: str
+) -> None:
+    # Upstream reads REDIS_PERSECOND_TYPE only with REDIS_PERSECOND=true: a deployment that sets it (a chart
+    # exporting every variable) and keeps per-second counters with the others starts there, so it must here.
+    svc = services.ratelimit(config_dir, redis_url, env={"REDIS_PERSECOND_TYPE": "cluster"})
+    warnings = [line for line in svc.proc.log_path.read_text().splitlines() if " WARNING " in line]
+    assert [w for w in warnings if "REDIS_PERSECOND_TYPE=cluster is ignored: " in w and "REDIS_PERSECOND" in w]
 
 
 def test_every_refused_setting_gets_its_own_line(config_dir: Path) -> None:
