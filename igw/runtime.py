@@ -34,9 +34,10 @@ def parse_duration(text: str) -> float:
 
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
+    # Go's strconv.ParseBool spellings (upstream's settings) plus yes/no and on/off.
+    if lowered in ("1", "t", "true", "yes", "on"):
         return True
-    if lowered in ("0", "false", "no", "off", ""):
+    if lowered in ("0", "f", "false", "no", "off", ""):
         return False
     raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (use true or false)")
 

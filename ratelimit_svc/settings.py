@@ -39,12 +39,20 @@ def _ratio(text: str) -> float:
 
 
 
+def _socket_type(env: str) -> str:
+    """Upstream's REDIS_SOCKET_TYPE / REDIS_PERSECOND_SOCKET_TYPE: a typo must not quietly mean tcp."""
+    value = os.environ.get(env, "").strip().lower()
+    if value not in ("", "tcp", "unix"):
+        raise argparse.ArgumentTypeError(f"{env}={value!r} is neither tcp nor unix")
+    return value
+
+
 def _redis_url(text: str) -> str:
     """Our URL form, or upstream's: REDIS_URL is a bare `host:port` (REDIS_SOCKET_TYPE=tcp) or a socket
     path (REDIS_SOCKET_TYPE=unix), with the password apart in REDIS_AUTH (`password` or `user:password`).
     An operator switching over keeps the environment they have."""
     if "://" not in text:
-        unix = os.environ.get("REDIS_SOCKET_TYPE", "").lower() == "unix" or text.startswith("/")
+        unix = _socket_type("REDIS_SOCKET_TYPE") == "unix" or text.startswith("/")
         auth = os.environ.get("REDIS_AUTH", "")
         user, _, password = auth.partition(":") if ":" in auth else ("", "", auth)
         userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}@" if auth else ""
@@ -73,7 +81,7 @@ def _persecond_redis_url(text: str) -> str:
     """REDIS_PERSECOND_URL in our URL form or upstream's, like REDIS_URL, but with the per-second Redis's
     own REDIS_PERSECOND_SOCKET_TYPE and REDIS_PERSECOND_AUTH, as upstream reads them."""
     if "://" not in text:
-        unix = os.environ.get("REDIS_PERSECOND_SOCKET_TYPE", "").lower() == "unix" or text.startswith("/")
+        unix = _socket_type("REDIS_PERSECOND_SOCKET_TYPE") == "unix" or text.startswith("/")
         auth = os.environ.get("REDIS_PERSECOND_AUTH", "")
         user, _, password = auth.partition(":") if ":" in auth else ("", "", auth)
         userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}@" if auth else ""

@@ -116,3 +116,18 @@ def test_no_setting_in_the_table_is_also_one_we_implement() -> None:
     parser, _ = build_parser()
     implemented = {name for action in parser._actions for name in re.findall(r"\(env ([A-Z0-9_]+)", action.help or "")}
     assert {s.name for s in UPSTREAM_SETTINGS} & implemented == {"BACKEND_TYPE"}
+
+
+def test_a_misspelled_redis_socket_type_is_named_instead_of_meaning_tcp(config_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ratelimit_svc", "--config-dir", str(config_dir)],
+                          capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "REDIS_URL": "/tmp/redis.sock", "REDIS_SOCKET_TYPE": "uinx"})
+    assert proc.returncode == 2
+    assert "REDIS_SOCKET_TYPE='uinx' is neither tcp nor unix" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("text", "value"), [("t", True), ("T", True), ("F", False), ("TRUE", True), ("False", False)])
+def test_go_boolean_spellings_of_upstream_settings_are_accepted(text: str, value: bool) -> None:
+    from igw.runtime import parse_bool
+
+    assert parse_bool(text) is value
