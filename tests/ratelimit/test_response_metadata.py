@@ -5,22 +5,19 @@ under envoy.filters.http.ratelimit. Real service, real redis-server, real Envoy.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from google.protobuf import json_format
 from google.protobuf.wrappers_pb2 import UInt64Value
 
-from igw.procs import VENV_BIN, ManagedProcess, free_port, http_ok
 from tests.helpers import Service, ServiceFactory
+from tests.ratelimit.envoy_front import envoy_front, ok_backend
 from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges, descriptor
 
 CONFIG = """
@@ -111,88 +108,22 @@ def test_without_the_setting_the_answer_carries_no_metadata(
 # --- through Envoy ---------------------------------------------------------------------------------------------
 
 
-class _Ok(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def backend() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-
-
-def _envoy_config(rls_port: int, backend_port: int, admin: int, listener: int, access_log: Path) -> dict[str, Any]:
-    def cluster(name: str, port: int, http2: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
-        if http2:
-            out["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}}
-        return out
-
-    hcm = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-    manager = {
-        "@type": f"type.googleapis.com/{hcm}",
-        "stat_prefix": "in",
-        "access_log": [{"name": "file", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": str(access_log),
-            "log_format": {"text_format_source": {
-                "inline_string": "%RESPONSE_CODE% %DYNAMIC_METADATA(envoy.filters.http.ratelimit)%\n"}}}}],
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
-            "match": {"prefix": "/"}, "route": {"cluster": "backend", "rate_limits": [
-                {"actions": [{"generic_key": {"descriptor_value": "chat", "descriptor_key": "service"}}]},
-                {"actions": [{"request_headers": {"header_name": "x-tenant", "descriptor_key": "tenant"}}]}]}}]}]},
-        "http_filters": [
-            {"name": "envoy.filters.http.ratelimit", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                "domain": "d", "failure_mode_deny": True, "timeout": "1s",
-                "rate_limit_service": {"transport_api_version": "V3",
-                                       "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}}}}},
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-    }
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {
-            "listeners": [{"name": "in",
-                           "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
-                           "filter_chains": [{"filters": [{"name": "hcm", "typed_config": manager}]}]}],
-            "clusters": [cluster("ratelimit", rls_port, True), cluster("backend", backend_port, False)]},
-    }
-
-
 def test_envoy_puts_the_metadata_where_its_access_log_reads_it(
-        service: Service, backend: int, tmp_path: Path, log_dir: Path) -> None:
-    admin, listener = free_port(), free_port()
+        service: Service, tmp_path: Path, log_dir: Path) -> None:
     access_log = tmp_path / "access.log"
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(_envoy_config(service.grpc_port, backend, admin,
-                                                 listener, access_log)))
-    envoy = ManagedProcess("envoy-metadata", [str(VENV_BIN / "envoy"), "-c", str(path), "--concurrency", "1",
-                                              "--base-id", str(listener), "-l", "warning"], log_dir=log_dir).start()
-    try:
-        envoy.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
+    rate_limits = [{"actions": [{"generic_key": {"descriptor_value": "chat", "descriptor_key": "service"}}]},
+                   {"actions": [{"request_headers": {"header_name": "x-tenant", "descriptor_key": "tenant"}}]}]
+    with ok_backend() as backend, envoy_front(
+            tmp_path, log_dir, "envoy-metadata", rls_port=service.grpc_port, backend_port=backend, domain="d",
+            rate_limits=rate_limits, access_log=access_log,
+            access_log_format="%RESPONSE_CODE% %DYNAMIC_METADATA(envoy.filters.http.ratelimit)%\n") as front:
         avoid_window_edges()
-        request = urllib.request.Request(f"http://127.0.0.1:{listener}/", headers={"x-tenant": "acme"})
+        request = urllib.request.Request(f"{front.url}/", headers={"x-tenant": "acme"})
         assert urllib.request.urlopen(request, timeout=5).status == 200
         deadline = time.monotonic() + 5
         while not access_log.exists() or not access_log.read_text().strip():
             assert time.monotonic() < deadline, "no access log line"
             time.sleep(0.05)
-    finally:
-        envoy.stop()
     code, logged = access_log.read_text().splitlines()[0].split(" ", 1)
     assert code == "200"
     assert json.loads(logged) == {

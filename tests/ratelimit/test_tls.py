@@ -10,12 +10,10 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +21,17 @@ import grpc
 import pytest
 import redis
 import trustme
-import yaml
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from igw.procs import VENV_BIN, ManagedProcess, RedisServer, RedisTlsFiles, free_port, http_ok, port_open
+from igw.procs import RedisServer, RedisTlsFiles, free_port, port_open
 from igw.redis_conn import RedisTls, parse_redis_url, with_tls
 from igw.service_runtime import san_matches
 from ratelimit_svc.settings import parse_settings
 from tests.helpers import Service, ServiceFactory, assert_one_line_error
+from tests.ratelimit.envoy_front import envoy_front, ok_backend
 from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges
 from tests.ratelimit.test_adaptive import CONFIG as ADAPTIVE_CONFIG
 from tests.ratelimit.test_adaptive import publish, wait_for_limit
@@ -292,35 +290,9 @@ def test_a_tls12_session_from_before_a_client_ca_rotation_cannot_be_resumed(
 # --- Envoy calling the service over mutual TLS -------------------------------------------------------------------
 
 
-class _Ok(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def backend() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-
-
-def _envoy_config(rls_port: int, backend_port: int, admin: int, listener: int, pki: Pki) -> dict[str, Any]:
-    def cluster(name: str, port: int) -> dict[str, Any]:
-        return {"name": name, "type": "STATIC", "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
-
-    ratelimit = cluster("ratelimit", rls_port)
-    ratelimit["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}}}}
-    ratelimit["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+def _client_tls_socket(pki: Pki) -> dict[str, Any]:
+    """Envoy's side of mutual TLS to the service: the client certificate, the CA, and the server's SAN."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
         "sni": "localhost",
         "common_tls_context": {
@@ -330,30 +302,6 @@ def _envoy_config(rls_port: int, backend_port: int, admin: int, listener: int, p
             "validation_context": {
                 "trusted_ca": {"filename": str(pki.ca)},
                 "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "localhost"}}]}}}}
-    manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                 "HttpConnectionManager",
-        "stat_prefix": "in",
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
-            "match": {"prefix": "/"}, "route": {"cluster": "backend", "rate_limits": [
-                {"actions": [{"generic_key": {"descriptor_value": "envoy"}}]}]}}]}]},
-        "http_filters": [
-            {"name": "envoy.filters.http.ratelimit", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                "domain": "tls", "failure_mode_deny": True, "timeout": "2s",
-                "rate_limit_service": {"transport_api_version": "V3",
-                                       "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}}}}},
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-    }
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {
-            "listeners": [{"name": "in",
-                           "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
-                           "filter_chains": [{"filters": [{"name": "hcm", "typed_config": manager}]}]}],
-            "clusters": [ratelimit, cluster("backend", backend_port)]},
-    }
 
 
 def _status(url: str) -> int:
@@ -367,20 +315,14 @@ def _status(url: str) -> int:
 
 
 def test_envoy_rate_limits_through_a_mutual_tls_rate_limit_cluster(
-        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki, backend: int, tmp_path: Path,
-        log_dir: Path) -> None:
+        services: ServiceFactory, config_dir: Path, redis_url: str, pki: Pki, tmp_path: Path, log_dir: Path) -> None:
     svc = services.ratelimit(config_dir, redis_url, *tls_flags(pki, client_ca=True, san="client.example.com"))
-    admin, listener = free_port(), free_port()
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(_envoy_config(svc.grpc_port, backend, admin, listener, pki)))
-    envoy = ManagedProcess("envoy-tls", [str(VENV_BIN / "envoy"), "-c", str(path), "--concurrency", "1",
-                                         "--base-id", str(listener), "-l", "warning"], log_dir=log_dir).start()
-    try:
-        envoy.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
+    with ok_backend() as backend, envoy_front(
+            tmp_path, log_dir, "envoy-tls", rls_port=svc.grpc_port, backend_port=backend, domain="tls",
+            rate_limits=[{"actions": [{"generic_key": {"descriptor_value": "envoy"}}]}],
+            rls_transport_socket=_client_tls_socket(pki)) as front:
         avoid_window_edges()
-        codes = [_status(f"http://127.0.0.1:{listener}/") for _ in range(3)]
-    finally:
-        envoy.stop()
+        codes = [_status(f"{front.url}/") for _ in range(3)]
     assert codes == [200, 429, 429]  # 1 a minute; failure_mode_deny would make a TLS failure a 500
 
 

@@ -5,12 +5,10 @@ documentation of the example says it does."""
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,26 +16,13 @@ import yaml
 
 from igw.procs import VENV_BIN, ManagedProcess, free_port, http_ok
 from tests.helpers import ServiceFactory
-
-
-class _Ok(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("content-length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args: object) -> None:
-        pass
+from tests.ratelimit.envoy_front import ok_backend
 
 
 @pytest.fixture
 def upstream_backend() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
+    with ok_backend() as port:
+        yield port
 
 
 def _rewrite(config: dict, rls_port: int, backend_port: int, admin_port: int, listener_port: int) -> dict:
