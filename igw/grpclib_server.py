@@ -160,9 +160,10 @@ class ConnectionSanCheck:
     def allowed(self, transport: asyncio.BaseTransport) -> bool:
         ssl_object = transport.get_extra_info("ssl_object")
         cert = ssl_object.getpeercert() if ssl_object is not None else None
-        sans = [str(value) for _kind, value in (cert or {}).get("subjectAltName", ())]
-        if any(san_matches(self.san, san) for san in sans):
+        entries = [(str(kind), str(value)) for kind, value in (cert or {}).get("subjectAltName", ())]
+        if any(san_matches(self.san, value, kind) for kind, value in entries):
             return True
+        sans = [value for _, value in entries]
         self.refused += 1
         now = time.monotonic()
         if now >= self.next_log:  # at most one line a minute: a misconfigured fleet reconnects fast

@@ -98,23 +98,32 @@ class _CertificateReloader:
         return config
 
 
-def san_matches(wanted: str, san: str) -> bool:
-    """Whether a certificate SAN entry satisfies the configured one. Its kind is taken from `wanted` (grpc
-    hands SANs over without theirs): an IP address matches the same address only; a URI (a SPIFFE ID)
-    only the same string, exactly, as URI paths are case-sensitive; a DNS name matches without regard to
-    case or a trailing dot, or through a wildcard entry (*.example.com) covering its first label, never
-    several labels nor a whole top-level domain (*.com)."""
+# The SAN kinds Python's ssl names in getpeercert(), by the kind `wanted` spells.
+_SAN_KINDS = {"ip": "IP Address", "uri": "URI", "dns": "DNS"}
+
+
+def san_matches(wanted: str, san: str, kind: str | None = None) -> bool:
+    """Whether a certificate SAN entry satisfies the configured one. The kind wanted is read from `wanted`:
+    an IP address matches the same address only; a URI (a SPIFFE ID) only the same string, exactly, as
+    URI paths are case-sensitive; a DNS name matches without regard to case or a trailing dot, or through
+    a wildcard entry (*.example.com) covering its first label, never several labels nor a whole top-level
+    domain (*.com). `kind` is the entry's own kind when the caller knows it (Python's ssl does, grpc does
+    not): then a DNS entry spelled like a wanted IP address, say, does not count."""
     try:
         wanted_ip = ipaddress.ip_address(wanted)
     except ValueError:
         pass
     else:
+        if kind is not None and kind != _SAN_KINDS["ip"]:
+            return False
         try:
             return ipaddress.ip_address(san) == wanted_ip
         except ValueError:
             return False
     if ":" in wanted or "/" in wanted or "@" in wanted:  # a URI or an e-mail address: compared as is
-        return san == wanted
+        return san == wanted and (kind is None or kind in (_SAN_KINDS["uri"], "email"))
+    if kind is not None and kind != _SAN_KINDS["dns"]:
+        return False
     wanted, san = wanted.lower().rstrip("."), san.lower().rstrip(".")
     if san == wanted:
         return bool(wanted)

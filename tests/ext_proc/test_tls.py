@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from igw.envoy_config import UpstreamTls, service_cluster
 from igw.grpclib_server import GrpclibBackend
 from igw.procs import VENV_BIN, ManagedProcess, free_port, http_ok
+from igw.service_runtime import san_matches
 from igw.tls import ServerFiles
 from igw.topology import Endpoint
 from tests.ext_proc.conftest import World
@@ -172,6 +173,20 @@ def test_a_dns_wildcard_certificate_does_not_pass_for_a_required_ip_san(
     leaf.private_key_pem.write_to_path(str(wildcard.key))
     svc = start(services, world, *tls_flags(pki.server.cert, pki.server.key, tmp_path / "clients.crt", "10.0.0.1"))
     assert authenticate(TlsExtProcClient(svc.grpc_target, pki.ca, wildcard), world) == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(("wanted", "kind", "value", "matches"), [
+    ("10.0.0.1", "IP Address", "10.0.0.1", True),
+    ("10.0.0.1", "DNS", "10.0.0.1", False),  # a DNS name spelled like the address is not the address
+    ("spiffe://cluster.local/ns/igw/sa/gw", "URI", "spiffe://cluster.local/ns/igw/sa/gw", True),
+    ("spiffe://cluster.local/ns/igw/sa/gw", "DNS", "spiffe://cluster.local/ns/igw/sa/gw", False),
+    ("envoy.example.com", "DNS", "*.example.com", True),
+    ("envoy.example.com", "URI", "envoy.example.com", False),
+])
+def test_ext_proc_matches_a_san_only_by_an_entry_of_the_same_kind(
+        wanted: str, kind: str, value: str, matches: bool) -> None:
+    """Python's ssl tells ext_proc each SAN's kind (grpc does not tell the rate-limit service)."""
+    assert san_matches(wanted, value, kind) is matches
 
 
 def test_a_san_check_without_verified_client_certificates_is_refused_by_the_server_builder(pki: Pki) -> None:
