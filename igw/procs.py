@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,8 +30,37 @@ class ProcessError(RuntimeError):
     """A managed process failed to start, died, or did not become ready."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port nothing listens on, for a server started next. Chosen below the kernel's ephemeral range:
+    a port from bind(0) lies inside it, where any outgoing connection (to Redis, to Envoy) may take it as
+    its local port before the server binds, and the server then fails with "address in use". Ports are
+    not handed out twice by one process."""
+    low, _ = _ephemeral_range()
+    start = max(1024, low - 12000)
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(start, low)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded range: the kernel's choice
         sock.bind((host, 0))
         return sock.getsockname()[1]
 

@@ -20,6 +20,8 @@ from ratelimit_svc.lookup import counter_group
 from tests.helpers import Service, ServiceFactory
 from tests.ratelimit.rls_client import OK, RlsClient, avoid_window_edges
 
+# The GCRA bucket's key lives only as long as one emission interval (1 s at one request a second; at 100 it
+# was 10 ms and could expire before the test listed the keys).
 CONFIG = """
 domain: test-domain
 descriptors:
@@ -28,7 +30,7 @@ descriptors:
   - key: minute
     rate_limit: {unit: minute, requests_per_unit: 100}
   - key: bucket
-    rate_limit: {unit: second, requests_per_unit: 100, algorithm: gcra}
+    rate_limit: {unit: second, requests_per_unit: 1, algorithm: gcra}
 """
 
 
