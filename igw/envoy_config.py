@@ -30,6 +30,7 @@ Choices that matter (and why):
 from __future__ import annotations
 
 import argparse
+import copy
 import ipaddress
 import sys
 from dataclasses import dataclass
@@ -446,6 +447,47 @@ def upstream_tls_socket(tls: UpstreamTls) -> Config:
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
+@dataclass(frozen=True)
+class UpstreamTlsSds:
+    """As UpstreamTls, for a proxy whose certificates arrive over SDS on its ADS stream instead of files
+    (an Istio gateway: istiod serves a Secret of the gateway's namespace as `kubernetes://<name>`, the
+    certificate and key, and `kubernetes://<name>-cacert`, its ca.crt). `server_name` is sent as SNI
+    and required among the server certificate's DNS SANs; `certificate_secret`, for mutual TLS, is the
+    client certificate Envoy presents."""
+
+    server_name: str
+    validation_secret: str
+    certificate_secret: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.server_name or _is_ip_address(self.server_name):
+            raise ValueError("UpstreamTlsSds: server_name must be a DNS name (sent as SNI and matched as a DNS SAN)")
+        if not self.validation_secret:
+            raise ValueError("UpstreamTlsSds: validation_secret names the SDS secret of the trusted CA")
+
+
+ADS_SDS_CONFIG: Config = {"ads": {}, "resource_api_version": "V3"}
+
+
+def upstream_tls_sds_socket(tls: UpstreamTlsSds) -> Config:
+    """The cluster's transport_socket with certificates from SDS over ADS: TLS with ALPN h2, SNI and a DNS
+    SAN match on `server_name`, and with `certificate_secret` a client certificate (mutual TLS)."""
+    common: Config = {
+        "alpn_protocols": ["h2"],
+        "combined_validation_context": {
+            "default_validation_context": {"match_typed_subject_alt_names": [
+                {"san_type": "DNS", "matcher": {"exact": tls.server_name}}]},
+            "validation_context_sds_secret_config": {"name": tls.validation_secret,
+                                                     "sds_config": copy.deepcopy(ADS_SDS_CONFIG)},
+        },
+    }
+    if tls.certificate_secret:
+        common["tls_certificate_sds_secret_configs"] = [{"name": tls.certificate_secret,
+                                                         "sds_config": copy.deepcopy(ADS_SDS_CONFIG)}]
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": TLS_SOCKET_TYPE, "common_tls_context": common, "sni": tls.server_name}}
+
+
 def service_cluster(
     name: str,
     endpoints: list[Endpoint],
@@ -453,12 +495,15 @@ def service_cluster(
     discovery: str = "STATIC",
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     grpc_health_service: str = "",
-    tls: UpstreamTls | None = None,
+    tls: UpstreamTls | UpstreamTlsSds | None = None,
 ) -> Config:
     """A gRPC service (ext_proc, rate limit): HTTP/2, gRPC health checks, outlier detection; over TLS
-    with `tls` (health checks too), plain text without."""
+    with `tls` (health checks too; certificates from files, or from SDS with UpstreamTlsSds), plain text
+    without."""
     cluster = _base_cluster(name, endpoints, discovery, timeouts)
-    if tls is not None:
+    if isinstance(tls, UpstreamTlsSds):
+        cluster["transport_socket"] = upstream_tls_sds_socket(tls)
+    elif tls is not None:
         cluster["transport_socket"] = upstream_tls_socket(tls)
     cluster["typed_extension_protocol_options"] = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

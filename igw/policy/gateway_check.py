@@ -9,7 +9,9 @@ match finds nothing, as a patch that silently applies nowhere would be a bug.
 The base stands in for what Istio generates for a gateway: one HTTP listener on the gateway's target
 port whose HCM ends in the router, a route configuration named http.<port> with one virtual host per
 Gateway host ("<host>:<port>") routing on x-igw-model to each model's outbound cluster, and those
-clusters. Pure: returns a bootstrap dict.
+clusters; and, as in Istio's gateway bootstrap, an ADS stream to istiod over the static `xds-grpc`
+cluster, which is where SDS secrets with `sds_config: {ads: {}}` (our services.tls certificates) come
+from: without it Envoy refuses such a secret config. Pure: returns a bootstrap dict.
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ Obj = dict[str, Any]
 
 class PatchError(ValueError):
     pass
+
+
+XDS_CLUSTER = "xds-grpc"  # Istio's name for the cluster of the proxy's ADS stream
+XDS_SOCKET = "./etc/istio/proxy/XDS"  # istio-agent's local xDS proxy
+
+
+def _xds_cluster() -> Obj:
+    return {
+        "name": XDS_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"pipe": {"path": XDS_SOCKET}}}}]}]},
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": envoy_config.HTTP_OPTIONS_TYPE, "explicit_http_config": {"http2_protocol_options": {}}}},
+    }
 
 
 def _outbound(model: spec.Model) -> str:
@@ -57,8 +73,11 @@ def base_gateway(models: list[spec.Model], hosts: tuple[str, ...], port: int) ->
                 "address": {"socket_address": {"address": "0.0.0.0", "port_value": GATEWAY_CONTAINER_PORT}},
                 "filter_chains": [{"filters": [{"name": HCM_FILTER, "typed_config": hcm}]}],
             }],
-            "clusters": clusters,
+            "clusters": [*clusters, _xds_cluster()],
         },
+        "dynamic_resources": {"ads_config": {
+            "api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": True,
+            "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]}},
     }
 
 

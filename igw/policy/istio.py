@@ -20,6 +20,10 @@ failure modes, rate-limit actions, gRPC clusters and access log are those the lo
   LEAST_REQUEST, the test bed's outlier detection and connect timeout, connection-pool limits.
 - Tenants with `gateway:` are served only by their dedicated gateway: its routes match their
   x-igw-tenant, and the shared gateway's routes exclude them (withoutHeaders).
+- services.tls: ext_proc and the rate-limit service serve gRPC over TLS (mutual by default) from a
+  mounted Secret, and every gateway's clusters to them carry an UpstreamTlsContext whose certificates
+  come from Istio's gateway SDS (envoy_config.upstream_tls_sds_socket); the HTTP admin port (probes)
+  stays plain.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ RATELIMIT_GRPC_PORT = 8081
 RATELIMIT_HTTP_PORT = 8080
 WATCHER_HTTP_PORT = 8080
 RATELIMIT_CONFIG_DIR = "/etc/igw/ratelimit"
+TLS_DIR = "/etc/igw/tls"  # services.tls: where ext_proc and the rate-limit service mount server_secret
 GATEWAY_CONTAINER_PORT = 8080
 ROUTES_BYTES = 256 * 1024  # one VirtualService's routes; far below the 1 MiB object limit
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
@@ -93,13 +98,21 @@ def gateway_http_filters(names: ServiceNames) -> list[Obj]:
             if f["name"] != ROUTER_FILTER]
 
 
-def gateway_clusters(names: ServiceNames) -> list[Obj]:
+def gateway_upstream_tls(cluster: str, tls: spec.ServicesTls) -> envoy_config.UpstreamTlsSds:
+    """The gateway's TLS to one of our services: certificates from the gateway_secret in the gateway's own
+    namespace, served by Istio's gateway SDS (credentialName's convention), the Service's FQDN as SNI and SAN."""
+    return envoy_config.UpstreamTlsSds(
+        server_name=cluster, validation_secret=f"kubernetes://{tls.gateway_secret}-cacert",
+        certificate_secret=f"kubernetes://{tls.gateway_secret}" if tls.mutual else "")
+
+
+def gateway_clusters(names: ServiceNames, tls: spec.ServicesTls | None = None) -> list[Obj]:
     return [
-        envoy_config.service_cluster(names.ext_proc_cluster, [Endpoint(names.ext_proc_cluster, EXT_PROC_GRPC_PORT)],
-                                     discovery="STRICT_DNS", timeouts=DEFAULT_TIMEOUTS),
-        envoy_config.service_cluster(names.ratelimit_cluster,
-                                     [Endpoint(names.ratelimit_cluster, RATELIMIT_GRPC_PORT)],
-                                     discovery="STRICT_DNS", timeouts=DEFAULT_TIMEOUTS),
+        envoy_config.service_cluster(
+            cluster, [Endpoint(cluster, port)], discovery="STRICT_DNS", timeouts=DEFAULT_TIMEOUTS,
+            tls=None if tls is None else gateway_upstream_tls(cluster, tls))
+        for cluster, port in ((names.ext_proc_cluster, EXT_PROC_GRPC_PORT),
+                              (names.ratelimit_cluster, RATELIMIT_GRPC_PORT))
     ]
 
 
@@ -111,7 +124,7 @@ def _filter_chain_match(sub_filter: str | None = None) -> Obj:
 
 
 def gateway_envoy_filter(name: str, namespace: str, selector: dict[str, str], hosts: tuple[str, ...], port: int,
-                         names: ServiceNames) -> Obj:
+                         names: ServiceNames, tls: spec.ServicesTls | None = None) -> Obj:
     patches: list[Obj] = [
         # Each INSERT_BEFORE router lands just before the router: ext_proc, then ratelimit, then router.
         {"applyTo": "HTTP_FILTER", "match": _filter_chain_match(ROUTER_FILTER),
@@ -119,7 +132,7 @@ def gateway_envoy_filter(name: str, namespace: str, selector: dict[str, str], ho
         for f in gateway_http_filters(names)
     ]
     patches += [{"applyTo": "CLUSTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "ADD", "value": c}}
-                for c in gateway_clusters(names)]
+                for c in gateway_clusters(names, tls)]
     patches += [
         {"applyTo": "VIRTUAL_HOST",
          "match": {"context": "GATEWAY",
@@ -319,6 +332,35 @@ def _container(name: str, image: str, args: list[str], ports: list[tuple[str, in
     return container
 
 
+def _tls_volume(tls: spec.ServicesTls) -> Obj:
+    # Only the keys used, listed: a Secret missing one (ca.crt with mutual) keeps the pod from starting
+    # instead of serving without the client check.
+    keys = ["tls.crt", "tls.key", *(["ca.crt"] if tls.mutual else [])]
+    return {"name": "tls", "secret": {"secretName": tls.server_secret,
+                                      "items": [{"key": k, "path": k} for k in keys]}}
+
+
+def _tls_env(tls: spec.ServicesTls) -> list[Obj]:
+    """The services' gRPC TLS settings (upstream envoyproxy/ratelimit's names, read by both services)."""
+    env = [{"name": "GRPC_SERVER_USE_TLS", "value": "true"},
+           {"name": "GRPC_SERVER_TLS_CERT", "value": f"{TLS_DIR}/tls.crt"},
+           {"name": "GRPC_SERVER_TLS_KEY", "value": f"{TLS_DIR}/tls.key"}]
+    if tls.mutual:
+        env.append({"name": "GRPC_CLIENT_TLS_CACERT", "value": f"{TLS_DIR}/ca.crt"})
+        if tls.client_san:
+            env.append({"name": "GRPC_CLIENT_TLS_SAN", "value": tls.client_san})
+    return env
+
+
+def _with_tls(container: Obj, volumes: list[Obj], tls: spec.ServicesTls | None) -> None:
+    """Serve the container's gRPC port over TLS; its probes stay on the plain HTTP admin port."""
+    if tls is None:
+        return
+    container.setdefault("env", []).extend(_tls_env(tls))
+    container.setdefault("volumeMounts", []).append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    volumes.append(_tls_volume(tls))
+
+
 def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
     """ext_proc, the rate-limit service and the replica watcher, in the services namespace."""
     s = policy.services
@@ -327,15 +369,18 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
     objects: list[Obj] = []
 
     ext_labels = {"app": "ext-proc"}
+    ext_container = _container(
+        "ext-proc", s.image,
+        ["python", "-m", "ext_proc", "--host", "0.0.0.0", "--grpc-port", str(EXT_PROC_GRPC_PORT),
+         "--http-port", str(EXT_PROC_HTTP_PORT)],
+        [("grpc", EXT_PROC_GRPC_PORT), ("http-admin", EXT_PROC_HTTP_PORT)], s.ext_proc, EXT_PROC_HTTP_PORT,
+        [*redis_env, {"name": "IGW_KEY_SECRET", "valueFrom": {"secretKeyRef": {
+            "name": "igw-key-secret", "key": "secret"}}}])
+    ext_volumes: list[Obj] = []
+    _with_tls(ext_container, ext_volumes, s.tls)
     objects += [
         _service_account("ext-proc", ns),
-        _deployment("ext-proc", ns, ext_labels, s.ext_proc.replicas, _container(
-            "ext-proc", s.image,
-            ["python", "-m", "ext_proc", "--host", "0.0.0.0", "--grpc-port", str(EXT_PROC_GRPC_PORT),
-             "--http-port", str(EXT_PROC_HTTP_PORT)],
-            [("grpc", EXT_PROC_GRPC_PORT), ("http-admin", EXT_PROC_HTTP_PORT)], s.ext_proc, EXT_PROC_HTTP_PORT,
-            [*redis_env, {"name": "IGW_KEY_SECRET", "valueFrom": {"secretKeyRef": {
-                "name": "igw-key-secret", "key": "secret"}}}]), "ext-proc"),
+        _deployment("ext-proc", ns, ext_labels, s.ext_proc.replicas, ext_container, "ext-proc", ext_volumes),
         _service("ext-proc", ns, ext_labels, [_port("grpc", EXT_PROC_GRPC_PORT, "grpc"),
                                               _port("http-admin", EXT_PROC_HTTP_PORT, "http")], headless=True),
         _hpa("ext-proc", ns, s.ext_proc.replicas, s.ext_proc.max_replicas),
@@ -352,9 +397,11 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
         [*redis_env, *([{"name": "REDIS_SHARDS", "value": ",".join(s.redis_shards)}] if s.redis_shards else [])])
     # The directory is watched for changes: a ConfigMap update swaps its symlink and the service reloads.
     rl_container["volumeMounts"] = [{"name": "config", "mountPath": RATELIMIT_CONFIG_DIR, "readOnly": True}]
+    rl_volumes = [volume]
+    _with_tls(rl_container, rl_volumes, s.tls)
     objects += [
         _service_account("ratelimit", ns),
-        _deployment("ratelimit", ns, rl_labels, s.ratelimit.replicas, rl_container, "ratelimit", [volume]),
+        _deployment("ratelimit", ns, rl_labels, s.ratelimit.replicas, rl_container, "ratelimit", rl_volumes),
         _service("ratelimit", ns, rl_labels, [_port("grpc", RATELIMIT_GRPC_PORT, "grpc"),
                                               _port("http-admin", RATELIMIT_HTTP_PORT, "http")], headless=True),
         _hpa("ratelimit", ns, s.ratelimit.replicas, s.ratelimit.max_replicas),
@@ -445,7 +492,8 @@ def dedicated_gateway_objects(policy: spec.Policy, gw: spec.DedicatedGateway, na
         _pdb(gw.name, ns, labels),
         _gateway(gw.name, ns, labels_selector(gw), gw.hosts, gw.port),
         *_virtual_services(gw.name, ns, f"{ns}/{gw.name}", gw.hosts, routes),
-        gateway_envoy_filter(f"{gw.name}-igw", ns, labels_selector(gw), gw.hosts, gw.port, names),
+        gateway_envoy_filter(f"{gw.name}-igw", ns, labels_selector(gw), gw.hosts, gw.port, names,
+                             policy.services.tls),
         access_log_envoy_filter(f"{gw.name}-igw-access-log", ns, labels_selector(gw)),
     ]
 
@@ -481,7 +529,7 @@ def render(policy: spec.Policy) -> dict[str, list[Obj]]:
     routes = [model_http_route(m, not_tenants=dedicated or None) for m in policy.models.values()]
     gateway_objects = [
         _gateway(g.name, policy.services.namespace, g.selector, g.hosts, g.port),
-        gateway_envoy_filter("igw-gateway", g.namespace, g.selector, g.hosts, g.port, names),
+        gateway_envoy_filter("igw-gateway", g.namespace, g.selector, g.hosts, g.port, names, policy.services.tls),
         access_log_envoy_filter("igw-gateway-access-log", g.namespace, g.selector),
     ]
     files = {

@@ -257,6 +257,11 @@ def _explain(error: jsonschema.ValidationError, plain: _Plain) -> Iterator[Probl
         yield Problem(plain.line(path), dotted(path), error.message.replace("is a required property",
                                                                          "is required"))
         return
+    if kind == "pattern" and path[:2] == ("services", "tls"):
+        hint = (_NAME_HINTS["dedicated_gateways"][2:] if path[-1] in ("server_secret", "gateway_secret")
+                else "write one SAN, without spaces or commas")
+        yield Problem(plain.line(path), dotted(path), f"{error.instance!r} is not a valid {path[-1]}: {hint}")
+        return
     if kind == "pattern":
         yield Problem(plain.line(path), dotted(path), f"{error.instance!r} does not match {error.validator_value}")
         return
@@ -483,6 +488,17 @@ def _gateway(data: dict[str, Any]) -> spec.Gateway:
                         hosts=tuple(data.get("hosts", ("*",))), port=data.get("port", 80))
 
 
+def _services_tls(data: dict[str, Any] | None, check: _Checker) -> spec.ServicesTls | None:
+    if data is None:
+        return None
+    mutual = data.get("mutual", True)
+    if "client_san" in data and not mutual:
+        check.problem(("services", "tls", "client_san"), "client_san applies only with mutual: true (without a "
+                                                         "client certificate there is no SAN to check)")
+    return spec.ServicesTls(server_secret=data["server_secret"], gateway_secret=data["gateway_secret"],
+                            mutual=mutual, client_san=data.get("client_san", ""))
+
+
 def load_policy(file: str, text: str) -> spec.Policy:
     """Parse and validate; raise PolicyError listing every problem (file, line, path, what)."""
     data, plain = _parse(file, text)
@@ -528,10 +544,11 @@ def load_policy(file: str, text: str) -> spec.Policy:
             check.problem(path, f"namespace {g.namespace!r} is already dedicated gateway "
                                 f"{namespace_of[g.namespace]!r}'s; a dedicated gateway needs its own")
         namespace_of.setdefault(g.namespace, name)
+    svc = data.get("services", {})
+    tls = _services_tls(svc.get("tls"), check)
     if check.problems:
         raise PolicyError(file, check.problems)
     defaults = data.get("defaults", {})
-    svc = data.get("services", {})
     return spec.Policy(
         file=file,
         unit=defaults.get("unit", "second"),
@@ -549,6 +566,7 @@ def load_policy(file: str, text: str) -> spec.Policy:
             ext_proc=_service(svc.get("ext_proc", {}), 2, "500m", "256Mi"),
             ratelimit=_service(svc.get("ratelimit", {}), 2, "500m", "256Mi"),
             replica_watcher=_service(svc.get("replica_watcher", {}), 2, "100m", "128Mi"),
+            tls=tls,
         ),
         tenants=tenants,
         models=models,

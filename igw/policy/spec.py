@@ -90,6 +90,22 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ServicesTls:
+    """gRPC between the gateways and ext_proc / the rate-limit service over TLS (services.tls).
+
+    server_secret: kubernetes.io/tls Secret in the services namespace (tls.crt, tls.key; with mutual,
+    ca.crt: the CA of the gateways' client certificates). gateway_secret: Secret of that name in every
+    gateway's namespace (tls.crt, tls.key: the gateway's client certificate; ca.crt: the CA of the
+    services' certificates), which Istio's gateway SDS serves as kubernetes://<name> and
+    kubernetes://<name>-cacert."""
+
+    server_secret: str
+    gateway_secret: str
+    mutual: bool = True
+    client_san: str = ""  # the services' GRPC_CLIENT_TLS_SAN (mutual only); empty: any client of the CA
+
+
+@dataclass(frozen=True, slots=True)
 class Services:
     namespace: str
     image: str
@@ -98,6 +114,7 @@ class Services:
     ext_proc: ServiceSpec
     ratelimit: ServiceSpec
     replica_watcher: ServiceSpec
+    tls: ServicesTls | None = None  # None: plain-text gRPC (the default)
 
 
 @dataclass(frozen=True, slots=True)
