@@ -11,7 +11,10 @@ failure modes, rate-limit actions, gRPC clusters and access log are those the lo
   apply); a STRICT_DNS cluster per gRPC service, named by its Service's FQDN and pointing at a
   headless Service, so Envoy balances HTTP/2 streams over every pod (a ClusterIP would pin each
   connection to one pod) and health-checks each; the JSON access log merged into the HTTP connection
-  manager (a separate EnvoyFilter, so it can be left out).
+  manager (a separate EnvoyFilter, so it can be left out). With `enforcement: quota_push` (per gateway)
+  the rate_limit_quota filter (igw/envoy_quota.py, bucket ids carrying the gateway's name) takes the
+  rate-limit filter's place, its RLQS server being the rate-limit service's cluster, and the virtual
+  hosts get no rate-limit actions: Envoy then enforces the budgets the service pushes.
 - VirtualService routes on x-igw-model (set by ext_proc to the canonical name) to each model's
   Service, with the test bed's route timeout and retry policy. Routes are split across several
   VirtualServices when one would grow past ROUTES_BYTES: Istio merges VirtualServices bound to the
@@ -36,6 +39,7 @@ import yaml
 
 from igw import envoy_config
 from igw.envoy_config import DEFAULT_TIMEOUTS, HCM_TYPE, MODEL_HEADER, TENANT_HEADER, Endpoint
+from igw.envoy_quota import RLQS_HEALTH_SERVICE
 from igw.policy import ratelimit, spec
 
 Obj = dict[str, Any]
@@ -92,9 +96,18 @@ def _meta(name: str, namespace: str | None = None, labels: dict[str, str] | None
 # ------------------------------------------------------------------------------------- EnvoyFilters
 
 
-def gateway_http_filters(names: ServiceNames) -> list[Obj]:
-    """The filters the EnvoyFilter inserts before Istio's router: the builders' own, router excluded."""
-    return [f for f in envoy_config.http_filters(names.ext_proc_cluster, names.ratelimit_cluster, DEFAULT_TIMEOUTS)
+# spec.ENFORCEMENTS -> the test bed's rate_limit_mode (envoy_config.RATE_LIMIT_MODES).
+RATE_LIMIT_MODE = {"per_request": "rls", "quota_push": "rlqs"}
+
+
+def gateway_http_filters(names: ServiceNames, enforcement: str = spec.DEFAULT_ENFORCEMENT,
+                         gateway_name: str = envoy_config.GATEWAY_NAME) -> list[Obj]:
+    """The filters the EnvoyFilter inserts before Istio's router: the builders' own, router excluded. With
+    quota_push the RLQS server is the rate-limit service's cluster (the same process serves both on its
+    gRPC port) and `gateway_name` is the static `gw` part of every bucket id."""
+    return [f for f in envoy_config.http_filters(names.ext_proc_cluster, names.ratelimit_cluster, DEFAULT_TIMEOUTS,
+                                                 rate_limit_mode=RATE_LIMIT_MODE[enforcement],
+                                                 gateway_name=gateway_name)
             if f["name"] != ROUTER_FILTER]
 
 
@@ -106,13 +119,16 @@ def gateway_upstream_tls(cluster: str, tls: spec.ServicesTls) -> envoy_config.Up
         certificate_secret=f"kubernetes://{tls.gateway_secret}" if tls.mutual else "")
 
 
-def gateway_clusters(names: ServiceNames, tls: spec.ServicesTls | None = None) -> list[Obj]:
+def gateway_clusters(names: ServiceNames, tls: spec.ServicesTls | None = None,
+                     enforcement: str = spec.DEFAULT_ENFORCEMENT) -> list[Obj]:
+    # With quota_push the rate-limit cluster health-checks the RLQS service, as the test bed's RLQS cluster does.
+    limiter_health = RLQS_HEALTH_SERVICE if enforcement == "quota_push" else ""
     return [
         envoy_config.service_cluster(
             cluster, [Endpoint(cluster, port)], discovery="STRICT_DNS", timeouts=DEFAULT_TIMEOUTS,
-            tls=None if tls is None else gateway_upstream_tls(cluster, tls))
-        for cluster, port in ((names.ext_proc_cluster, EXT_PROC_GRPC_PORT),
-                              (names.ratelimit_cluster, RATELIMIT_GRPC_PORT))
+            tls=None if tls is None else gateway_upstream_tls(cluster, tls), grpc_health_service=health)
+        for cluster, port, health in ((names.ext_proc_cluster, EXT_PROC_GRPC_PORT, ""),
+                                      (names.ratelimit_cluster, RATELIMIT_GRPC_PORT, limiter_health))
     ]
 
 
@@ -124,15 +140,21 @@ def _filter_chain_match(sub_filter: str | None = None) -> Obj:
 
 
 def gateway_envoy_filter(name: str, namespace: str, selector: dict[str, str], hosts: tuple[str, ...], port: int,
-                         names: ServiceNames, tls: spec.ServicesTls | None = None) -> Obj:
+                         names: ServiceNames, tls: spec.ServicesTls | None = None,
+                         enforcement: str = spec.DEFAULT_ENFORCEMENT,
+                         gateway_name: str = envoy_config.GATEWAY_NAME) -> Obj:
     patches: list[Obj] = [
-        # Each INSERT_BEFORE router lands just before the router: ext_proc, then ratelimit, then router.
+        # Each INSERT_BEFORE router lands just before the router: ext_proc, then the rate-limit (per_request)
+        # or rate-limit quota (quota_push) filter, then router.
         {"applyTo": "HTTP_FILTER", "match": _filter_chain_match(ROUTER_FILTER),
          "patch": {"operation": "INSERT_BEFORE", "value": f}}
-        for f in gateway_http_filters(names)
+        for f in gateway_http_filters(names, enforcement, gateway_name)
     ]
     patches += [{"applyTo": "CLUSTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "ADD", "value": c}}
-                for c in gateway_clusters(names, tls)]
+                for c in gateway_clusters(names, tls, enforcement)]
+    if enforcement == "quota_push":
+        # The quota filter builds its bucket ids from the x-igw-* headers itself: no route actions to send.
+        return _envoy_filter(name, namespace, selector, patches)
     patches += [
         {"applyTo": "VIRTUAL_HOST",
          "match": {"context": "GATEWAY",
@@ -140,6 +162,10 @@ def gateway_envoy_filter(name: str, namespace: str, selector: dict[str, str], ho
          "patch": {"operation": "MERGE", "value": {"rate_limits": envoy_config.route_rate_limits()}}}
         for host in hosts
     ]
+    return _envoy_filter(name, namespace, selector, patches)
+
+
+def _envoy_filter(name: str, namespace: str, selector: dict[str, str], patches: list[Obj]) -> Obj:
     return {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
             "metadata": _meta(name, namespace),
             "spec": {"workloadSelector": {"labels": dict(selector)}, "configPatches": patches}}
@@ -493,7 +519,7 @@ def dedicated_gateway_objects(policy: spec.Policy, gw: spec.DedicatedGateway, na
         _gateway(gw.name, ns, labels_selector(gw), gw.hosts, gw.port),
         *_virtual_services(gw.name, ns, f"{ns}/{gw.name}", gw.hosts, routes),
         gateway_envoy_filter(f"{gw.name}-igw", ns, labels_selector(gw), gw.hosts, gw.port, names,
-                             policy.services.tls),
+                             policy.services.tls, gw.enforcement, gw.name),
         access_log_envoy_filter(f"{gw.name}-igw-access-log", ns, labels_selector(gw)),
     ]
 
@@ -529,7 +555,8 @@ def render(policy: spec.Policy) -> dict[str, list[Obj]]:
     routes = [model_http_route(m, not_tenants=dedicated or None) for m in policy.models.values()]
     gateway_objects = [
         _gateway(g.name, policy.services.namespace, g.selector, g.hosts, g.port),
-        gateway_envoy_filter("igw-gateway", g.namespace, g.selector, g.hosts, g.port, names, policy.services.tls),
+        gateway_envoy_filter("igw-gateway", g.namespace, g.selector, g.hosts, g.port, names, policy.services.tls,
+                             g.enforcement, g.name),
         access_log_envoy_filter("igw-gateway-access-log", g.namespace, g.selector),
     ]
     files = {

@@ -262,6 +262,10 @@ def _explain(error: jsonschema.ValidationError, plain: _Plain) -> Iterator[Probl
                 else "write one SAN, without spaces or commas")
         yield Problem(plain.line(path), dotted(path), f"{error.instance!r} is not a valid {path[-1]}: {hint}")
         return
+    if kind == "enum" and path and path[-1] == "enforcement":
+        yield Problem(plain.line(path), dotted(path), f"unknown enforcement {error.instance!r} "
+                                                      f"(use one of: {', '.join(spec.ENFORCEMENTS)})")
+        return
     if kind == "pattern":
         yield Problem(plain.line(path), dotted(path), f"{error.instance!r} does not match {error.validator_value}")
         return
@@ -485,7 +489,8 @@ def share_of(tenant: spec.Tenant, model: str) -> float | None:
 def _gateway(data: dict[str, Any]) -> spec.Gateway:
     return spec.Gateway(name=data.get("name", "igw"), namespace=data.get("namespace", "istio-system"),
                         selector=dict(data.get("selector", {"istio": "ingressgateway"})),
-                        hosts=tuple(data.get("hosts", ("*",))), port=data.get("port", 80))
+                        hosts=tuple(data.get("hosts", ("*",))), port=data.get("port", 80),
+                        enforcement=data.get("enforcement", spec.DEFAULT_ENFORCEMENT))
 
 
 def _services_tls(data: dict[str, Any] | None, check: _Checker) -> spec.ServicesTls | None:
@@ -512,15 +517,16 @@ def load_policy(file: str, text: str) -> spec.Policy:
     check = _Checker(data, plain)
     models = check.models()
     aliases = check.aliases(models)
+    gateway = _gateway(data.get("gateway", {}))
     gateways = {
         name: spec.DedicatedGateway(name=name, namespace=g["namespace"], hosts=tuple(g.get("hosts", ("*",))),
                                     port=g.get("port", 80), replicas=g.get("replicas", 2),
-                                    max_replicas=max(g.get("replicas", 2), g.get("max_replicas", 5)))
+                                    max_replicas=max(g.get("replicas", 2), g.get("max_replicas", 5)),
+                                    enforcement=g.get("enforcement", gateway.enforcement))
         for name, g in data.get("dedicated_gateways", {}).items()
     }
     tenants, allowed = check.tenants(models, aliases, gateways)
     check.shares(tenants, allowed, models)
-    gateway = _gateway(data.get("gateway", {}))
     services_namespace = data.get("services", {}).get("namespace", "igw-system")
     for name, svc in OUR_SERVICES.items():
         owner = next((m for m in models.values() if (m.namespace, m.service) == (services_namespace, svc)), None)

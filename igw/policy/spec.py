@@ -12,6 +12,10 @@ UNITS = ("second", "minute", "hour", "day")
 DEFAULT_MODEL_PORT = 8080
 DEFAULT_IMAGE = "igw-services:dev"  # compose/Dockerfile's tag
 DEFAULT_PREWARM_PATH = "/v2/health/ready"  # until models expose a warm-up endpoint: see Deployment.prewarm_path
+# How a gateway enforces rate limits: per_request asks the rate-limit service on every request (ratelimit
+# filter); quota_push enforces token buckets the same service pushes over RLQS (rate_limit_quota filter).
+ENFORCEMENTS = ("per_request", "quota_push")
+DEFAULT_ENFORCEMENT = "per_request"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +128,7 @@ class Gateway:
     selector: dict[str, str]
     hosts: tuple[str, ...]
     port: int
+    enforcement: str = DEFAULT_ENFORCEMENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +139,7 @@ class DedicatedGateway:
     port: int
     replicas: int
     max_replicas: int
+    enforcement: str = DEFAULT_ENFORCEMENT  # loader default: the shared gateway's
 
     @property
     def selector(self) -> dict[str, str]:
