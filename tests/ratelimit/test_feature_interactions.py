@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -42,13 +42,6 @@ Calls = Sequence[Sequence[tuple[str, str]]]
 def config_dir(tmp_path: Path) -> Path:
     (tmp_path / "limits.yaml").write_text(CONFIG)
     return tmp_path
-
-
-@pytest.fixture
-def store(redis_url: str) -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(redis_url)
-    yield r
-    r.close()
 
 
 def closed_port() -> int:

@@ -68,13 +68,6 @@ def client(service: Service) -> Iterator[RlsClient]:
     c.close()
 
 
-@pytest.fixture
-def store(redis_url: str) -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(redis_url)
-    yield r
-    r.close()
-
-
 def counter(r: redis.Redis, key: str, value: str, domain: str = "test-domain") -> int:
     """The fixed-window counter of one descriptor in Redis (the only window the test touched)."""
     keys = r.keys(f"{domain}_{key}_{value}_*")

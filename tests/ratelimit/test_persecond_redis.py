@@ -35,14 +35,6 @@ descriptors:
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "config"
-    directory.mkdir()
-    (directory / "test.yaml").write_text(CONFIG)
-    return directory
-
-
-@pytest.fixture
 def persecond(log_dir: Path) -> Iterator[RedisServer]:
     server = RedisServer(log_dir=log_dir).start()
     yield server

@@ -62,14 +62,6 @@ descriptors:
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "config"
-    directory.mkdir()
-    (directory / "test.yaml").write_text(CONFIG)
-    return directory
-
-
-@pytest.fixture
 def service(services: ServiceFactory, config_dir: Path, redis_url: str) -> Service:
     return services.ratelimit(config_dir, redis_url, "--config-poll-interval", "100ms")
 

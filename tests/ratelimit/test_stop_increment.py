@@ -8,10 +8,8 @@ those are incremented; otherwise all are."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 
 from igw.procs import RedisServer
@@ -36,21 +34,6 @@ descriptors:
 """
 
 STOP = ("--stop-cache-key-increment-when-overlimit", "true")
-
-
-@pytest.fixture
-def config_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "config"
-    directory.mkdir()
-    (directory / "test.yaml").write_text(CONFIG)
-    return directory
-
-
-@pytest.fixture
-def store(redis_url: str) -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(redis_url)
-    yield r
-    r.close()
 
 
 def start(services: ServiceFactory, config_dir: Path, redis_url: str, *args: str) -> tuple[Service, RlsClient]:

@@ -55,14 +55,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture
-def config_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "config"
-    directory.mkdir()
-    (directory / "tls.yaml").write_text(CONFIG)
-    return directory
-
-
 def tls_flags(pki: Pki, *, client_ca: bool = False, san: str = "") -> list[str]:
     flags = ["--grpc-server-use-tls", "true", "--grpc-server-tls-cert", str(pki.server.cert),
              "--grpc-server-tls-key", str(pki.server.key)]
