@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import NoReturn
 
 from ext_proc.apikeys import DEFAULT_KEY_SECRET
 from igw.runtime import (
@@ -18,6 +17,7 @@ from igw.runtime import (
     positive_duration,
     positive_int,
     redis_url_arg,
+    startup_error,
 )
 from igw.tls import SERVER_TLS_NAMES, ServerFiles, TlsFileError, server_tls_settings_problem
 
@@ -83,16 +83,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     return parser, env
 
 
-def _startup_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    """One line, without the usage text: the command line is well formed, a setting's value is not."""
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-
 def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerFiles | None:
     """The TLS files, read and checked now (every worker of --workers N does so too), so a bad one stops
     the start with a line naming it instead of failing each handshake later."""
     if problem := server_tls_settings_problem(args):
-        _startup_error(parser, problem)
+        startup_error(parser, problem)
     if not args.grpc_server_use_tls:
         return None
     files = ServerFiles(args.grpc_server_tls_cert, args.grpc_server_tls_key, args.grpc_client_tls_cacert or None,
@@ -100,7 +95,7 @@ def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
     try:
         files.h2_context()
     except TlsFileError as exc:
-        _startup_error(parser, str(exc))
+        startup_error(parser, str(exc))
     return files
 
 

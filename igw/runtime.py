@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
@@ -142,6 +142,11 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def startup_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """One line, without the usage text: the command line is well formed, a setting's value is not."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def add_server_tls_flags(env: EnvDefaults) -> None:

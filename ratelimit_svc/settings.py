@@ -9,7 +9,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlparse
 
 from igw.runtime import (
@@ -21,6 +21,7 @@ from igw.runtime import (
     parse_duration,
     parse_port,
     redis_url_arg,
+    startup_error,
 )
 from ratelimit_svc.over_limit_cache import MIN_SIZE_BYTES as LOCAL_CACHE_MIN_BYTES
 
@@ -435,23 +436,18 @@ def _add_tls_flags(env: EnvDefaults) -> None:
             type=parse_bool, help="check that the Redis certificate chains to a trusted CA, not that it names the host")
 
 
-def _startup_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    """One line, without the usage text: the command line is well formed, a setting's value is not."""
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-
 def _grpc_uds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     path = args.grpc_uds
     if not path:
         return ""
     if args.workers > 1:
-        _startup_error(parser, f"GRPC_UDS (--grpc-uds) {path}: WORKERS={args.workers} processes cannot share one "
+        startup_error(parser, f"GRPC_UDS (--grpc-uds) {path}: WORKERS={args.workers} processes cannot share one "
                                "unix socket (each would replace the one before); run one process per socket")
     if len(os.fsencode(path)) > 107:
-        _startup_error(parser, f"GRPC_UDS (--grpc-uds) {path}: longer than the 107 bytes a unix socket path may have")
+        startup_error(parser, f"GRPC_UDS (--grpc-uds) {path}: longer than the 107 bytes a unix socket path may have")
     parent = Path(path).parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        _startup_error(parser, f"GRPC_UDS (--grpc-uds) {path}: directory {str(parent)!r} does not exist or is "
+        startup_error(parser, f"GRPC_UDS (--grpc-uds) {path}: directory {str(parent)!r} does not exist or is "
                                "not writable")
     return path
 
@@ -461,7 +457,7 @@ def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
     from igw.tls import SERVER_TLS_NAMES, TlsFileError, server_tls_settings_problem
 
     if problem := server_tls_settings_problem(args):
-        _startup_error(parser, problem)
+        startup_error(parser, problem)
     if not args.grpc_server_use_tls:
         return None
     tls = ServerTls(args.grpc_server_tls_cert, args.grpc_server_tls_key, args.grpc_client_tls_cacert or None,
@@ -469,7 +465,7 @@ def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
     try:
         tls.load()
     except TlsFileError as exc:
-        _startup_error(parser, str(exc))
+        startup_error(parser, str(exc))
     return tls
 
 
@@ -494,7 +490,7 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
                                         ("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION",
                                          args.redis_tls_skip_hostname_verification)) if value]
     if args.redis_tls_client_key and not args.redis_tls_client_cert:
-        _startup_error(parser, f"REDIS_TLS_CLIENT_KEY (--redis-tls-client-key) {args.redis_tls_client_key} is set "
+        startup_error(parser, f"REDIS_TLS_CLIENT_KEY (--redis-tls-client-key) {args.redis_tls_client_key} is set "
                                "without REDIS_TLS_CLIENT_CERT (--redis-tls-client-cert)")
     try:
         context = ssl.create_default_context()
@@ -505,7 +501,7 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
                           "REDIS_TLS_CLIENT_CERT (--redis-tls-client-cert)",
                           "REDIS_TLS_CLIENT_KEY (--redis-tls-client-key)")
     except TlsFileError as exc:
-        _startup_error(parser, str(exc))
+        startup_error(parser, str(exc))
     tls = RedisTls(args.redis_tls_cacert or None, args.redis_tls_client_cert or None,
                    args.redis_tls_client_key or None, check_hostname=not args.redis_tls_skip_hostname_verification)
 
@@ -515,7 +511,7 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
         try:
             return with_tls(url, tls)
         except ValueError as exc:
-            _startup_error(parser, f"{setting}: {exc}")
+            startup_error(parser, f"{setting}: {exc}")
 
     main = secured(main, args.redis_tls, "REDIS_TLS=true (--redis-tls)")
     shards = [secured(url, args.redis_tls, "REDIS_TLS=true (--redis-tls)") for url in shards]
@@ -525,6 +521,6 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
         warnings.append("REDIS_PERSECOND_TLS is ignored: there is no per-second Redis (REDIS_PERSECOND is not true)")
     urls = [main, *shards, *([persecond] if persecond else [])]
     if options and not any(urlparse(url).scheme == "rediss" for url in urls):
-        _startup_error(parser, f"{options[0]} is set but no Redis is reached over TLS: set REDIS_TLS=true "
+        startup_error(parser, f"{options[0]} is set but no Redis is reached over TLS: set REDIS_TLS=true "
                                "(--redis-tls) or give rediss:// URLs")
     return _RedisUrls(main, tuple(shards), persecond)
