@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -17,6 +18,26 @@ import yaml
 from igw.procs import VENV_BIN, ManagedProcess, free_port, http_ok
 from tests.helpers import ServiceFactory
 from tests.ratelimit.envoy_front import ok_backend
+from tests.ratelimit.rls_client import avoid_window_edges
+
+
+class Gateway(NamedTuple):
+    url: str
+    admin_url: str
+
+    def rls_calls_completed(self) -> int:
+        with urllib.request.urlopen(f"{self.admin_url}/stats?filter=^cluster\\.ratelimit\\.upstream_rq_completed$",
+                                    timeout=5) as response:
+            text = response.read().decode()
+        return int(text.split(":")[1]) if ":" in text else 0
+
+    def wait_rls_calls_completed(self, n: int, timeout_s: float = 10.0) -> None:
+        """Stream-end usage reports leave Envoy after the response; wait for them rather than for a fixed time."""
+        deadline = time.monotonic() + timeout_s
+        while self.rls_calls_completed() < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Envoy completed {self.rls_calls_completed()} rate-limit calls, expected {n}")
+            time.sleep(0.02)
 
 
 @pytest.fixture
@@ -41,7 +62,7 @@ def _rewrite(config: dict, rls_port: int, backend_port: int, admin_port: int, li
 @pytest.fixture
 def gateway(
     services: ServiceFactory, shared_dir: Path, redis_url: str, tmp_path: Path, upstream_backend: int, log_dir: Path
-) -> Iterator[str]:
+) -> Iterator[Gateway]:
     examples = shared_dir / "compat" / "envoyproxy-ratelimit" / "examples"
     config_dir = tmp_path / "rl"
     config_dir.mkdir()
@@ -60,45 +81,52 @@ def gateway(
     ).start()
     try:
         envoy.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "ready")
-        yield f"http://127.0.0.1:{listener}"
+        yield Gateway(f"http://127.0.0.1:{listener}", f"http://127.0.0.1:{admin}")
     finally:
         envoy.stop()
 
 
-def statuses(base: str, path: str, n: int, headers: dict[str, str] | None = None, pause: float = 0.0) -> list[int]:
+def statuses(gateway: Gateway, path: str, n: int, headers: dict[str, str] | None = None,
+             rls_calls_per_request: int = 0) -> list[int]:
+    """Every limit in the example is per minute: start well clear of a minute boundary so one window holds the run.
+    With rls_calls_per_request, each request waits for that many more completed rate-limit calls first."""
+    avoid_window_edges(minute_margin_s=3.0)
     out = []
+    completed = gateway.rls_calls_completed()
     for _ in range(n):
-        request = urllib.request.Request(base + path, headers=headers or {})
+        request = urllib.request.Request(gateway.url + path, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 out.append(response.status)
         except urllib.error.HTTPError as exc:
             out.append(exc.code)
-        time.sleep(pause)
+        if rls_calls_per_request:
+            completed += rls_calls_per_request
+            gateway.wait_rls_calls_completed(completed)
     return out
 
 
-def test_source_and_destination_cluster_limit(gateway: str) -> None:
+def test_source_and_destination_cluster_limit(gateway: Gateway) -> None:
     assert statuses(gateway, "/test", 2) == [200, 429]
 
 
-def test_header_default_limit(gateway: str) -> None:
+def test_header_default_limit(gateway: Gateway) -> None:
     assert statuses(gateway, "/header", 3, {"foo": "f1"}) == [200, 200, 429]
 
 
-def test_nested_value_override(gateway: str) -> None:
+def test_nested_value_override(gateway: Gateway) -> None:
     assert statuses(gateway, "/twoheader", 4, {"foo": "f2", "bar": "b"}) == [200, 200, 200, 429]
 
 
-def test_named_limit_of_zero_denies_at_once(gateway: str) -> None:
+def test_named_limit_of_zero_denies_at_once(gateway: Gateway) -> None:
     assert statuses(gateway, "/twoheader", 1, {"foo": "f3", "bar": "banned"}) == [429]
 
 
-def test_shadow_mode_limit_never_denies(gateway: str) -> None:
+def test_shadow_mode_limit_never_denies(gateway: Gateway) -> None:
     assert statuses(gateway, "/twoheader", 5, {"foo": "f4", "baz": "shady"}) == [200] * 5
 
 
-def test_replaces_lifts_the_replaced_named_limit(gateway: str) -> None:
+def test_replaces_lifts_the_replaced_named_limit(gateway: Gateway) -> None:
     # bar=bkthomps alone allows 1/min (named "bkthomps")...
     assert statuses(gateway, "/twoheader", 2, {"foo": "f5", "bar": "bkthomps"}) == [200, 429]
     # ...but category=account (4/min) and proxy->bkthomps (2/min) both replace it: 2 pass, then 429.
@@ -107,14 +135,14 @@ def test_replaces_lifts_the_replaced_named_limit(gateway: str) -> None:
     assert statuses(gateway, "/fiveheader", 3, headers) == [200, 200, 429]
 
 
-def test_detailed_metric_limit(gateway: str) -> None:
+def test_detailed_metric_limit(gateway: Gateway) -> None:
     assert statuses(gateway, "/unspec", 3, {"unspec": "u1"}) == [200, 200, 429]
 
 
-def test_quota_mode_denies_when_every_quota_descriptor_is_exhausted(gateway: str) -> None:
+def test_quota_mode_denies_when_every_quota_descriptor_is_exhausted(gateway: Gateway) -> None:
     assert statuses(gateway, "/quota", 3) == [200, 200, 429]
 
 
-def test_check_only_descriptor_with_usage_reported_at_stream_end(gateway: str) -> None:
+def test_check_only_descriptor_with_usage_reported_at_stream_end(gateway: Gateway) -> None:
     # hits_addend 0 checks without counting; the +1 is sent when each response completes.
-    assert statuses(gateway, "/tokenquota", 4, pause=0.3) == [200, 200, 200, 429]
+    assert statuses(gateway, "/tokenquota", 4, rls_calls_per_request=2) == [200, 200, 200, 429]
