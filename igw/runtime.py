@@ -108,6 +108,10 @@ class EnvDefaults:
 
                 self.env_errors.append(f"environment variable {env}={masked_url(raw)!r}: {exc}")
         shown = f" (env {env}, default {default!r})" if default not in (None, "") else f" (env {env})"
+        if type is parse_bool:  # `--fail-open` alone means true, as a switch; `--fail-open false` still parses
+            self.parser.add_argument(flag, type=type, default=value, nargs="?", const=True, metavar="BOOL",
+                                     help=help + shown)
+            return
         self.parser.add_argument(flag, type=type, default=value, help=help + shown)
 
     def parse(self, argv: list[str] | None) -> argparse.Namespace:
