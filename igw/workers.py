@@ -10,6 +10,8 @@ port for all of them:
   `igw_worker_up{worker}`; sum by the other labels for the service's totals.
 - /healthcheck: 200 only when every worker answers 200, since the kernel sends each worker its share of
   connections whatever its state; the body has one line per worker.
+A service may ask for more such endpoints (`MergedEndpoint`, e.g. the rate-limit service's USE_PROMETHEUS
+port): each worker serves its part on another loopback port of its own, and the supervisor merges them.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -115,20 +119,86 @@ class _AdminHandler(BaseHTTPRequestHandler):
         pass
 
 
-def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int) -> int:
+@dataclass(frozen=True)
+class MergedEndpoint:
+    """One more HTTP endpoint answered for all workers: each worker serves `worker_path` on a loopback port
+    of its own, passed in the environment variable `port_env`; the supervisor answers GET `path` on
+    host:port with `merge` of their bodies (None for a worker that did not answer), as (body, content type)."""
+
+    name: str  # the setting that names host:port, for the bind error
+    host: str  # "": every interface
+    port: int
+    path: str
+    port_env: str
+    worker_path: str
+    merge: Callable[[list[str | None]], tuple[bytes, str]]
+
+
+class _MergedHandler(BaseHTTPRequestHandler):
+    endpoint: MergedEndpoint
+    worker_ports: list[int] = []
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] != self.endpoint.path:
+            self._send(404, b"404 page not found\n", "text/plain; charset=utf-8")
+            return
+        bodies = []
+        for port in self.worker_ports:
+            code, body = _fetch(port, self.endpoint.worker_path)
+            bodies.append(body if code == 200 else None)
+        self._send(200, *self.endpoint.merge(bodies))
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def _start_http(host: str, port: int, handler: type[BaseHTTPRequestHandler], what: str) -> ThreadingHTTPServer | None:
+    try:
+        server = (_Server6 if ":" in host else _Server)((host, port), handler)
+    except OSError as exc:
+        log.error("cannot bind %s %s:%d: %s", what, host, port, exc)
+        return None
+    threading.Thread(target=server.serve_forever, name="igw-admin", daemon=True).start()
+    return server
+
+
+def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int,
+                endpoints: Sequence[MergedEndpoint] = ()) -> int:
     """Supervise n copies of this command (each with --workers 1) and serve their admin endpoints on
-    admin_host:admin_port; return the first failure code (one worker failing stops them all)."""
+    admin_host:admin_port, and `endpoints`; return the first failure code (one worker failing stops them all)."""
     from igw.procs import free_port, set_parent_death_signal
 
     ports = [free_port() for _ in range(n)]
     handler = type("AdminHandler", (_AdminHandler,), {"worker_ports": ports})
-    try:
-        admin = ThreadingHTTPServer((admin_host, admin_port), handler)
-    except OSError as exc:
-        log.error("cannot bind HTTP port %s:%d: %s", admin_host, admin_port, exc)
+    started = [_start_http(admin_host, admin_port, handler, "HTTP port")]
+    worker_env: list[dict[str, str]] = [{} for _ in range(n)]
+    for endpoint in endpoints:
+        endpoint_ports = [free_port() for _ in range(n)]
+        for env, port in zip(worker_env, endpoint_ports, strict=True):
+            env[endpoint.port_env] = str(port)
+        merged = type("MergedHandler", (_MergedHandler,), {"endpoint": endpoint, "worker_ports": endpoint_ports})
+        started.append(_start_http(endpoint.host, endpoint.port, merged, endpoint.name))
+    servers = [server for server in started if server is not None]
+    if len(servers) < len(started):
+        for server in servers:
+            server.shutdown()
+            server.server_close()
         return 1
-    admin.daemon_threads = True
-    threading.Thread(target=admin.serve_forever, name="igw-admin", daemon=True).start()
 
     children: list[subprocess.Popen[bytes]] = []
     kill_at: float | None = None  # set by the first stop signal: workers get STOP_GRACE_S, then SIGKILL
@@ -145,7 +215,7 @@ def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int) -> in
     for index, port in enumerate(ports):
         if kill_at is not None:
             break  # told to stop while starting: start no more
-        env = {**os.environ, WORKER_INDEX_ENV: str(index), ADMIN_PORT_ENV: str(port)}
+        env = {**os.environ, **worker_env[index], WORKER_INDEX_ENV: str(index), ADMIN_PORT_ENV: str(port)}
         # A supervisor killed outright (SIGKILL, OOM) must not leave workers holding the gRPC port.
         children.append(subprocess.Popen([sys.executable, *argv, "--workers", "1"], env=env,
                                          preexec_fn=set_parent_death_signal))
@@ -167,6 +237,7 @@ def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int) -> in
                 code = code or result
                 forward(signal.SIGTERM, None)
         time.sleep(0.1)
-    admin.shutdown()
-    admin.server_close()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
     return code

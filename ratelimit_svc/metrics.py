@@ -64,6 +64,11 @@ def limit_stats(stats_key: str) -> LimitStats:
     return stats
 
 
+def all_limit_stats() -> list[tuple[str, LimitStats]]:
+    """Every stats key seen so far with its counts (USE_PROMETHEUS renders them under upstream's names)."""
+    return list(_stats.items())
+
+
 class _LimitCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         families = {name: CounterMetricFamily(f"ratelimit_{name}", text, labels=_LABELS)

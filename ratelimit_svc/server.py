@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 
 import grpc
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2_grpc
@@ -16,7 +17,7 @@ from prometheus_client import Gauge
 
 from igw.redis_conn import PipelinedRedis, RedisError, parse_redis_url
 from igw.service_runtime import AioBackend, ServiceRuntime, max_connection_age_options
-from ratelimit_svc import metrics
+from ratelimit_svc import metrics, upstream_prometheus
 from ratelimit_svc.adaptive import AdaptiveLimits
 from ratelimit_svc.counters import MemoryCounters, RedisCounters
 from ratelimit_svc.loader import ConfigHolder
@@ -62,10 +63,27 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except NoConfig as exc:
+            upstream_prometheus.CALLS.no_config += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except RedisError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate limit backend unavailable: {exc}")
         raise AssertionError("unreachable")
+
+
+class TimedRateLimitServicer(RateLimitServicer):
+    """With USE_PROMETHEUS: also upstream's per-call stats (total_requests, response_time), which its gRPC
+    interceptor counts for every call, failed ones too. A subclass, so that without it the calls cost nothing."""
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
+        calls = upstream_prometheus.CALLS
+        calls.requests += 1
+        start = time.perf_counter()
+        try:
+            return await super().ShouldRateLimit(request, context)
+        finally:
+            calls.observe(time.perf_counter() - start)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
@@ -90,7 +108,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
                  *max_connection_age_options(settings.grpc_max_connection_age, settings.grpc_max_connection_age_grace)],
         interceptors=tls.interceptors(log) if tls else None,
     )
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter), server)
+    servicer = RateLimitServicer if settings.prometheus is None else TimedRateLimitServicer
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer(limiter), server)
     quota = QuotaServer(QuotaBudgets(holder, adaptive), settings.redis_url)
     rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(quota, server)
     holder.listeners.append(quota.wake)
@@ -110,6 +129,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
 
     if not await runtime.start(settings.host, settings.grpc_port, settings.http_port, health_state):
         return 1
+    upstream_http: asyncio.Server | None = None
+    if (prom := settings.prometheus) is not None:
+        upstream_http = await upstream_prometheus.start(prom.host, prom.port, prom.path, log)
+        if upstream_http is None:
+            await runtime.stop()
+            return 1
 
     async def probe_redis() -> None:
         nonlocal redis_down
@@ -137,6 +162,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     await stop.wait()
     log.info("ratelimit_svc stopping")
     await runtime.stop()
+    if upstream_http is not None:
+        upstream_http.close()
     for redis in probed:
         redis.close()
     await adaptive.close()

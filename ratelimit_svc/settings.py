@@ -111,7 +111,8 @@ class UpstreamSetting:
 # only matter with TRACING_ENABLED / CONFIG_TYPE=GRPC_XDS_SOTW, which are listed; REDIS_SENTINEL_AUTH only
 # with REDIS_TYPE=SENTINEL; REDIS_HEALTH_CHECK_ACTIVE_CONNECTION is always on here (a Redis that does not
 # answer a PING makes /healthcheck fail).
-_NO_STATSD = "no statsd is sent here: scrape Prometheus metrics from /metrics on PORT"
+_NO_STATSD = ("no statsd is sent here: scrape Prometheus metrics from /metrics on PORT, or upstream's "
+              "Prometheus names with USE_PROMETHEUS=true")
 _NO_POOL = "each Redis gets one connection that pipelines every concurrent call: there is no pool to size"
 _PIPELINED = "calls are always pipelined: what is ready is written at once, there is no window or limit"
 _PROMETHEUS = "Prometheus metrics (ratelimit_*) are always served on /metrics of PORT"
@@ -144,10 +145,6 @@ UPSTREAM_SETTINGS: tuple[UpstreamSetting, ...] = (
     UpstreamSetting("EXTRA_TAGS", False, ("",),
                     "metrics carry no extra tags: add labels when scraping (Prometheus relabelling)"),
     UpstreamSetting("DISABLE_STATS", False, ("false",), _PROMETHEUS + " and cannot be turned off"),
-    UpstreamSetting("USE_PROMETHEUS", False, ("false",), _PROMETHEUS),
-    UpstreamSetting("PROMETHEUS_ADDR", False, (":9090",), _PROMETHEUS),
-    UpstreamSetting("PROMETHEUS_PATH", False, ("/metrics",), _PROMETHEUS),
-    UpstreamSetting("PROMETHEUS_MAPPER_YAML", False, ("",), _PROMETHEUS + " with fixed names (README)"),
     UpstreamSetting("TRACING_ENABLED", False, ("false",), "no OpenTelemetry tracing"),
     UpstreamSetting("DEBUG_HOST", False, ("0.0.0.0",),
                     "no debug port (pprof, /rlconfig, /stats): metrics on /metrics of PORT; "
@@ -194,6 +191,15 @@ def upstream_settings_in(environ: Mapping[str, str], persecond: bool | None = No
 
 
 @dataclass(frozen=True)
+class UpstreamPrometheus:
+    """Where USE_PROMETHEUS serves upstream's Prometheus metrics (ratelimit_svc/upstream_prometheus.py)."""
+
+    host: str  # "": every interface, as upstream's ":9090"
+    port: int
+    path: str
+
+
+@dataclass(frozen=True)
 class Settings:
     config_dir: Path
     redis_url: str
@@ -235,6 +241,7 @@ class Settings:
     grpc_max_connection_age: float = 86400.0  # seconds; 0: never
     grpc_max_connection_age_grace: float = 3600.0
     grpc_tls: ServerTls | None = None  # files already checked
+    prometheus: UpstreamPrometheus | None = None  # USE_PROMETHEUS: upstream's metrics endpoint; None: off
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
@@ -307,8 +314,54 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     env.add("--replica-max-age", "REPLICA_MAX_AGE", default=10.0, type=parse_duration,
             help="replica data older than this is stale; adaptive limits fall back to their min")
     _add_tls_flags(env)
+    env.add("--use-prometheus", "USE_PROMETHEUS", default=False, type=parse_bool,
+            help="also serve upstream's Prometheus metrics (ratelimit_service_*, the names of its default "
+                 "statsd_exporter mapping) on --prometheus-addr at --prometheus-path")
+    env.add("--prometheus-addr", "PROMETHEUS_ADDR", default=":9090",
+            help="host:port of the --use-prometheus endpoint; an empty host listens on every interface")
+    env.add("--prometheus-path", "PROMETHEUS_PATH", default="/metrics", help="path of the --use-prometheus endpoint")
+    env.add("--prometheus-mapper-yaml", "PROMETHEUS_MAPPER_YAML", default="",
+            help="upstream's custom statsd_exporter mapping file: not supported, only the default mapping "
+                 "is served (refused with --use-prometheus)")
     add_common_flags(env)
     return parser, env
+
+
+_ADDR_EXAMPLES = "examples: :9090, 127.0.0.1:9090, [::1]:9090"
+
+
+def _upstream_prometheus(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                         warnings: list[str]) -> UpstreamPrometheus | None:
+    """USE_PROMETHEUS's endpoint, checked only when it is on: upstream reads the other three only then."""
+    if not args.use_prometheus:
+        for name, value, default in (("PROMETHEUS_ADDR", args.prometheus_addr, ":9090"),
+                                     ("PROMETHEUS_PATH", args.prometheus_path, "/metrics"),
+                                     ("PROMETHEUS_MAPPER_YAML", args.prometheus_mapper_yaml, "")):
+            if value != default:
+                warnings.append(f"{name}={value} is ignored: USE_PROMETHEUS (--use-prometheus) is not true, "
+                                "as upstream")
+        return None
+    if args.prometheus_mapper_yaml:
+        startup_error(parser, f"PROMETHEUS_MAPPER_YAML (--prometheus-mapper-yaml) {args.prometheus_mapper_yaml}: "
+                               "custom statsd_exporter mapping files are not supported; USE_PROMETHEUS serves "
+                               "upstream's default mapping only (unset PROMETHEUS_MAPPER_YAML)")
+    addr = args.prometheus_addr
+    setting = f"PROMETHEUS_ADDR (--prometheus-addr) {addr!r}"
+    if addr.startswith("["):
+        host, bracket, rest = addr[1:].partition("]")
+        if not bracket or not rest.startswith(":") or ":" not in host:
+            startup_error(parser, f"{setting}: not host:port ({_ADDR_EXAMPLES})")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = addr.rpartition(":")
+        if not colon or ":" in host:
+            startup_error(parser, f"{setting}: not host:port ({_ADDR_EXAMPLES}; an IPv6 host goes in brackets)")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        startup_error(parser, f"{setting}: port {port_text!r} is not a number from 1 to 65535 ({_ADDR_EXAMPLES})")
+    path = args.prometheus_path
+    if not path.startswith("/"):
+        startup_error(parser, f"PROMETHEUS_PATH (--prometheus-path) {path!r}: must start with / (default /metrics)")
+    return UpstreamPrometheus(host, int(port_text), path)
 
 
 def config_dir_from_runtime_env() -> Path:
@@ -353,6 +406,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
                         f"{LOCAL_CACHE_MIN_BYTES} bytes, as upstream (its freecache has the same minimum)")
         local_cache_size = LOCAL_CACHE_MIN_BYTES
     redis_urls = _redis_tls(parser, args, persecond_url, warnings)
+    prometheus = _upstream_prometheus(parser, args, warnings)
     persecond_url = redis_urls.persecond
     return Settings(
         config_dir=config_dir,
@@ -393,6 +447,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         redis_persecond_timeout=(args.redis_timeout if args.redis_persecond_timeout is None
                                  else args.redis_persecond_timeout),
         upstream_warnings=tuple(warnings),
+        prometheus=prometheus,
     )
 
 

@@ -90,16 +90,16 @@ def test_upstream_defaults_are_accepted_without_a_word(
 def test_an_ops_setting_is_named_in_one_warning_at_startup(
     services: ServiceFactory, config_dir: Path, redis_url: str
 ) -> None:
-    env = {"USE_PROMETHEUS": "true", "PROMETHEUS_ADDR": ":9102", "DEBUG_PORT": "6071", "REDIS_POOL_SIZE": "50",
+    env = {"DISABLE_STATS": "true", "DEBUG_PORT": "6071", "REDIS_POOL_SIZE": "50",
            "STATSD_HOST": "statsd-exporter", "TRACING_ENABLED": "true"}
     svc = services.ratelimit(config_dir, redis_url, env=env)
     warnings = [line for line in svc.proc.log_path.read_text().splitlines() if " WARNING " in line]
     assert len(warnings) == len(env)
     for name, value in env.items():
         assert len([w for w in warnings if f"{name}={value} is ignored: " in w]) == 1, name
-    (prometheus,) = [w for w in warnings if "USE_PROMETHEUS" in w]
-    assert prometheus.endswith("USE_PROMETHEUS=true is ignored: Prometheus metrics (ratelimit_*) are always "
-                               "served on /metrics of PORT")
+    (stats,) = [w for w in warnings if "DISABLE_STATS" in w]
+    assert stats.endswith("DISABLE_STATS=true is ignored: Prometheus metrics (ratelimit_*) are always "
+                          "served on /metrics of PORT and cannot be turned off")
 
 
 def test_the_table_reports_only_values_that_differ_from_upstreams_default() -> None:
