@@ -168,12 +168,21 @@ class RateLimitConfig:
 
 
 def describe_limit(limit: RateLimit) -> str:
+    """One line an operator can check a limit against: an adaptive limit's requests_per_unit is only a
+    placeholder (0), so its per-replica rate, share and bounds are what it says instead."""
     if limit.unlimited:
-        return "unlimited"
-    text = f"{limit.requests_per_unit}/{UNIT_NAMES.get(limit.unit, '?').lower()}"
-    if limit.shadow_mode:
-        text += " shadow"
-    return text
+        text = "unlimited"
+    else:
+        unit = UNIT_NAMES.get(limit.unit, "?").lower()
+        a = limit.adaptive
+        if a is None:
+            text = f"{limit.requests_per_unit}/{unit}"
+        else:
+            text = f"{a.per_replica}/{unit} per ready replica of {a.model or '<' + a.model_key + '>'}"
+            text += f", share {a.share:g}, min {a.min}" + (f", max {a.max}" if a.max is not None else "")
+    if limit.algorithm != "fixed_window":
+        text += f" ({limit.algorithm})"
+    return text + (" shadow" if limit.shadow_mode else "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 from igw.runtime import (
     EnvDefaults,
@@ -48,17 +48,31 @@ def _socket_type(env: str) -> str:
     return value
 
 
-def _redis_url(text: str) -> str:
-    """Our URL form, or upstream's: REDIS_URL is a bare `host:port` (REDIS_SOCKET_TYPE=tcp) or a socket
-    path (REDIS_SOCKET_TYPE=unix), with the password apart in REDIS_AUTH (`password` or `user:password`).
-    An operator switching over keeps the environment they have."""
+def _upstream_redis_url(text: str, socket_env: str, auth_env: str) -> str:
+    """Our URL form, or upstream's: a bare `host:port` (socket type tcp) or a socket path (unix), with the
+    password apart in the auth variable (`password` or `user:password`). An operator switching over keeps
+    the environment they have, and one who moves to our URL form keeps their separate password; a setting
+    that would be ignored, or that contradicts the URL, is an error rather than a silent surprise."""
+    socket_type = _socket_type(socket_env)
+    auth = os.environ.get(auth_env, "")
+    user, _, password = auth.partition(":") if ":" in auth else ("", "", auth)
+    userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}@" if auth else ""
     if "://" not in text:
-        unix = _socket_type("REDIS_SOCKET_TYPE") == "unix" or text.startswith("/")
-        auth = os.environ.get("REDIS_AUTH", "")
-        user, _, password = auth.partition(":") if ":" in auth else ("", "", auth)
-        userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}@" if auth else ""
-        text = f"unix://{userinfo}{text}" if unix else f"redis://{userinfo}{text}"
+        unix = socket_type == "unix" or text.startswith("/")
+        return redis_url_arg(f"unix://{userinfo}{text}" if unix else f"redis://{userinfo}{text}")
+    parsed = urlparse(text)
+    if socket_type and (parsed.scheme == "unix") != (socket_type == "unix"):
+        raise argparse.ArgumentTypeError(f"{socket_env}={socket_type} contradicts the {parsed.scheme}:// URL")
+    if auth and "@" not in parsed.netloc:
+        text = parsed._replace(netloc=userinfo + parsed.netloc).geturl()
+    elif auth and (unquote(parsed.username or ""), unquote(parsed.password or "")) != (user, password):
+        # (The same credentials are fine: argparse converts an environment default a second time.)
+        raise argparse.ArgumentTypeError(f"{auth_env} is set and the URL carries other credentials: give them once")
     return redis_url_arg(text)
+
+
+def _redis_url(text: str) -> str:
+    return _upstream_redis_url(text, "REDIS_SOCKET_TYPE", "REDIS_AUTH")
 
 
 def _redis_urls(text: str) -> list[str]:
@@ -81,13 +95,7 @@ def _backend(text: str) -> str:
 def _persecond_redis_url(text: str) -> str:
     """REDIS_PERSECOND_URL in our URL form or upstream's, like REDIS_URL, but with the per-second Redis's
     own REDIS_PERSECOND_SOCKET_TYPE and REDIS_PERSECOND_AUTH, as upstream reads them."""
-    if "://" not in text:
-        unix = _socket_type("REDIS_PERSECOND_SOCKET_TYPE") == "unix" or text.startswith("/")
-        auth = os.environ.get("REDIS_PERSECOND_AUTH", "")
-        user, _, password = auth.partition(":") if ":" in auth else ("", "", auth)
-        userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}@" if auth else ""
-        text = f"unix://{userinfo}{text}" if unix else f"redis://{userinfo}{text}"
-    return redis_url_arg(text)
+    return _upstream_redis_url(text, "REDIS_PERSECOND_SOCKET_TYPE", "REDIS_PERSECOND_AUTH")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from igw.policy import ratelimit, records, spec
-from ratelimit_svc.config import UNIT_NAMES, ConfigError, RateLimit, RateLimitConfig, parse_config
+from ratelimit_svc.config import ConfigError, RateLimitConfig, describe_limit, parse_config
 from ratelimit_svc.loader import config_files
 
 if TYPE_CHECKING:
@@ -44,25 +44,6 @@ class LimitChange:
         return f"~ limit {self.key}: {self.old} -> {self.new}"
 
 
-def describe(limit: RateLimit) -> str:
-    """One line per limit, adaptive settings included (the service's own describe() omits them)."""
-    if limit.unlimited:
-        text = "unlimited"
-    else:
-        unit = UNIT_NAMES.get(limit.unit, "?").lower()
-        a = limit.adaptive
-        if a is None:
-            text = f"{limit.requests_per_unit}/{unit}"
-        else:
-            text = f"{a.per_replica}/{unit} per ready replica of {a.model or '<model>'}"
-            if a.share_key == ratelimit.TENANTS_GROUP:
-                text += f", share {a.share:g}"
-            text += f", min {a.min}" + (f", max {a.max}" if a.max is not None else "")
-    if limit.algorithm != "fixed_window":
-        text += f" ({limit.algorithm})"
-    return text + (" shadow" if limit.shadow_mode else "")
-
-
 def _limits(config: RateLimitConfig | None) -> dict[str, str]:
     out: dict[str, str] = {}
     if config is None:
@@ -71,7 +52,7 @@ def _limits(config: RateLimitConfig | None) -> dict[str, str]:
     def walk(node: object) -> None:
         limit = node.limit  # type: ignore[attr-defined]
         if limit is not None:
-            out[limit.full_key] = describe(limit)
+            out[limit.full_key] = describe_limit(limit)
         for child in node.children.values():  # type: ignore[attr-defined]
             walk(child)
 

@@ -4,6 +4,9 @@ redis-server unless it is about parsing alone."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,6 +233,43 @@ def test_upstreams_redis_auth_supplies_the_password(
     c = RlsClient(svc.grpc_target, domain="d")
     assert c.call([("minute", "auth")]).statuses[0].limit_remaining == 4
     c.close()
+
+
+def test_redis_auth_supplies_the_password_of_a_redis_url_without_one(
+    services: ServiceFactory, config_dir: Path, own_redis: RedisServer
+) -> None:
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.config_set("requirepass", "s3cret")
+    admin.close()
+    svc = services.start_module("ratelimit_svc", "--config-dir", str(config_dir),
+                                env={"REDIS_URL": f"redis://127.0.0.1:{own_redis.port}/0", "REDIS_AUTH": "s3cret"})
+    c = RlsClient(svc.grpc_target, domain="d")
+    assert c.call([("minute", "auth-url")]).statuses[0].limit_remaining == 4
+    c.close()
+
+
+def _refused_start(config_dir: Path, **env: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "ratelimit_svc", "--config-dir", str(config_dir)],
+                          capture_output=True, text=True, timeout=30, env={**os.environ, **env})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def test_redis_auth_beside_a_url_with_credentials_is_refused_without_showing_them(config_dir: Path) -> None:
+    err = _refused_start(config_dir, REDIS_URL="redis://:inurl@127.0.0.1:6379/0", REDIS_AUTH="inenv")
+    assert "REDIS_AUTH is set and the URL carries other credentials" in err
+    assert "inurl" not in err and "inenv" not in err
+
+
+def test_a_misspelled_socket_type_is_refused_beside_a_redis_url_too(config_dir: Path) -> None:
+    err = _refused_start(config_dir, REDIS_URL="redis://127.0.0.1:6379/0", REDIS_SOCKET_TYPE="udp")
+    assert "REDIS_SOCKET_TYPE='udp' is neither tcp nor unix" in err
+
+
+def test_a_socket_type_that_contradicts_the_url_scheme_is_refused(config_dir: Path) -> None:
+    err = _refused_start(config_dir, REDIS_URL="redis://127.0.0.1:6379/0", REDIS_SOCKET_TYPE="unix")
+    assert "REDIS_SOCKET_TYPE=unix contradicts the redis:// URL" in err
 
 
 def test_the_startup_log_never_shows_the_redis_password(
