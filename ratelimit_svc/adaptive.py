@@ -69,7 +69,8 @@ def model_of(adaptive: Adaptive, match: Match) -> str | None:
 
 
 class AdaptiveLimits:
-    def __init__(self, redis_url: str, *, max_age: float = 10.0, sweep_interval: float = 1.0) -> None:
+    def __init__(self, redis_url: str | None, *, max_age: float = 10.0, sweep_interval: float = 1.0) -> None:
+        """`redis_url` None: no replica data is ever read (no state Redis), every adaptive limit is its min."""
         self.redis_url = redis_url
         self.max_age = max_age
         self.sweep_interval = sweep_interval
@@ -142,6 +143,9 @@ class AdaptiveLimits:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep replica states current: pub/sub for changes, a sweep for expiry and missed messages."""
+        if self.redis_url is None:
+            await stop.wait()
+            return
         self._client = aioredis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=1)
 
         async def subscriber() -> None:

@@ -19,6 +19,13 @@ Per-second Redis (upstream's REDIS_PERSECOND): counters of limits whose unit is 
 hit marked `per_second` goes there and the shards keep the rest; it is one more target of the same
 spreading, so a request touching both writes to both concurrently.
 
+Redis Cluster (REDIS_TYPE=cluster, `ClusterCounters`): the targets are slots instead of shards. Upstream's
+keys carry no hash tag, so each counter is on the slot of its own key, and one script (which in a cluster
+may only touch one slot) counts the fixed-window keys of a slot; the slots of a request are grouped by the
+master holding them and each master gets one pipelined write, concurrently (igw/redis_cluster.py follows
+MOVED/ASK). Under STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT, counters on several slots take the read-then-write
+path of counters spread over several Redis.
+
 Stopping increments (upstream's STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT), see `Increment`: the counters
 of a request are read first, and when its hits would take any fixed-window counter over its limit, only
 those counters get the hits. Upstream reads in one round trip and writes in a second; when the request's
@@ -38,6 +45,7 @@ from dataclasses import dataclass
 
 import hiredis
 
+from igw.redis_cluster import RedisCluster, key_slot
 from igw.redis_conn import PipelinedRedis, RedisError
 from ratelimit_svc.gcra import LUA, GcraResult, gcra
 
@@ -86,6 +94,7 @@ end
 return counts
 """
 STOP_SHA = hashlib.sha1(STOP_LUA.encode()).hexdigest()
+SCRIPTS = (LUA, FIXED_LUA, STOP_LUA)  # what a Redis that answers NOSCRIPT gets loaded
 
 
 class Increment(enum.Enum):
@@ -124,6 +133,25 @@ class PartialCount(RedisError):
     def __init__(self, message: str, results: list[Counted | None]) -> None:
         super().__init__(message)
         self.results = results
+
+
+def _gathered(count: int, groups: list[list[int]], parts: list[list[Counted] | BaseException],
+              what: str) -> list[Counted]:
+    """The results of hits sent in groups (hit indexes per group, in send order) from each group's part;
+    PartialCount when a part is a RedisError, with None for its hits."""
+    results: list[Counted | None] = [None] * count
+    failure: BaseException | None = None
+    for indexes, part in zip(groups, parts, strict=True):
+        if isinstance(part, BaseException):
+            failure = failure or part
+            continue
+        for i, value in zip(indexes, part, strict=True):
+            results[i] = value
+    if failure is not None:
+        if not isinstance(failure, RedisError):
+            raise failure
+        raise PartialCount(f"{what}: {failure}", results)
+    return results  # type: ignore[return-value]
 
 
 def shard_of(group: str, shards: int) -> int:
@@ -167,19 +195,7 @@ class RedisCounters:
         (PartialCount), so fail-open can still enforce the ones counted elsewhere."""
         parts = await asyncio.gather(*(self._apply_on(self.targets[target], [hits[i] for i in indexes], increment)
                                        for target, indexes in placed.items()), return_exceptions=True)
-        results: list[Counted | None] = [None] * len(hits)
-        failure: BaseException | None = None
-        for indexes, part in zip(placed.values(), parts, strict=True):
-            if isinstance(part, BaseException):
-                failure = failure or part
-                continue
-            for i, value in zip(indexes, part, strict=True):
-                results[i] = value
-        if failure is not None:
-            if not isinstance(failure, RedisError):
-                raise failure
-            raise PartialCount(f"a counter shard failed: {failure}", results)
-        return results  # type: ignore[return-value]
+        return _gathered(len(hits), list(placed.values()), parts, "a counter shard failed")
 
     async def _only_over_across(self, hits: list[Hit], placed: dict[int, list[int]]) -> list[Counted]:
         """Increment.ONLY_OVER with fixed-window counters on several Redis: read them all (one round trip to
@@ -222,44 +238,119 @@ class RedisCounters:
 
     @staticmethod
     async def _apply_on(redis: PipelinedRedis, hits: list[Hit], increment: Increment = Increment.ALL) -> list[Counted]:
-        commands: list[tuple[object, ...]] = []
-        fixed_keys: list[str] = []
-        fixed_args: list[int] = []
-        for hit in hits:
-            if hit.algorithm == "gcra":
-                commands.append(("EVALSHA", GCRA_SHA, 1, hit.key, repr(hit.interval_ms), hit.burst, hit.hits))
-            elif increment is Increment.ALL:
-                fixed_keys.append(hit.key)
-                fixed_args += (hit.hits, hit.ttl)
-            else:
-                fixed_keys.append(hit.key)
-                fixed_args += (hit.hits, hit.ttl, hit.limit)
-        if fixed_keys:
-            if increment is Increment.ALL:
-                commands.append(("EVALSHA", FIXED_SHA, len(fixed_keys), *fixed_keys, *fixed_args))
-            else:
-                read_only = 1 if increment is Increment.NONE else 0
-                commands.append(("EVALSHA", STOP_SHA, len(fixed_keys), *fixed_keys, read_only, *fixed_args))
+        commands, has_fixed = _commands(hits, increment)
         replies = await redis.execute_many(commands)  # type: ignore[arg-type]
         missing = [i for i, reply in enumerate(replies)
                    if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")]
         if missing:  # a Redis that restarted or flushed its scripts: load them, re-send only what did not run
-            await redis.execute_many([("SCRIPT", "LOAD", LUA), ("SCRIPT", "LOAD", FIXED_LUA),
-                                      ("SCRIPT", "LOAD", STOP_LUA)])
+            await redis.execute_many([("SCRIPT", "LOAD", script) for script in SCRIPTS])
             for i, reply in zip(missing, await redis.execute_many([commands[i] for i in missing]), strict=True):
                 replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                raise RedisError(f"redis rejected a counter update: {reply}")
-        fixed_counts = iter(replies[-1]) if fixed_keys else iter(())  # type: ignore[call-overload]
-        gcra_replies = iter(replies)
-        results: list[Counted] = []
-        for hit in hits:
-            if hit.algorithm == "gcra":
-                allowed, remaining, wait = next(gcra_replies)  # type: ignore[misc]
-                results.append(GcraResult(allowed == 1, 0, remaining, wait))
+        return _counted(hits, replies, has_fixed)
+
+
+def _commands(hits: list[Hit], increment: Increment) -> tuple[list[tuple[object, ...]], bool]:
+    """The commands that count `hits` on one Redis (or one cluster slot): an EVALSHA per GCRA bucket, then
+    one for every fixed-window key together; and whether that last one is there."""
+    commands: list[tuple[object, ...]] = []
+    fixed_keys: list[str] = []
+    fixed_args: list[int] = []
+    for hit in hits:
+        if hit.algorithm == "gcra":
+            commands.append(("EVALSHA", GCRA_SHA, 1, hit.key, repr(hit.interval_ms), hit.burst, hit.hits))
+        elif increment is Increment.ALL:
+            fixed_keys.append(hit.key)
+            fixed_args += (hit.hits, hit.ttl)
+        else:
+            fixed_keys.append(hit.key)
+            fixed_args += (hit.hits, hit.ttl, hit.limit)
+    if fixed_keys:
+        if increment is Increment.ALL:
+            commands.append(("EVALSHA", FIXED_SHA, len(fixed_keys), *fixed_keys, *fixed_args))
+        else:
+            read_only = 1 if increment is Increment.NONE else 0
+            commands.append(("EVALSHA", STOP_SHA, len(fixed_keys), *fixed_keys, read_only, *fixed_args))
+    return commands, bool(fixed_keys)
+
+
+def _counted(hits: list[Hit], replies: list[object], has_fixed: bool) -> list[Counted]:
+    """`hits` counted from the replies of their `_commands`; RedisError if Redis refused one."""
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisError(f"redis rejected a counter update: {reply}")
+    fixed_counts = iter(replies[-1]) if has_fixed else iter(())  # type: ignore[call-overload]
+    gcra_replies = iter(replies)
+    results: list[Counted] = []
+    for hit in hits:
+        if hit.algorithm == "gcra":
+            allowed, remaining, wait = next(gcra_replies)  # type: ignore[misc]
+            results.append(GcraResult(allowed == 1, 0, remaining, wait))
+        else:
+            results.append(next(fixed_counts))
+    return results
+
+
+class ClusterCounters(RedisCounters):
+    """Counters in a Redis Cluster. A hit's target is its key's slot (the multi-key scripts need their
+    keys in one slot, and upstream's keys carry no hash tag, so each key is on its own); the slots of a
+    request are then grouped by the master that holds them, and each master gets one pipelined write,
+    concurrently, as shards do. Target -1 is the per-second Redis, when there is one."""
+
+    def __init__(self, cluster: RedisCluster, per_second: PipelinedRedis | None = None) -> None:
+        self.cluster = cluster
+        self.shards = ()
+        self.per_second = per_second
+        self.targets = ()
+
+    def _target_of(self, hit: Hit) -> int:
+        if hit.per_second and self.per_second is not None:
+            return -1
+        return key_slot(hit.key)
+
+    async def apply(self, hits: list[Hit], increment: Increment = Increment.ALL) -> list[Counted]:
+        placed: dict[int, list[int]] = {}
+        for i, hit in enumerate(hits):
+            placed.setdefault(self._target_of(hit), []).append(i)
+        if increment is Increment.ONLY_OVER:
+            fixed_on = {t for t, indexes in placed.items() if any(hits[i].algorithm != "gcra" for i in indexes)}
+            if len(fixed_on) > 1:  # one script cannot span slots, even slots of one master (CROSSSLOT)
+                return await self._only_over_across(hits, placed)
+        return await self._spread(hits, placed, increment)
+
+    async def _spread(self, hits: list[Hit], placed: dict[int, list[int]], increment: Increment) -> list[Counted]:
+        by_node: dict[str | None, list[int]] = {}
+        for target in placed:
+            node = "" if target == -1 else self.cluster.node_of(target)
+            by_node.setdefault(node, []).append(target)
+        groups: list[list[int]] = []
+        calls = []
+        for node, targets in by_node.items():
+            groups.append([i for target in targets for i in placed[target]])
+            slot_hits = [[hits[i] for i in placed[target]] for target in targets]
+            if node == "":
+                calls.append(self._apply_on(self.per_second, slot_hits[0], increment))  # type: ignore[arg-type]
             else:
-                results.append(next(fixed_counts))
+                calls.append(self._apply_on_node(node, targets, slot_hits, increment))
+        parts = await asyncio.gather(*calls, return_exceptions=True)
+        return _gathered(len(hits), groups, parts, "a redis cluster node failed")
+
+    async def _apply_on_node(self, node: str | None, slots: list[int], slot_hits: list[list[Hit]],
+                             increment: Increment) -> list[Counted]:
+        """Every slot's commands in one write to the master `node`; the results in slot order."""
+        if node is None:
+            self.cluster.refresh_soon()
+            raise RedisError(f"no redis cluster node serves slot {slots[0]} (the cluster map is empty or "
+                             f"incomplete: {self.cluster.last_error or 'slot not assigned'})")
+        commands: list[tuple[object, ...]] = []
+        spans: list[tuple[int, int, bool]] = []
+        for hits in slot_hits:
+            slot_commands, has_fixed = _commands(hits, increment)
+            spans.append((len(commands), len(slot_commands), has_fixed))
+            commands += slot_commands
+        replies = await self.cluster.execute_many(node, commands)  # type: ignore[arg-type]
+        results: list[Counted] = []
+        for hits, (start, length, has_fixed) in zip(slot_hits, spans, strict=True):
+            results += _counted(hits, replies[start:start + length], has_fixed)
         return results
 
 

@@ -146,11 +146,13 @@ def bucket_action(bucket_id: rlqs_pb2.BucketId, assignment: Assignment) -> rlqs_
 
 
 class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
-    def __init__(self, budgets: QuotaBudgets, redis_url: str, floor_fraction: float = FLOOR_FRACTION) -> None:
+    def __init__(self, budgets: QuotaBudgets, redis_url: str | None, floor_fraction: float = FLOOR_FRACTION) -> None:
+        """`redis_url` None: no state Redis, demand is this process's streams alone (not shared)."""
         self.budgets = budgets
         self.floor_fraction = floor_fraction
         self.streams: dict[str, GatewayStream] = {}
-        self.redis = aioredis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+        self.redis = (aioredis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+                      if redis_url is not None else None)
         self._wake = asyncio.Event()
         # Per bucket, the other server replicas' streams as last read from Redis: while Redis is down they
         # still count, so the replicas together stay within the budget instead of each handing out all of it.
@@ -219,6 +221,8 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
     # -- coordination -------------------------------------------------------------------------
 
     async def _publish_demand(self, stream: GatewayStream, now: float) -> None:
+        if self.redis is None:
+            return
         with contextlib.suppress(OSError, aioredis.RedisError):
             pipe = self.redis.pipeline(transaction=False)
             for key, state in stream.buckets.items():
@@ -227,6 +231,8 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
             await pipe.execute()
 
     async def _forget(self, stream: GatewayStream) -> None:
+        if self.redis is None:
+            return
         with contextlib.suppress(OSError, aioredis.RedisError):
             pipe = self.redis.pipeline(transaction=False)
             for key in stream.buckets:
@@ -238,6 +244,8 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         plus the other replicas' streams as last seen (an under-estimate of what is free, never an over-)."""
         local = {k: {s.stream_id: s.buckets[k].demand for s in self.streams.values() if k in s.buckets}
                  for k in keys}
+        if self.redis is None:
+            return local
         try:
             pipe = self.redis.pipeline(transaction=False)
             for key in keys:
@@ -323,5 +331,7 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                 log.exception("quota recompute failed")
 
     async def close(self) -> None:
+        if self.redis is None:
+            return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.redis.aclose(), 1.0)

@@ -15,11 +15,12 @@ from envoy.service.rate_limit_quota.v3 import rlqs_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client import Gauge
 
+from igw.redis_cluster import RedisCluster
 from igw.redis_conn import PipelinedRedis, RedisError, parse_redis_url
 from igw.service_runtime import AioBackend, ServiceRuntime, max_connection_age_options
 from ratelimit_svc import metrics, upstream_prometheus
 from ratelimit_svc.adaptive import AdaptiveLimits
-from ratelimit_svc.counters import MemoryCounters, RedisCounters
+from ratelimit_svc.counters import SCRIPTS, ClusterCounters, MemoryCounters, RedisCounters
 from ratelimit_svc.loader import ConfigHolder
 from ratelimit_svc.rlqs import QuotaBudgets, QuotaServer
 from ratelimit_svc.service import InvalidRequest, Limiter, NoConfig
@@ -49,6 +50,17 @@ def _shown(redis: PipelinedRedis, per_second: bool = False) -> str:
 def _masked(url: str) -> str:
     address = parse_redis_url(url)
     return dataclasses.replace(address, password="***").url if address.password else address.url
+
+
+def _cluster_down(cluster: RedisCluster, masters: dict[str, bool]) -> str:
+    """What /healthcheck says about the cluster: "" when every master of the map answered a PING."""
+    if not masters:
+        seeds = ", ".join(f"{seed.host}:{seed.port}" for seed in cluster.seeds)
+        return f"redis cluster (seeds {seeds}): {cluster.last_error or 'slot map not read yet'}"
+    down = [cluster.shown(name) for name, ok in masters.items() if not ok]
+    if down:
+        return f"redis cluster node(s) {', '.join(down)}"
+    return "" if cluster.complete else f"redis cluster: {cluster.last_error}"
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
@@ -98,8 +110,26 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     per_second = (PipelinedRedis(settings.redis_persecond_url, timeout=settings.redis_persecond_timeout,
                                  connect_timeout=settings.redis_persecond_timeout)
                   if settings.redis_persecond_url and settings.backend == "redis" else None)
-    adaptive = AdaptiveLimits(settings.redis_url, max_age=settings.replica_max_age)
-    counters = MemoryCounters() if settings.backend == "memory" else RedisCounters(*shards, per_second=per_second)
+    cluster = (RedisCluster(settings.redis_cluster, timeout=settings.redis_timeout,
+                            connect_timeout=settings.redis_timeout, scripts=SCRIPTS)
+               if settings.redis_type == "cluster" and settings.backend == "redis" else None)
+    counters: RedisCounters | MemoryCounters
+    if settings.backend == "memory":
+        counters = MemoryCounters()
+    elif cluster is not None:
+        counters = ClusterCounters(cluster, per_second=per_second)
+        try:
+            await cluster.refresh()
+        except RedisError as exc:  # as a single Redis that is down: start unhealthy, the probe keeps trying
+            log.warning("redis cluster: cannot read the slot map yet: %s", exc)
+    else:
+        counters = RedisCounters(*shards, per_second=per_second)
+    state_url = settings.state_redis_url
+    if state_url is None:
+        log.warning("REDIS_TYPE=cluster without IGW_STATE_REDIS_URL (--state-redis-url): replica counts and "
+                    "quota-push demand are not shared, so adaptive limits stay at their min and RLQS demand is "
+                    "not shared between replicas of this service")
+    adaptive = AdaptiveLimits(state_url, max_age=settings.replica_max_age)
     limiter = Limiter(settings, holder, counters, adaptive=adaptive)
 
     tls = settings.grpc_tls
@@ -110,7 +140,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     )
     servicer = RateLimitServicer if settings.prometheus is None else TimedRateLimitServicer
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer(limiter), server)
-    quota = QuotaServer(QuotaBudgets(holder, adaptive), settings.redis_url)
+    quota = QuotaServer(QuotaBudgets(holder, adaptive), state_url)
     rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(quota, server)
     holder.listeners.append(quota.wake)
     adaptive.listeners.append(quota.wake)
@@ -118,6 +148,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     runtime = ServiceRuntime(backend, HEALTH_NAMES, log)
     probed = [*shards, per_second] if per_second is not None else shards
     redis_down: list[str] = [_shown(redis, redis is per_second) for redis in probed]
+    if cluster is not None:
+        redis_down.insert(0, _cluster_down(cluster, {}))
     need_a_domain = settings.healthy_with_at_least_one_config_loaded
 
     async def health_state() -> tuple[bool, str]:
@@ -139,9 +171,19 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     async def probe_redis() -> None:
         nonlocal redis_down
         while not stop.is_set():
-            up = await asyncio.gather(*(redis.ping() for redis in probed))
-            redis_down = [_shown(redis, redis is per_second) for redis, ok in zip(probed, up, strict=True) if not ok]
-            metrics.REDIS_UP.set(1 if all(up[:len(shards)]) else 0)
+            masters: dict[str, bool] = {}
+            if cluster is not None:
+                masters, up = await asyncio.gather(cluster.ping_all(), asyncio.gather(*(r.ping() for r in probed)))
+            else:
+                up = await asyncio.gather(*(redis.ping() for redis in probed))
+            down = [_shown(redis, redis is per_second) for redis, ok in zip(probed, up, strict=True) if not ok]
+            if cluster is not None:
+                if cluster_down := _cluster_down(cluster, masters):
+                    down.insert(0, cluster_down)
+                metrics.REDIS_UP.set(0 if cluster_down else 1)
+            else:
+                metrics.REDIS_UP.set(1 if all(up[:len(shards)]) else 0)
+            redis_down = down
             if per_second is not None:
                 _persecond_up().set(1 if up[-1] else 0)
             await runtime.set_serving((not redis_down or settings.backend == "memory")
@@ -155,7 +197,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     log.info(
         "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s counters=%s persecond=%s local_cache=%dB "
         "pid=%d", runtime.address, settings.host, settings.http_port, settings.config_dir,
-        _masked(settings.redis_url), ",".join(_shown(shard) for shard in shards),
+        _masked(state_url) if state_url else "-",
+        ",".join(_shown(shard) for shard in shards) if cluster is None
+        else "cluster:" + ",".join(_masked(seed) for seed in settings.redis_cluster),
         _shown(per_second) if per_second else "-",
         settings.local_cache_size_bytes, os.getpid(),
     )
@@ -166,6 +210,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         upstream_http.close()
     for redis in probed:
         redis.close()
+    if cluster is not None:
+        cluster.close()
     await adaptive.close()
     await quota.close()
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlparse
 
+from igw.redis_conn import masked_url, parse_redis_url
 from igw.runtime import (
     EnvDefaults,
     add_common_flags,
@@ -86,6 +87,39 @@ def _redis_urls(text: str) -> list[str]:
     return urls
 
 
+def _redis_type(text: str) -> str:
+    """Upstream's REDIS_TYPE, case-insensitive as there."""
+    value = text.strip().lower()
+    if value not in ("single", "cluster"):
+        raise argparse.ArgumentTypeError(f"invalid redis type {text!r} (single or cluster; Redis Sentinel is "
+                                         "not supported)")
+    return value
+
+
+def _redis_seeds(text: str) -> list[str]:
+    """REDIS_URL with REDIS_TYPE=cluster: the seed nodes, comma-separated, each in --redis-url's forms
+    (upstream's bare host:port with REDIS_AUTH, or a redis:// / rediss:// URL). A cluster has database 0
+    only and its nodes speak TCP, so a database number or a socket path is an error, not a surprise later."""
+    seeds = [part.strip() for part in text.split(",") if part.strip()]
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed node of the cluster (host:port, comma-separated)")
+    urls = []
+    for seed in seeds:
+        url = _redis_url(seed)
+        address = parse_redis_url(url)
+        if address.unix_path:
+            raise argparse.ArgumentTypeError(f"cluster seed {masked_url(url)!r}: cluster nodes are reached over "
+                                             "TCP (host:port), not a unix socket")
+        if address.db:
+            raise argparse.ArgumentTypeError(f"cluster seed {masked_url(url)!r}: a Redis Cluster has database 0 "
+                                             f"only, not {address.db}")
+        urls.append(url)
+    twice = sorted({u for u in urls if urls.count(u) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"cluster seed listed more than once: {', '.join(map(masked_url, twice))}")
+    return urls
+
+
 def _backend(text: str) -> str:
     if text not in ("redis", "memory"):
         raise argparse.ArgumentTypeError(f"invalid backend {text!r} (redis or memory)")
@@ -128,11 +162,14 @@ _ZERO_DURATION = ("0", "0s", "0ms", "0us", "0ns")
 UPSTREAM_SETTINGS: tuple[UpstreamSetting, ...] = (
     UpstreamSetting("BACKEND_TYPE", True, ("redis", "memory"),
                     "memcached is not supported; counters live in Redis (redis) or in this process (memory)"),
-    UpstreamSetting("REDIS_TYPE", True, ("single",),
-                    "Redis Sentinel and Cluster are not supported; REDIS_URL names one redis-server (or a "
-                    "proxy in front of several), and REDIS_SHARDS spreads the counters over several"),
+    UpstreamSetting("REDIS_TYPE", True, ("single", "cluster"),
+                    "Redis Sentinel is not supported; REDIS_TYPE=single (REDIS_URL names one redis-server, "
+                    "REDIS_SHARDS may spread the counters over several) or cluster (REDIS_URL lists seed nodes "
+                    "of a Redis Cluster)"),
     UpstreamSetting("REDIS_PERSECOND_TYPE", True, ("single",),
-                    "Redis Sentinel and Cluster are not supported; REDIS_PERSECOND_URL names one redis-server",
+                    "Redis Sentinel and Cluster are not supported for the per-second Redis; REDIS_PERSECOND_URL "
+                    "names one redis-server (with REDIS_TYPE=cluster and REDIS_PERSECOND unset, per-second "
+                    "counters live in the cluster with the others)",
                     persecond_only=True),
     UpstreamSetting("CONFIG_TYPE", True, ("file",),
                     "an xDS config server is not supported; limits are read from YAML files (CONFIG_DIR or "
@@ -210,8 +247,8 @@ class UpstreamPrometheus:
 @dataclass(frozen=True)
 class Settings:
     config_dir: Path
-    redis_url: str
-    redis_shards: tuple[str, ...]  # where the counters live; (redis_url,) unless --redis-shards
+    redis_url: str  # REDIS_TYPE=cluster: the first seed node (for logs); the seeds are in redis_cluster
+    redis_shards: tuple[str, ...]  # where the counters live; (redis_url,) unless --redis-shards; () with a cluster
     backend: str
     host: str
     grpc_port: int
@@ -250,9 +287,15 @@ class Settings:
     grpc_max_connection_age_grace: float = 3600.0
     grpc_tls: ServerTls | None = None  # files already checked
     prometheus: UpstreamPrometheus | None = None  # USE_PROMETHEUS: upstream's metrics endpoint; None: off
+    redis_type: str = "single"  # REDIS_TYPE: single (redis_shards) or cluster (redis_cluster)
+    redis_cluster: tuple[str, ...] = ()  # REDIS_TYPE=cluster: the seed nodes' URLs (TLS folded in)
+    # Replica counts (adaptive limits) and RLQS demand: --state-redis-url, else redis_url in single mode;
+    # None (cluster mode without it): not shared, adaptive limits stay at their min.
+    state_redis_url: str | None = None
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
+def build_parser(redis_type: str = "single") -> tuple[argparse.ArgumentParser, EnvDefaults]:
+    """`redis_type` picks how --redis-url is read: one server, or (cluster) a comma-separated seed list."""
     parser = argparse.ArgumentParser(
         prog="python -m ratelimit_svc",
         description="Envoy global rate-limit service (envoy.service.ratelimit.v3), compatible with "
@@ -261,10 +304,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     env = EnvDefaults(parser)
     env.add("--config-dir", "CONFIG_DIR", default=None,
             help="directory of *.yaml configs; default RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY")
-    env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0", type=_redis_url,
+    env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0",
+            type=_redis_seeds if redis_type == "cluster" else _redis_url,
             help="redis://[:password@]host:port/db, the same with rediss:// for TLS, or unix:///path; "
                  "upstream's bare host:port or socket path "
-                 "(REDIS_SOCKET_TYPE, REDIS_AUTH) also works")
+                 "(REDIS_SOCKET_TYPE, REDIS_AUTH) also works; with --redis-type cluster, the cluster's seed "
+                 "nodes, comma-separated")
+    env.add("--redis-type", "REDIS_TYPE", default="single", type=_redis_type,
+            help="single: --redis-url is one redis-server (--redis-shards may add more); cluster: a Redis "
+                 "Cluster holds the counters, --redis-url lists seed nodes")
+    env.add("--state-redis-url", "IGW_STATE_REDIS_URL", default=None, type=redis_url_arg,
+            help="the Redis of replica counts (adaptive limits) and quota-push (RLQS) demand; default "
+                 "--redis-url (single); with --redis-type cluster, none unless given (adaptive limits stay "
+                 "at their min, RLQS demand is not shared between replicas)")
     env.add("--redis-shards", "REDIS_SHARDS", default=None, type=_redis_urls,
             help="comma-separated redis URLs to spread the counters over (by descriptor domain and first "
                  "entry); default: the --redis-url server. Replica counts and quota push stay on --redis-url")
@@ -380,8 +432,20 @@ def config_dir_from_runtime_env() -> Path:
     return Path(root, sub, app) if sub else Path(root, app)
 
 
+def _redis_type_given(argv: list[str] | None) -> str:
+    """--redis-type / REDIS_TYPE before the real parse, which needs it to read --redis-url. A bad value is
+    left to the real parse to report (as "single" here)."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--redis-type", default=os.environ.get("REDIS_TYPE") or "single")
+    try:
+        known, _ = pre.parse_known_args(argv)
+        return _redis_type(known.redis_type)
+    except (argparse.ArgumentError, argparse.ArgumentTypeError):
+        return "single"
+
+
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    parser, env = build_parser()
+    parser, env = build_parser(_redis_type_given(argv))
     # Before the flags: BACKEND_TYPE=memcache gets this line rather than the flag's "invalid backend".
     refusals, warnings = upstream_settings_in(os.environ)
     if refusals:  # one line each, without the usage text: nothing is wrong with the command line
@@ -413,13 +477,21 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         warnings.append(f"LOCAL_CACHE_SIZE_IN_BYTES={local_cache_size} is below the smallest cache: using "
                         f"{LOCAL_CACHE_MIN_BYTES} bytes, as upstream (its freecache has the same minimum)")
         local_cache_size = LOCAL_CACHE_MIN_BYTES
+    cluster = args.redis_type == "cluster"
+    if cluster and args.redis_shards:
+        startup_error(parser, "REDIS_SHARDS (--redis-shards) cannot be used with REDIS_TYPE=cluster "
+                               "(--redis-type cluster): the cluster spreads the counters over its masters itself; "
+                               "list its seed nodes in REDIS_URL and unset REDIS_SHARDS")
     redis_urls = _redis_tls(parser, args, persecond_url, warnings)
     prometheus = _upstream_prometheus(parser, args, warnings)
     persecond_url = redis_urls.persecond
     return Settings(
         config_dir=config_dir,
         redis_url=redis_urls.main,
-        redis_shards=redis_urls.shards,
+        redis_shards=() if cluster else redis_urls.shards,
+        redis_type=args.redis_type,
+        redis_cluster=redis_urls.shards if cluster else (),
+        state_redis_url=redis_urls.state,
         grpc_uds=_grpc_uds(parser, args),
         grpc_max_connection_age=args.grpc_max_connection_age,
         grpc_max_connection_age_grace=args.grpc_max_connection_age_grace,
@@ -535,8 +607,9 @@ def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
 @dataclass(frozen=True)
 class _RedisUrls:
     main: str
-    shards: tuple[str, ...]
+    shards: tuple[str, ...]  # with a cluster: its seeds
     persecond: str | None
+    state: str | None
 
 
 def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persecond: str | None,
@@ -546,7 +619,10 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
     spells an option itself keeps it)."""
     from igw.redis_conn import RedisTls, TlsFileError, load_ca_file, load_key_pair, with_tls
 
-    main, shards = args.redis_url, list(args.redis_shards or [args.redis_url])
+    if args.redis_type == "cluster":
+        main, shards = args.redis_url[0], list(args.redis_url)
+    else:
+        main, shards = args.redis_url, list(args.redis_shards or [args.redis_url])
     options = [name for name, value in (("REDIS_TLS_CACERT", args.redis_tls_cacert),
                                         ("REDIS_TLS_CLIENT_CERT", args.redis_tls_client_cert),
                                         ("REDIS_TLS_CLIENT_KEY", args.redis_tls_client_key),
@@ -582,8 +658,21 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
         persecond = secured(persecond, args.redis_persecond_tls, "REDIS_PERSECOND_TLS=true (--redis-persecond-tls)")
     elif args.redis_persecond_tls:
         warnings.append("REDIS_PERSECOND_TLS is ignored: there is no per-second Redis (REDIS_PERSECOND is not true)")
-    urls = [main, *shards, *([persecond] if persecond else [])]
+    state = args.state_redis_url
+    if state is not None:
+        state = secured(state, False, "IGW_STATE_REDIS_URL (--state-redis-url)")
+    elif args.redis_type != "cluster":
+        state = main
+    urls = [main, *shards, *([persecond] if persecond else []), *([state] if state else [])]
     if options and not any(urlparse(url).scheme == "rediss" for url in urls):
         startup_error(parser, f"{options[0]} is set but no Redis is reached over TLS: set REDIS_TLS=true "
                                "(--redis-tls) or give rediss:// URLs")
-    return _RedisUrls(main, tuple(shards), persecond)
+    if args.redis_type == "cluster":
+        first = parse_redis_url(shards[0])
+        for seed in shards[1:]:
+            address = parse_redis_url(seed)
+            if (address.username, address.password, address.tls) != (first.username, first.password, first.tls):
+                startup_error(parser, f"REDIS_URL (--redis-url): cluster seeds {first.url} and {address.url} "
+                                       "differ in credentials or TLS settings; every node of a cluster is reached "
+                                       "with the same ones")
+    return _RedisUrls(main, tuple(shards), persecond, state)

@@ -36,8 +36,7 @@ def run(config_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 
 @pytest.mark.parametrize(("name", "value", "reason"), [
-    ("REDIS_TYPE", "CLUSTER", "Sentinel and Cluster are not supported"),
-    ("REDIS_TYPE", "sentinel", "Sentinel and Cluster are not supported"),
+    ("REDIS_TYPE", "sentinel", "Redis Sentinel is not supported"),
     ("CONFIG_TYPE", "GRPC_XDS_SOTW", "xDS config server is not supported"),
     ("BACKEND_TYPE", "memcache", "memcached is not supported"),
 ])
@@ -71,7 +70,7 @@ def test_the_per_second_redis_type_without_a_per_second_redis_is_only_named_in_a
 
 
 def test_every_refused_setting_gets_its_own_line(config_dir: Path) -> None:
-    proc = run(config_dir, {"REDIS_TYPE": "cluster", "CONFIG_TYPE": "GRPC_XDS_SOTW"})
+    proc = run(config_dir, {"REDIS_TYPE": "sentinel", "CONFIG_TYPE": "GRPC_XDS_SOTW"})
     assert proc.returncode == 2
     assert [line.split(": ")[2].split("=")[0] for line in proc.stderr.splitlines()] == ["REDIS_TYPE", "CONFIG_TYPE"]
 
@@ -111,11 +110,12 @@ def test_the_table_reports_only_values_that_differ_from_upstreams_default() -> N
 
 
 def test_no_setting_in_the_table_is_also_one_we_implement() -> None:
-    """A name here and in a flag would refuse or warn about something the service does. BACKEND_TYPE is the
-    exception: the flag implements redis and memory, the table refuses upstream's memcache."""
+    """A name here and in a flag would refuse or warn about something the service does. BACKEND_TYPE and
+    REDIS_TYPE are the exceptions: the flags implement redis and memory, single and cluster; the table refuses
+    upstream's memcache and sentinel."""
     parser, _ = build_parser()
     implemented = {name for action in parser._actions for name in re.findall(r"\(env ([A-Z0-9_]+)", action.help or "")}
-    assert {s.name for s in UPSTREAM_SETTINGS} & implemented == {"BACKEND_TYPE"}
+    assert {s.name for s in UPSTREAM_SETTINGS} & implemented == {"BACKEND_TYPE", "REDIS_TYPE"}
 
 
 def test_a_misspelled_redis_socket_type_is_named_instead_of_meaning_tcp(config_dir: Path) -> None:

@@ -1,0 +1,118 @@
+"""A real Redis Cluster for tests: three redis-server masters in cluster mode on free loopback ports,
+joined with `redis-cli --cluster create`, and the helpers tests use to look inside it."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from igw.procs import RedisServer, free_port
+
+
+class RedisClusterProcs:
+    """Masters of one cluster (no replicas). `require_full_coverage=False` lets the surviving masters keep
+    serving their slots when one dies, as managed cluster-mode Redis is often set up; with the default,
+    every node answers CLUSTERDOWN a node timeout after a master fails."""
+
+    def __init__(self, log_dir: Path, masters: int = 3, *, require_full_coverage: bool = True) -> None:
+        self.servers = [RedisServer(log_dir=log_dir) for _ in range(masters)]
+        for server in self.servers:
+            server.name = f"redis-cluster-{server.port}"
+            server.log_path = Path(log_dir) / f"{server.name}.log"
+            server.args += ["--cluster-enabled", "yes",
+                            "--cluster-config-file", str(server.data_dir / f"nodes-{server.port}.conf"),
+                            "--cluster-node-timeout", "2000",
+                            # The bus port is the data port + 10000 unless given: take a free one too.
+                            "--cluster-port", str(free_port()),
+                            "--cluster-require-full-coverage", "yes" if require_full_coverage else "no"]
+        self._clients: dict[int, redis.Redis] = {}
+
+    @property
+    def ports(self) -> list[int]:
+        return [server.port for server in self.servers]
+
+    @property
+    def seeds(self) -> str:
+        """REDIS_URL in upstream's cluster form."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self) -> RedisClusterProcs:
+        for server in self.servers:
+            server.start()
+        cli = shutil.which("redis-cli")
+        assert cli, "redis-cli not found (Debian package redis-tools)"
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 20
+        while not all(b"cluster_state:ok" in self.client(port).execute_command("CLUSTER", "INFO")
+                      for port in self.ports):
+            assert time.monotonic() < deadline, "cluster not ok after 20 s"
+            time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        for server in self.servers:
+            server.stop()
+
+    def client(self, port: int) -> redis.Redis:
+        if port not in self._clients:
+            self._clients[port] = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+        return self._clients[port]
+
+    def node_id(self, port: int) -> str:
+        return self.client(port).execute_command("CLUSTER", "MYID").decode()
+
+    def slot_of(self, key: str) -> int:
+        return int(self.client(self.ports[0]).execute_command("CLUSTER", "KEYSLOT", key))
+
+    def owner_of(self, slot: int) -> int:
+        """The port of the master that holds `slot`, as the cluster itself says."""
+        for start, end, master, *_ in self.client(self.ports[0]).execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(master[1])
+        raise AssertionError(f"slot {slot} is not assigned")
+
+    def owners(self) -> list[int]:
+        """The port of each slot's master, from one CLUSTER SLOTS."""
+        owners = [0] * 16384
+        for start, end, master, *_ in self.client(self.ports[0]).execute_command("CLUSTER", "SLOTS"):
+            owners[start:end + 1] = [int(master[1])] * (end + 1 - start)
+        return owners
+
+    def keys_on(self, port: int, pattern: str = "*") -> list[str]:
+        return sorted(key.decode() for key in self.client(port).keys(pattern))
+
+    def migrate_slot(self, slot: int, to_port: int, *, finish: bool = True) -> int:
+        """Move `slot` (and its keys) to the master on `to_port`, as redis-cli --cluster reshard does:
+        IMPORTING/MIGRATING, MIGRATE every key, then (finish) SETSLOT NODE on every master. Returns the port
+        it came from. Without `finish` the slot stays half migrated: its keys are on `to_port`, and the old
+        owner answers ASK for them."""
+        source = self.owner_of(slot)
+        source_id, target_id = self.node_id(source), self.node_id(to_port)
+        self.client(to_port).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        self.client(source).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        src = self.client(source)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+        if finish:
+            self.finish_migration(slot, to_port)
+        return source
+
+    def finish_migration(self, slot: int, to_port: int) -> None:
+        target_id = self.node_id(to_port)
+        for port in [to_port, *(p for p in self.ports if p != to_port)]:
+            with contextlib.suppress(redis.ConnectionError):
+                self.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+    def flush(self) -> None:
+        for port in self.ports:
+            with contextlib.suppress(redis.ConnectionError):
+                self.client(port).flushall()
