@@ -218,7 +218,10 @@ class ReplicaWatcher:
             self.watch_open = True
             self.api_ok_at = time.monotonic()
         try:
-            for line in self._lines(resp):
+            # stop() may have run while the request was made, before _resp was set, and so shut no socket:
+            # reading now would block until the read timeout.
+            lines = () if self._stop.is_set() else self._lines(resp)
+            for line in lines:
                 if self._stop.is_set():
                     break
                 self._handle_line(line)

@@ -75,12 +75,14 @@ def test_killing_one_replica_of_each_service_fails_no_request_after_the_health_c
     ratelimit_1 = f"127.0.0.1:{state['services']['ratelimit'][1]['grpc_port']}"
     envoy_pid = bed.procs["envoy"].pid
     with SteadyLoad(url, key_for("e2e")).running() as load:
-        time.sleep(1.0)
-        assert load.count(0) > 20 and load.failures(0) == [], load.failures(0)
+        # Counts, not fixed pauses: a loaded machine sends fewer than the ~100 requests/s of an idle one.
+        _wait(lambda: load.count(0) > 20, 15, "the steady load to get going")
+        assert load.failures(0) == [], load.failures(0)
         killed_at = time.time()
         bed.kill("ext_proc-1")
         bed.kill("ratelimit-1")
-        time.sleep(WINDOW_S + 2.0)
+        _wait(lambda: time.time() > killed_at + WINDOW_S + 2.0 and load.count(killed_at + WINDOW_S) > 50, 30,
+              "50 requests sent after the health-check window")
         in_window = load.failures(killed_at, killed_at + WINDOW_S)
         after_window = load.failures(killed_at + WINDOW_S)
         served_after = load.count(killed_at + WINDOW_S)

@@ -86,10 +86,11 @@ def test_with_redis_down_cached_keys_pass_unlimited_new_keys_get_503_and_a_resta
     replicas = [s["http_port"] for s in bed.state["services"]["ext_proc"]]
     _wait(lambda: send(burst[:1], concurrency=1)[0].status in (200, 429)
           and all(metric(port, "igw_ext_proc_requests_total", tenant="burst-b") > 0 for port in replicas),
-          5, "both ext_proc replicas to have seen the key")
+          15, "both ext_proc replicas to have seen the key")
     try:
         bed.stop_component("redis")
-        _wait(lambda: _all_unhealthy(bed, "ratelimit"), 5, "the rate-limit replicas to report NOT_SERVING")
+        # Envoy needs two failed 1 s health checks per replica: seconds, and more on a loaded machine.
+        _wait(lambda: _all_unhealthy(bed, "ratelimit"), 15, "the rate-limit replicas to report NOT_SERVING")
         down = send_in_one_window(burst, concurrency=1)
         refused = send([v2_infer(gateway, "demo-linear", uncached)], concurrency=1)[0]
     finally:
@@ -100,7 +101,7 @@ def test_with_redis_down_cached_keys_pass_unlimited_new_keys_get_503_and_a_resta
 
     _wait(lambda: all(f == "healthy" for f in bed.envoy_host_health()["ratelimit"].values()), 10, "ratelimit healthy")
     probe = [v2_infer(gateway, "demo-linear", key_for("e2e"))] * 6
-    _wait(lambda: all("x-ratelimit-limit" in r.headers for r in send(probe, concurrency=1)), 5,
+    _wait(lambda: all("x-ratelimit-limit" in r.headers for r in send(probe, concurrency=1)), 15,
           "every rate-limit replica to count in the new Redis")
     demo = send([v2_infer(gateway, "demo-linear", bed.state["tenant"]["api_key"])], concurrency=1)[0]
     again = send_in_one_window([v2_infer(gateway, "demo-linear", key_for("burst-b"))] * 10, concurrency=1)

@@ -115,7 +115,7 @@ def test_every_access_log_line_is_json_and_names_tenant_model_and_replica(
         assert entry["upstream_cluster"] == f"model-{model}"
 
 
-def _wait_for_lines(log: Path, request_ids: set[str], timeout: float = 3.0) -> dict[str, dict[str, Any]]:
+def _wait_for_lines(log: Path, request_ids: set[str], timeout: float = 10.0) -> dict[str, dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
         entries = [json.loads(text) for text in log.read_text().splitlines()]  # every line must parse

@@ -18,10 +18,11 @@ def test_repeated_shape_still_enforces_the_body_limit(client: ExtProcClient, wor
 
 
 def test_repeated_shape_still_notices_key_expiry(client: ExtProcClient, world: World) -> None:
-    issued = store.issue_key(store.connect(world.redis_url), "acme", expires_in=0.3)
+    # Long enough for two calls on a loaded machine; then wait out the expiry itself, not a fixed pause.
+    issued = store.issue_key(store.connect(world.redis_url), "acme", expires_in=1.5)
     assert allowed_headers(client.one(request_headers(key=issued.key, extra=REQUEST_ID)))
     assert allowed_headers(client.one(request_headers(key=issued.key, extra=REQUEST_ID)))
-    time.sleep(0.35)
+    time.sleep(max(0.0, issued.expires_at - time.time()) + 0.05)
     assert denial(client.one(request_headers(key=issued.key, extra=REQUEST_ID))).message == "the API key has expired"
 
 

@@ -89,3 +89,25 @@ def test_the_watch_connection_probes_a_silent_peer_with_tcp_keepalive_within_the
     assert (idle, interval, count) == (KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
     assert idle + interval * count < WatcherSettings().ttl
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # urllib3's default kept
+
+
+def test_a_stop_while_a_watch_is_being_opened_ends_the_watcher_at_once(
+    kube_api: FakeKubeAPI, redis_url: str
+) -> None:
+    runner = WatcherRunner(redis_url)
+    kube_api.load([model_slice("llama", ["a"])])
+    watcher = runner.start(kube_api.url)
+    wait_for(lambda: kube_api.active_watches == 1, what="watch open")
+    open_call = watcher._list_call
+
+    def stopped_as_the_watch_opens(**kwargs: object) -> object:
+        resp = open_call(**kwargs)
+        if kwargs.get("watch"):
+            watcher.stop()  # as a signal handler would, before the watcher knows the stream to shut
+        return resp
+
+    watcher._list_call = stopped_as_the_watch_opens  # type: ignore[method-assign]
+    kube_api.drop_watches()  # the watcher opens its next watch through the wrapper
+    thread = runner.running[0][1]
+    thread.join(5)  # the read timeout is 10 s: a watcher blocked in the read would still be alive
+    assert not thread.is_alive()

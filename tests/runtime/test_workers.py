@@ -87,6 +87,15 @@ def _state(pid: int) -> str:
         return "zombie"
 
 
+def _ignores_sigterm(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    ignored = int(status.split("SigIgn:", 1)[1].split("\n", 1)[0], 16)
+    return bool(ignored & (1 << (signal.SIGTERM - 1)))
+
+
 STUBBORN_WORKER = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
 SUPERVISOR = """
 import sys
@@ -105,7 +114,10 @@ def test_workers_that_ignore_the_stop_signal_are_killed_after_the_grace_period()
             assert time.monotonic() < deadline, "workers did not start"
             time.sleep(0.05)
         workers = [int(pid) for pid in children_file.read_text().split()]
-        time.sleep(0.3)  # let them install their SIGTERM-ignoring handler
+        # A worker still starting up would die of SIGTERM at once and the grace period would go untested.
+        while not all(_ignores_sigterm(pid) for pid in workers):
+            assert time.monotonic() < deadline, "workers did not start ignoring SIGTERM"
+            time.sleep(0.05)
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(timeout=5) == 0
         assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
