@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from igw.http_admin import HealthCheck, start_admin_server
-from igw.tls import TlsFileError, file_stamp, load_ca_file, load_key_pair
+from igw.tls import FilesWatch, TlsFileError, load_ca_file, load_key_pair
 from igw.workers import ADMIN_PORT_ENV
 
 _GRPC_INT_MAX = 2**31 - 1  # grpc core's "infinite" for its millisecond options
@@ -73,26 +73,25 @@ class ServerTls:
 class _CertificateReloader:
     """grpc calls this before every TLS handshake: a stat of each file, and a reload when one changed.
     A bad new file is logged and the certificate in use kept (a half-written pair is retried once the
-    second file lands, as that changes its stamp again)."""
+    second file lands, as that changes its stamp again; a failed load is retried, see FilesWatch)."""
 
     def __init__(self, tls: ServerTls, log: logging.Logger) -> None:
         self.tls = tls
         self.log = log
-        self.stamps = self._stamps()
-
-    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
-        return tuple(file_stamp(path) for path in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file))
+        self.watch = FilesWatch((tls.cert_file, tls.key_file, tls.client_ca_file))
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
-        stamps = self._stamps()
-        if stamps == self.stamps:
+        stamps = self.watch.due()
+        if stamps is None:
             return None
-        self.stamps = stamps
         try:
             config = self.tls.load()
         except TlsFileError as exc:
-            self.log.error("gRPC TLS files changed but cannot be used, keeping the current ones: %s", exc)
+            log = self.log.error if self.watch.failed_with(stamps) else self.log.debug
+            log("gRPC TLS files changed but cannot be used, keeping the current ones: %s (tried again in %.0f s)",
+                exc, FilesWatch.RETRY_S)
             return None
+        self.watch.succeeded(stamps)
         self.log.info("gRPC TLS files reloaded: %s", ", ".join(
             p for p in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file) if p))
         return config

@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,13 +108,54 @@ def server_tls_settings_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def file_stamp(path: str | None) -> tuple[int, int, int] | None:
-    """What changes when a file is rewritten or swapped (a Kubernetes secret update renames a directory)."""
+def file_stamp(path: str | None) -> tuple[int, int, int, int] | None:
+    """What changes when a file is rewritten or swapped (a Kubernetes secret update renames a directory), or
+    when only its permissions or owner are mended (ctime), so a file that could not be read is tried again."""
     try:
         st = os.stat(path) if path else None
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns) if st else None
+
+
+Stamps = tuple[tuple[int, int, int, int] | None, ...]
+
+
+class FilesWatch:
+    """When a server's TLS files should be read again: when their stamps changed since the last good load, or,
+    after a load that failed, once the files change again or RETRY_S has passed (a failure that no file change
+    will mend, such as running out of file descriptors, must not leave the old certificate in place until the
+    next rotation, while a broken file must not be re-read and logged at every handshake)."""
+
+    RETRY_S = 10.0
+
+    def __init__(self, paths: tuple[str | None, ...], clock: Callable[[], float] = time.monotonic) -> None:
+        self.paths = paths
+        self.clock = clock
+        self.loaded = self.stamps()
+        self.failed: Stamps | None = None
+        self.retry_at = 0.0
+
+    def stamps(self) -> Stamps:
+        return tuple(file_stamp(path) for path in self.paths)
+
+    def due(self) -> Stamps | None:
+        """The stamps to load now, or None when nothing is to be done."""
+        stamps = self.stamps()
+        if stamps == self.loaded:
+            return None
+        if stamps == self.failed and self.clock() < self.retry_at:
+            return None
+        return stamps
+
+    def succeeded(self, stamps: Stamps) -> None:
+        self.loaded, self.failed = stamps, None
+
+    def failed_with(self, stamps: Stamps) -> bool:
+        """Record a failed load; True when it is news (other files than the last failure), to log as an error."""
+        news = stamps != self.failed
+        self.failed, self.retry_at = stamps, self.clock() + self.RETRY_S
+        return news
 
 
 H2_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.3's suites are all AEAD and not affected
@@ -179,30 +222,29 @@ class ServerContext:
     which would skip the check against the new client CA. (Swapping the context in the SNI callback did
     not do that: OpenSSL looks sessions up in the cache of the context the connection was made with.)
     A bad new file is logged and the context in use kept; a pair written one file after the other is
-    retried once the second lands, as that changes its stamp again."""
+    retried once the second lands, as that changes its stamp again, and a load that failed is retried
+    (FilesWatch)."""
 
     def __init__(self, files: ServerFiles, log: logging.Logger) -> None:
         self.files = files
         self.log = log
-        self.stamps = self._stamps()
+        self.watch = FilesWatch((files.cert_file, files.key_file, files.client_ca_file))
         self.context = files.h2_context(_PerConnectionContext)
         self.context.owner = self  # type: ignore[attr-defined]
         self.current: ssl.SSLContext = self.context
 
-    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
-        return tuple(file_stamp(path) for path in (self.files.cert_file, self.files.key_file,
-                                                   self.files.client_ca_file))
-
     def reload_if_changed(self) -> None:
-        stamps = self._stamps()
-        if stamps == self.stamps:
+        stamps = self.watch.due()
+        if stamps is None:
             return
-        self.stamps = stamps
         try:
             self.current = self.files.h2_context()
         except TlsFileError as exc:
-            self.log.error("TLS files changed but cannot be used, keeping the current ones: %s", exc)
+            log = self.log.error if self.watch.failed_with(stamps) else self.log.debug
+            log("TLS files changed but cannot be used, keeping the current ones: %s (tried again in %.0f s)",
+                exc, FilesWatch.RETRY_S)
             return
+        self.watch.succeeded(stamps)
         self.log.info("TLS files reloaded: %s", ", ".join(self.files.paths))
 
     def for_new_connection(self) -> ssl.SSLContext:
