@@ -23,6 +23,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from prometheus_client import Gauge
 
+from igw.redis_sentinel import SentinelTarget, state_redis_client
 from igw.replicas import CHANGED_CHANNEL, MODELS_SET, ReplicaState, decode_state, replica_key
 from ratelimit_svc import metrics
 from ratelimit_svc.config import Adaptive, Node, RateLimitConfig
@@ -69,8 +70,10 @@ def model_of(adaptive: Adaptive, match: Match) -> str | None:
 
 
 class AdaptiveLimits:
-    def __init__(self, redis_url: str | None, *, max_age: float = 10.0, sweep_interval: float = 1.0) -> None:
-        """`redis_url` None: no replica data is ever read (no state Redis), every adaptive limit is its min."""
+    def __init__(self, redis_url: str | SentinelTarget | None, *, max_age: float = 10.0,
+                 sweep_interval: float = 1.0) -> None:
+        """`redis_url` None: no replica data is ever read (no state Redis), every adaptive limit is its min;
+        a SentinelTarget: the master its sentinels name (REDIS_TYPE=sentinel)."""
         self.redis_url = redis_url
         self.max_age = max_age
         self.sweep_interval = sweep_interval
@@ -146,7 +149,7 @@ class AdaptiveLimits:
         if self.redis_url is None:
             await stop.wait()
             return
-        self._client = aioredis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=1)
+        self._client = state_redis_client(self.redis_url, socket_timeout=2, socket_connect_timeout=1)
 
         async def subscriber() -> None:
             while not stop.is_set():

@@ -30,6 +30,7 @@ from envoy.type.v3 import ratelimit_strategy_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 from prometheus_client import Counter, Gauge
 
+from igw.redis_sentinel import SentinelTarget, state_redis_client
 from ratelimit_svc.adaptive import AdaptiveLimits
 from ratelimit_svc.config import RateLimitConfig
 from ratelimit_svc.loader import ConfigHolder
@@ -146,12 +147,14 @@ def bucket_action(bucket_id: rlqs_pb2.BucketId, assignment: Assignment) -> rlqs_
 
 
 class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
-    def __init__(self, budgets: QuotaBudgets, redis_url: str | None, floor_fraction: float = FLOOR_FRACTION) -> None:
-        """`redis_url` None: no state Redis, demand is this process's streams alone (not shared)."""
+    def __init__(self, budgets: QuotaBudgets, redis_url: str | SentinelTarget | None,
+                 floor_fraction: float = FLOOR_FRACTION) -> None:
+        """`redis_url` None: no state Redis, demand is this process's streams alone (not shared); a
+        SentinelTarget: the master its sentinels name (REDIS_TYPE=sentinel)."""
         self.budgets = budgets
         self.floor_fraction = floor_fraction
         self.streams: dict[str, GatewayStream] = {}
-        self.redis = (aioredis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+        self.redis = (state_redis_client(redis_url, socket_timeout=1, socket_connect_timeout=1)
                       if redis_url is not None else None)
         self._wake = asyncio.Event()
         # Per bucket, the other server replicas' streams as last read from Redis: while Redis is down they

@@ -17,6 +17,7 @@ from prometheus_client import Gauge
 
 from igw.redis_cluster import RedisCluster
 from igw.redis_conn import PipelinedRedis, RedisError, parse_redis_url
+from igw.redis_sentinel import SentinelRedis
 from igw.service_runtime import AioBackend, ServiceRuntime, max_connection_age_options
 from ratelimit_svc import metrics, upstream_prometheus
 from ratelimit_svc.adaptive import AdaptiveLimits
@@ -39,8 +40,11 @@ def _persecond_up() -> Gauge:
                  "(REDIS_PERSECOND) succeeded")
 
 
-def _shown(redis: PipelinedRedis, per_second: bool = False) -> str:
-    """A Redis as /healthcheck and the logs name it: the URL without its password."""
+def _shown(redis: PipelinedRedis | SentinelRedis, per_second: bool = False) -> str:
+    """A Redis as /healthcheck and the logs name it: the URL without its password (a sentinel-managed
+    master: its name, where it is, its sentinels and what is wrong)."""
+    if isinstance(redis, SentinelRedis):
+        return f"per-second {redis.shown()}" if per_second else redis.shown()
     address = redis.address
     if address.password:
         address = dataclasses.replace(address, password="***")
@@ -105,11 +109,24 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         log.warning("%s", warning)
     if not settings.force_start_without_initial_config:
         holder.reload()  # as upstream, which waits for its first config event (files send theirs at once)
-    shards = [PipelinedRedis(url, timeout=settings.redis_timeout, connect_timeout=settings.redis_timeout)
-              for url in settings.redis_shards]
-    per_second = (PipelinedRedis(settings.redis_persecond_url, timeout=settings.redis_persecond_timeout,
-                                 connect_timeout=settings.redis_persecond_timeout)
-                  if settings.redis_persecond_url and settings.backend == "redis" else None)
+    # Chosen here, once: a single Redis stays a bare PipelinedRedis, and only sentinel mode pays for the
+    # indirection that follows failovers.
+    shards: list[PipelinedRedis | SentinelRedis] = [
+        PipelinedRedis(url, timeout=settings.redis_timeout, connect_timeout=settings.redis_timeout)
+        for url in settings.redis_shards]
+    sentinels: list[SentinelRedis] = []
+    if settings.redis_sentinel is not None and settings.backend == "redis":
+        sentinels.append(SentinelRedis(settings.redis_sentinel, timeout=settings.redis_timeout,
+                                       connect_timeout=settings.redis_timeout))
+        shards = [sentinels[0]]
+    per_second: PipelinedRedis | SentinelRedis | None = None
+    if settings.backend == "redis" and settings.redis_persecond_sentinel is not None:
+        per_second = SentinelRedis(settings.redis_persecond_sentinel, timeout=settings.redis_persecond_timeout,
+                                   connect_timeout=settings.redis_persecond_timeout)
+        sentinels.append(per_second)
+    elif settings.redis_persecond_url and settings.backend == "redis":
+        per_second = PipelinedRedis(settings.redis_persecond_url, timeout=settings.redis_persecond_timeout,
+                                    connect_timeout=settings.redis_persecond_timeout)
     cluster = (RedisCluster(settings.redis_cluster, timeout=settings.redis_timeout,
                             connect_timeout=settings.redis_timeout, scripts=SCRIPTS)
                if settings.redis_type == "cluster" and settings.backend == "redis" else None)
@@ -117,14 +134,20 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     if settings.backend == "memory":
         counters = MemoryCounters()
     elif cluster is not None:
-        counters = ClusterCounters(cluster, per_second=per_second)
+        counters = ClusterCounters(cluster, per_second=per_second)  # type: ignore[arg-type]
         try:
             await cluster.refresh()
         except RedisError as exc:  # as a single Redis that is down: start unhealthy, the probe keeps trying
             log.warning("redis cluster: cannot read the slot map yet: %s", exc)
     else:
-        counters = RedisCounters(*shards, per_second=per_second)
-    state_url = settings.state_redis_url
+        # A SentinelRedis answers execute_many as a PipelinedRedis does: the counters take it for one.
+        counters = RedisCounters(*shards, per_second=per_second)  # type: ignore[arg-type]
+    for sentinel in sentinels:
+        try:
+            await sentinel.discover()
+        except RedisError as exc:  # as a single Redis that is down: start unhealthy, the probe keeps asking
+            log.warning("redis sentinel: cannot find the master yet: %s", exc)
+    state_url = settings.state_redis
     if state_url is None:
         log.warning("REDIS_TYPE=cluster without IGW_STATE_REDIS_URL (--state-redis-url): replica counts and "
                     "quota-push demand are not shared, so adaptive limits stay at their min and RLQS demand is "
@@ -197,7 +220,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     log.info(
         "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s counters=%s persecond=%s local_cache=%dB "
         "pid=%d", runtime.address, settings.host, settings.http_port, settings.config_dir,
-        _masked(state_url) if state_url else "-",
+        (_masked(state_url) if isinstance(state_url, str) else f"sentinel:{state_url.master_name}") if state_url
+        else "-",
         ",".join(_shown(shard) for shard in shards) if cluster is None
         else "cluster:" + ",".join(_masked(seed) for seed in settings.redis_cluster),
         _shown(per_second) if per_second else "-",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlparse
 
 from igw.redis_conn import masked_url, parse_redis_url
+from igw.redis_sentinel import MASTER_PLACEHOLDER, SentinelTarget
 from igw.runtime import (
     EnvDefaults,
     add_common_flags,
@@ -90,10 +91,74 @@ def _redis_urls(text: str) -> list[str]:
 def _redis_type(text: str) -> str:
     """Upstream's REDIS_TYPE, case-insensitive as there."""
     value = text.strip().lower()
-    if value not in ("single", "cluster"):
-        raise argparse.ArgumentTypeError(f"invalid redis type {text!r} (single or cluster; Redis Sentinel is "
-                                         "not supported)")
+    if value not in ("single", "cluster", "sentinel"):
+        raise argparse.ArgumentTypeError(f"invalid redis type {text!r} (single, cluster or sentinel)")
     return value
+
+
+_SENTINEL_FORM = "<master name>,<sentinel host:port>,... (e.g. mymaster,10.0.0.1:26379,10.0.0.2:26379)"
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    """(host, port) of `host:port` or `[v6]:port`; None when `text` is not of that form."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        port = rest[1:] if bracket and rest.startswith(":") else ""
+    else:
+        host, _, port = text.rpartition(":")
+        if ":" in host:
+            return None
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _userinfo(auth_env: str) -> str:
+    """The userinfo of a redis:// URL for upstream's `password` or `user:password` in `auth_env`."""
+    auth = os.environ.get(auth_env, "")
+    if not auth:
+        return ""
+    user, _, password = auth.partition(":") if ":" in auth else ("", "", auth)
+    return f"{quote(user, safe='')}:{quote(password, safe='')}@"
+
+
+def _sentinel_target(text: str, setting: str, auth_env: str, sentinel_auth_env: str) -> SentinelTarget:
+    """Upstream's sentinel form of REDIS_URL: the master's name (as the sentinels monitor it), then the
+    sentinels' host:port. Credentials come apart, as upstream: `auth_env` for the master, `sentinel_auth_env`
+    for the sentinels (`password` or `user:password` each)."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) < 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"{setting} {masked_url(text)!r} with REDIS_TYPE=sentinel: expected "
+                                         f"{_SENTINEL_FORM}")
+    name, *entries = parts
+    if "://" in name or _host_port(name) is not None or any(c.isspace() for c in name):
+        raise argparse.ArgumentTypeError(f"{setting} {masked_url(text)!r} with REDIS_TYPE=sentinel: the first "
+                                         f"entry, {masked_url(name)!r}, must be the name of the master the "
+                                         f"sentinels monitor, not an address ({_SENTINEL_FORM})")
+    userinfo = _userinfo(sentinel_auth_env)
+    sentinels: list[str] = []
+    for entry in entries:
+        address = _host_port(entry)
+        if address is None:
+            raise argparse.ArgumentTypeError(f"{setting} with REDIS_TYPE=sentinel: sentinel {masked_url(entry)!r} "
+                                             f"is not host:port ({_SENTINEL_FORM})")
+        host = f"[{address[0]}]" if ":" in address[0] else address[0]
+        sentinels.append(redis_url_arg(f"redis://{userinfo}{host}:{address[1]}/0"))
+    twice = sorted({entry for entry in entries if entries.count(entry) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{setting} with REDIS_TYPE=sentinel: sentinel listed more than once: "
+                                         f"{', '.join(twice)}")
+    master_url = redis_url_arg(f"redis://{_userinfo(auth_env)}{MASTER_PLACEHOLDER}:6379/0")
+    return SentinelTarget(name, tuple(sentinels), master_url)
+
+
+def _redis_sentinel(text: str) -> SentinelTarget:
+    return _sentinel_target(text, "REDIS_URL (--redis-url)", "REDIS_AUTH", "REDIS_SENTINEL_AUTH")
+
+
+def _persecond_sentinel(text: str) -> SentinelTarget:
+    return _sentinel_target(text, "REDIS_PERSECOND_URL (--redis-persecond-url)", "REDIS_PERSECOND_AUTH",
+                            "REDIS_PERSECOND_SENTINEL_AUTH")
 
 
 def _redis_seeds(text: str) -> list[str]:
@@ -150,8 +215,9 @@ class UpstreamSetting:
 # or is logged once at startup as a warning. Settings we implement are flags in build_parser, not here
 # (tests/ratelimit/test_upstream_settings.py checks the two never overlap, BACKEND_TYPE's values aside).
 # Upstream settings not listed change nothing here: TRACING_* and CONFIG_GRPC_XDS_* other than those below
-# only matter with TRACING_ENABLED / CONFIG_TYPE=GRPC_XDS_SOTW, which are listed; REDIS_SENTINEL_AUTH only
-# with REDIS_TYPE=SENTINEL; REDIS_HEALTH_CHECK_ACTIVE_CONNECTION is always on here (a Redis that does not
+# only matter with TRACING_ENABLED / CONFIG_TYPE=GRPC_XDS_SOTW, which are listed; REDIS_SENTINEL_AUTH and
+# REDIS_PERSECOND_SENTINEL_AUTH are read with REDIS_TYPE / REDIS_PERSECOND_TYPE=sentinel (else a warning says
+# they are ignored); REDIS_HEALTH_CHECK_ACTIVE_CONNECTION is always on here (a Redis that does not
 # answer a PING makes /healthcheck fail).
 _NO_STATSD = ("no statsd is sent here: scrape Prometheus metrics from /metrics on PORT, or upstream's "
               "Prometheus names with USE_PROMETHEUS=true")
@@ -162,14 +228,14 @@ _ZERO_DURATION = ("0", "0s", "0ms", "0us", "0ns")
 UPSTREAM_SETTINGS: tuple[UpstreamSetting, ...] = (
     UpstreamSetting("BACKEND_TYPE", True, ("redis", "memory"),
                     "memcached is not supported; counters live in Redis (redis) or in this process (memory)"),
-    UpstreamSetting("REDIS_TYPE", True, ("single", "cluster"),
-                    "Redis Sentinel is not supported; REDIS_TYPE=single (REDIS_URL names one redis-server, "
-                    "REDIS_SHARDS may spread the counters over several) or cluster (REDIS_URL lists seed nodes "
-                    "of a Redis Cluster)"),
-    UpstreamSetting("REDIS_PERSECOND_TYPE", True, ("single",),
-                    "Redis Sentinel and Cluster are not supported for the per-second Redis; REDIS_PERSECOND_URL "
-                    "names one redis-server (with REDIS_TYPE=cluster and REDIS_PERSECOND unset, per-second "
-                    "counters live in the cluster with the others)",
+    UpstreamSetting("REDIS_TYPE", True, ("single", "cluster", "sentinel"),
+                    "not a redis type: single (REDIS_URL names one redis-server, REDIS_SHARDS may spread the "
+                    "counters over several), cluster (REDIS_URL lists seed nodes of a Redis Cluster) or sentinel "
+                    "(REDIS_URL is the master's name and its sentinels: mymaster,host1:26379,host2:26379)"),
+    UpstreamSetting("REDIS_PERSECOND_TYPE", True, ("single", "sentinel"),
+                    "Redis Cluster is not supported for the per-second Redis; REDIS_PERSECOND_URL names one "
+                    "redis-server (single) or a master and its sentinels (sentinel); with REDIS_TYPE=cluster "
+                    "and REDIS_PERSECOND unset, per-second counters live in the cluster with the others",
                     persecond_only=True),
     UpstreamSetting("CONFIG_TYPE", True, ("file",),
                     "an xDS config server is not supported; limits are read from YAML files (CONFIG_DIR or "
@@ -287,15 +353,30 @@ class Settings:
     grpc_max_connection_age_grace: float = 3600.0
     grpc_tls: ServerTls | None = None  # files already checked
     prometheus: UpstreamPrometheus | None = None  # USE_PROMETHEUS: upstream's metrics endpoint; None: off
-    redis_type: str = "single"  # REDIS_TYPE: single (redis_shards) or cluster (redis_cluster)
+    redis_type: str = "single"  # REDIS_TYPE: single (redis_shards), cluster (redis_cluster), sentinel
     redis_cluster: tuple[str, ...] = ()  # REDIS_TYPE=cluster: the seed nodes' URLs (TLS folded in)
+    redis_sentinel: SentinelTarget | None = None  # REDIS_TYPE=sentinel: the master and its sentinels
+    redis_persecond_sentinel: SentinelTarget | None = None  # REDIS_PERSECOND_TYPE=sentinel, with REDIS_PERSECOND
     # Replica counts (adaptive limits) and RLQS demand: --state-redis-url, else redis_url in single mode;
-    # None (cluster mode without it): not shared, adaptive limits stay at their min.
+    # None (cluster mode without it): not shared, adaptive limits stay at their min. In sentinel mode without
+    # it: None here, and the sentinel-managed master (redis_sentinel) holds them (see `state_redis`).
     state_redis_url: str | None = None
 
+    @property
+    def state_redis(self) -> str | SentinelTarget | None:
+        """Where replica counts and RLQS demand live: --state-redis-url, else the single Redis of the
+        counters (the sentinel-managed master in sentinel mode), else (cluster) nowhere."""
+        if self.state_redis_url is not None:
+            return self.state_redis_url
+        return self.redis_sentinel if self.redis_type == "sentinel" else None
 
-def build_parser(redis_type: str = "single") -> tuple[argparse.ArgumentParser, EnvDefaults]:
-    """`redis_type` picks how --redis-url is read: one server, or (cluster) a comma-separated seed list."""
+
+def build_parser(redis_type: str = "single", persecond_type: str = "single") -> tuple[argparse.ArgumentParser,
+                                                                                     EnvDefaults]:
+    """`redis_type` picks how --redis-url is read: one server, (cluster) a comma-separated seed list or
+    (sentinel) a master's name and its sentinels; `persecond_type` (sentinel or not) the same for
+    --redis-persecond-url."""
+    url_type = {"cluster": _redis_seeds, "sentinel": _redis_sentinel}.get(redis_type, _redis_url)
     parser = argparse.ArgumentParser(
         prog="python -m ratelimit_svc",
         description="Envoy global rate-limit service (envoy.service.ratelimit.v3), compatible with "
@@ -304,15 +385,18 @@ def build_parser(redis_type: str = "single") -> tuple[argparse.ArgumentParser, E
     env = EnvDefaults(parser)
     env.add("--config-dir", "CONFIG_DIR", default=None,
             help="directory of *.yaml configs; default RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY")
-    env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0",
-            type=_redis_seeds if redis_type == "cluster" else _redis_url,
+    # No default master and sentinels: with REDIS_TYPE=sentinel, REDIS_URL must be given (parse_settings).
+    env.add("--redis-url", "REDIS_URL", default=None if redis_type == "sentinel" else "redis://127.0.0.1:6379/0",
+            type=url_type,
             help="redis://[:password@]host:port/db, the same with rediss:// for TLS, or unix:///path; "
                  "upstream's bare host:port or socket path "
                  "(REDIS_SOCKET_TYPE, REDIS_AUTH) also works; with --redis-type cluster, the cluster's seed "
-                 "nodes, comma-separated")
+                 "nodes, comma-separated; with --redis-type sentinel, the master's name and its sentinels "
+                 "(mymaster,host1:26379,host2:26379; REDIS_SENTINEL_AUTH for the sentinels)")
     env.add("--redis-type", "REDIS_TYPE", default="single", type=_redis_type,
             help="single: --redis-url is one redis-server (--redis-shards may add more); cluster: a Redis "
-                 "Cluster holds the counters, --redis-url lists seed nodes")
+                 "Cluster holds the counters, --redis-url lists seed nodes; sentinel: the master that Redis "
+                 "Sentinel names holds them, followed through failovers")
     env.add("--state-redis-url", "IGW_STATE_REDIS_URL", default=None, type=redis_url_arg,
             help="the Redis of replica counts (adaptive limits) and quota-push (RLQS) demand; default "
                  "--redis-url (single); with --redis-type cluster, none unless given (adaptive limits stay "
@@ -366,9 +450,11 @@ def build_parser(redis_type: str = "single") -> tuple[argparse.ArgumentParser, E
                                   "background (calls fail and health is 503 until it is in force)")
     env.add("--redis-persecond", "REDIS_PERSECOND", default=False, type=parse_bool,
             help="keep the counters of limits whose unit is second on the --redis-persecond-url Redis")
-    env.add("--redis-persecond-url", "REDIS_PERSECOND_URL", default=None, type=_persecond_redis_url,
+    env.add("--redis-persecond-url", "REDIS_PERSECOND_URL", default=None,
+            type=_persecond_sentinel if persecond_type == "sentinel" else _persecond_redis_url,
             help="the per-second Redis, in --redis-url's forms (upstream's uses REDIS_PERSECOND_SOCKET_TYPE, "
-                 "REDIS_PERSECOND_AUTH)")
+                 "REDIS_PERSECOND_AUTH); with REDIS_PERSECOND_TYPE=sentinel, a master's name and its sentinels "
+                 "(REDIS_PERSECOND_SENTINEL_AUTH)")
     env.add("--redis-persecond-timeout", "REDIS_PERSECOND_TIMEOUT", default=None, type=parse_duration,
             help="per-call deadline on the per-second Redis; default --redis-timeout")
     env.add("--replica-max-age", "REPLICA_MAX_AGE", default=10.0, type=parse_duration,
@@ -445,7 +531,8 @@ def _redis_type_given(argv: list[str] | None) -> str:
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    parser, env = build_parser(_redis_type_given(argv))
+    persecond_type = os.environ.get("REDIS_PERSECOND_TYPE", "").strip().lower()
+    parser, env = build_parser(_redis_type_given(argv), persecond_type)
     # Before the flags: BACKEND_TYPE=memcache gets this line rather than the flag's "invalid backend".
     refusals, warnings = upstream_settings_in(os.environ)
     if refusals:  # one line each, without the usage text: nothing is wrong with the command line
@@ -460,7 +547,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         parser.error(f"config directory {str(config_dir)!r} does not exist or is not a directory")
     if not os.access(config_dir, os.R_OK | os.X_OK):
         parser.error(f"config directory {str(config_dir)!r} is not readable")
-    persecond_url: str | None = None
+    persecond_url: str | SentinelTarget | None = None
     if args.redis_persecond:
         if args.redis_persecond_url is None:
             parser.error("REDIS_PERSECOND=true (--redis-persecond) needs REDIS_PERSECOND_URL (--redis-persecond-url), "
@@ -468,7 +555,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         if args.backend == "memory":
             warnings.append("REDIS_PERSECOND=true is ignored: BACKEND_TYPE=memory keeps every counter in this process")
         else:
-            persecond_url = args.redis_persecond_url
+            persecond_url = args.redis_persecond_url  # a SentinelTarget with REDIS_PERSECOND_TYPE=sentinel
     elif args.redis_persecond_url is not None:
         warnings.append("REDIS_PERSECOND_URL is ignored: REDIS_PERSECOND (--redis-persecond) is not true, so "
                         "per-second counters stay with the others, as upstream")
@@ -478,19 +565,35 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
                         f"{LOCAL_CACHE_MIN_BYTES} bytes, as upstream (its freecache has the same minimum)")
         local_cache_size = LOCAL_CACHE_MIN_BYTES
     cluster = args.redis_type == "cluster"
+    sentinel = args.redis_type == "sentinel"
     if cluster and args.redis_shards:
         startup_error(parser, "REDIS_SHARDS (--redis-shards) cannot be used with REDIS_TYPE=cluster "
                                "(--redis-type cluster): the cluster spreads the counters over its masters itself; "
                                "list its seed nodes in REDIS_URL and unset REDIS_SHARDS")
+    if sentinel and args.redis_url is None:
+        startup_error(parser, f"REDIS_TYPE=sentinel (--redis-type sentinel) needs REDIS_URL (--redis-url): "
+                               f"{_SENTINEL_FORM}")
+    if sentinel and args.redis_shards:
+        startup_error(parser, "REDIS_SHARDS (--redis-shards) cannot be used with REDIS_TYPE=sentinel "
+                               "(--redis-type sentinel): the counters live on the one master the sentinels "
+                               "name; unset REDIS_SHARDS")
+    for name, used in (("REDIS_SENTINEL_AUTH", sentinel),
+                       ("REDIS_PERSECOND_SENTINEL_AUTH", isinstance(persecond_url, SentinelTarget))):
+        if os.environ.get(name) and not used:
+            warnings.append(f"{name} is ignored: it authenticates to Redis Sentinel, which is used only with "
+                            f"{'REDIS_TYPE' if name == 'REDIS_SENTINEL_AUTH' else 'REDIS_PERSECOND_TYPE'}=sentinel"
+                            " (as upstream)")
     redis_urls = _redis_tls(parser, args, persecond_url, warnings)
     prometheus = _upstream_prometheus(parser, args, warnings)
     persecond_url = redis_urls.persecond
     return Settings(
         config_dir=config_dir,
         redis_url=redis_urls.main,
-        redis_shards=() if cluster else redis_urls.shards,
+        redis_shards=() if cluster or sentinel else redis_urls.shards,
         redis_type=args.redis_type,
         redis_cluster=redis_urls.shards if cluster else (),
+        redis_sentinel=redis_urls.sentinel,
+        redis_persecond_sentinel=redis_urls.persecond_sentinel,
         state_redis_url=redis_urls.state,
         grpc_uds=_grpc_uds(parser, args),
         grpc_max_connection_age=args.grpc_max_connection_age,
@@ -523,7 +626,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         stop_cache_key_increment_when_overlimit=args.stop_cache_key_increment_when_overlimit,
         healthy_with_at_least_one_config_loaded=args.healthy_with_at_least_one_config_loaded,
         force_start_without_initial_config=args.force_start_without_initial_config,
-        redis_persecond_url=persecond_url,
+        redis_persecond_url=persecond_url if isinstance(persecond_url, str) else None,
         redis_persecond_timeout=(args.redis_timeout if args.redis_persecond_timeout is None
                                  else args.redis_persecond_timeout),
         upstream_warnings=tuple(warnings),
@@ -607,20 +710,26 @@ def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
 @dataclass(frozen=True)
 class _RedisUrls:
     main: str
-    shards: tuple[str, ...]  # with a cluster: its seeds
-    persecond: str | None
+    shards: tuple[str, ...]  # with a cluster: its seeds; with sentinel: none
+    persecond: str | SentinelTarget | None
     state: str | None
+    sentinel: SentinelTarget | None = None
+    persecond_sentinel: SentinelTarget | None = None
 
 
-def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persecond: str | None,
+def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persecond: str | SentinelTarget | None,
                warnings: list[str]) -> _RedisUrls:
     """The Redis URLs with REDIS_TLS* folded in: REDIS_TLS makes --redis-url and the shards rediss://,
     REDIS_PERSECOND_TLS the per-second one, and the file settings apply to every rediss:// URL (a URL that
     spells an option itself keeps it)."""
     from igw.redis_conn import RedisTls, TlsFileError, load_ca_file, load_key_pair, with_tls
 
+    target: SentinelTarget | None = None
     if args.redis_type == "cluster":
         main, shards = args.redis_url[0], list(args.redis_url)
+    elif args.redis_type == "sentinel":
+        target = args.redis_url
+        main, shards = target.sentinels[0], []
     else:
         main, shards = args.redis_url, list(args.redis_shards or [args.redis_url])
     options = [name for name, value in (("REDIS_TLS_CACERT", args.redis_tls_cacert),
@@ -652,18 +761,32 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
         except ValueError as exc:
             startup_error(parser, f"{setting}: {exc}")
 
+    def secured_target(target: SentinelTarget, on: bool, setting: str) -> SentinelTarget:
+        """TLS to the master and to the sentinels alike (a sentinel deployment serves both on TLS or neither)."""
+        return SentinelTarget(target.master_name, tuple(secured(url, on, setting) for url in target.sentinels),
+                              secured(target.master_url, on, setting))
+
     main = secured(main, args.redis_tls, "REDIS_TLS=true (--redis-tls)")
     shards = [secured(url, args.redis_tls, "REDIS_TLS=true (--redis-tls)") for url in shards]
-    if persecond is not None:
+    if target is not None:
+        target = secured_target(target, args.redis_tls, "REDIS_TLS=true (--redis-tls)")
+    persecond_target: SentinelTarget | None = None
+    if isinstance(persecond, SentinelTarget):
+        persecond = persecond_target = secured_target(persecond, args.redis_persecond_tls,
+                                                      "REDIS_PERSECOND_TLS=true (--redis-persecond-tls)")
+    elif persecond is not None:
         persecond = secured(persecond, args.redis_persecond_tls, "REDIS_PERSECOND_TLS=true (--redis-persecond-tls)")
     elif args.redis_persecond_tls:
         warnings.append("REDIS_PERSECOND_TLS is ignored: there is no per-second Redis (REDIS_PERSECOND is not true)")
     state = args.state_redis_url
     if state is not None:
         state = secured(state, False, "IGW_STATE_REDIS_URL (--state-redis-url)")
-    elif args.redis_type != "cluster":
+    elif args.redis_type == "single":
         state = main
-    urls = [main, *shards, *([persecond] if persecond else []), *([state] if state else [])]
+    urls = [main, *shards, *([persecond] if isinstance(persecond, str) else []), *([state] if state else [])]
+    for each in (target, persecond_target):
+        if each is not None:
+            urls += [*each.sentinels, each.master_url]
     if options and not any(urlparse(url).scheme == "rediss" for url in urls):
         startup_error(parser, f"{options[0]} is set but no Redis is reached over TLS: set REDIS_TLS=true "
                                "(--redis-tls) or give rediss:// URLs")
@@ -675,4 +798,4 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
                 startup_error(parser, f"REDIS_URL (--redis-url): cluster seeds {first.url} and {address.url} "
                                        "differ in credentials or TLS settings; every node of a cluster is reached "
                                        "with the same ones")
-    return _RedisUrls(main, tuple(shards), persecond, state)
+    return _RedisUrls(main, tuple(shards), persecond, state, target, persecond_target)

@@ -298,12 +298,6 @@ def test_a_bad_seed_list_stops_the_service_naming_the_problem(config_dir: Path, 
     assert proc.returncode == 2 and problem in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_redis_sentinel_stays_refused_with_one_line(config_dir: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ratelimit_svc", "--config-dir", str(config_dir)],
-                          capture_output=True, text=True, timeout=30, env={**_clean_env(), "REDIS_TYPE": "sentinel"})
-    assert_one_line_error(proc.returncode, proc.stderr, "REDIS_TYPE=sentinel", "Redis Sentinel is not supported")
-
-
 def test_without_a_state_redis_adaptive_limits_stay_at_their_min_after_one_warning(
     services: ServiceFactory, config_dir: Path, clean_cluster: RedisClusterProcs
 ) -> None:

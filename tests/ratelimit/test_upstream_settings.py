@@ -36,7 +36,7 @@ def run(config_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 
 @pytest.mark.parametrize(("name", "value", "reason"), [
-    ("REDIS_TYPE", "sentinel", "Redis Sentinel is not supported"),
+    ("REDIS_TYPE", "ring", "not a redis type: single"),
     ("CONFIG_TYPE", "GRPC_XDS_SOTW", "xDS config server is not supported"),
     ("BACKEND_TYPE", "memcache", "memcached is not supported"),
 ])
@@ -56,7 +56,7 @@ def test_a_per_second_redis_of_an_unsupported_type_stops_the_service_with_one_li
     assert proc.returncode == 2
     (line,) = proc.stderr.splitlines()
     assert line.startswith("python -m ratelimit_svc: error: REDIS_PERSECOND_TYPE=CLUSTER: ")
-    assert "Sentinel and Cluster are not supported" in line
+    assert "Redis Cluster is not supported for the per-second Redis" in line
 
 
 def test_the_per_second_redis_type_without_a_per_second_redis_is_only_named_in_a_warning(
@@ -70,7 +70,7 @@ def test_the_per_second_redis_type_without_a_per_second_redis_is_only_named_in_a
 
 
 def test_every_refused_setting_gets_its_own_line(config_dir: Path) -> None:
-    proc = run(config_dir, {"REDIS_TYPE": "sentinel", "CONFIG_TYPE": "GRPC_XDS_SOTW"})
+    proc = run(config_dir, {"REDIS_TYPE": "ring", "CONFIG_TYPE": "GRPC_XDS_SOTW"})
     assert proc.returncode == 2
     assert [line.split(": ")[2].split("=")[0] for line in proc.stderr.splitlines()] == ["REDIS_TYPE", "CONFIG_TYPE"]
 
@@ -111,11 +111,27 @@ def test_the_table_reports_only_values_that_differ_from_upstreams_default() -> N
 
 def test_no_setting_in_the_table_is_also_one_we_implement() -> None:
     """A name here and in a flag would refuse or warn about something the service does. BACKEND_TYPE and
-    REDIS_TYPE are the exceptions: the flags implement redis and memory, single and cluster; the table refuses
-    upstream's memcache and sentinel."""
+    REDIS_TYPE are the exceptions: the flags implement redis and memory, single, cluster and sentinel; the table
+    refuses upstream's memcache, and names the redis types in its refusal of any other."""
     parser, _ = build_parser()
     implemented = {name for action in parser._actions for name in re.findall(r"\(env ([A-Z0-9_]+)", action.help or "")}
     assert {s.name for s in UPSTREAM_SETTINGS} & implemented == {"BACKEND_TYPE", "REDIS_TYPE"}
+
+
+def test_redis_type_sentinel_is_accepted_by_the_table() -> None:
+    refusals, _ = upstream_settings_in({"REDIS_TYPE": "SENTINEL"})
+    assert refusals == []
+    refusals, _ = upstream_settings_in({"REDIS_PERSECOND_TYPE": "sentinel"}, persecond=True)
+    assert refusals == []
+
+
+def test_a_sentinel_auth_without_sentinel_is_named_in_one_warning(
+    services: ServiceFactory, config_dir: Path, redis_url: str
+) -> None:
+    svc = services.ratelimit(config_dir, redis_url, env={"REDIS_SENTINEL_AUTH": "secret"})
+    warnings = [line for line in svc.proc.log_path.read_text().splitlines() if " WARNING " in line]
+    assert [w for w in warnings if "REDIS_SENTINEL_AUTH is ignored: " in w and "REDIS_TYPE=sentinel" in w]
+    assert not [w for w in warnings if "secret" in w]
 
 
 def test_a_misspelled_redis_socket_type_is_named_instead_of_meaning_tcp(config_dir: Path) -> None:

@@ -1,0 +1,124 @@
+"""A real Redis Sentinel deployment for tests: a master redis-server, a replica of it (`--replicaof`) and
+sentinels (`redis-server <conf> --sentinel`) monitoring it as `mymaster`, all on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from igw.procs import ManagedProcess, RedisServer, free_port, port_open, redis_server_binary
+
+MASTER_NAME = "mymaster"
+
+
+class SentinelProcs:
+    """`password`: requirepass of the master and the replica (REDIS_AUTH); `sentinel_password`: requirepass
+    of the sentinels (REDIS_SENTINEL_AUTH). Short down-after and failover timeouts, so a failover takes a
+    second or two."""
+
+    def __init__(self, log_dir: Path, sentinels: int = 1, *, password: str | None = None,
+                 sentinel_password: str | None = None) -> None:
+        self.password = password
+        self.sentinel_password = sentinel_password
+        auth = ["--requirepass", password, "--masterauth", password] if password else []
+        self.master = RedisServer(log_dir=log_dir)
+        self.replica = RedisServer(log_dir=log_dir)
+        for server, role in ((self.master, "master"), (self.replica, "replica")):
+            server.name = f"redis-sentinel-{role}-{server.port}"
+            server.log_path = Path(log_dir) / f"{server.name}.log"
+            server.args += auth
+        self.replica.args += ["--replicaof", "127.0.0.1", str(self.master.port)]
+        self.conf_dir = Path(tempfile.mkdtemp(prefix="igw-sentinel-"))
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinels: list[ManagedProcess] = []
+        for port in self.sentinel_ports:
+            conf = self.conf_dir / f"sentinel-{port}.conf"
+            lines = [f"port {port}", "bind 127.0.0.1", f"dir {self.conf_dir}",
+                     f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} 1",
+                     f"sentinel down-after-milliseconds {MASTER_NAME} 1000",
+                     f"sentinel failover-timeout {MASTER_NAME} 3000"]
+            if password:
+                lines.append(f"sentinel auth-pass {MASTER_NAME} {password}")
+            if sentinel_password:
+                lines.append(f"requirepass {sentinel_password}")
+            conf.write_text("\n".join(lines) + "\n")
+            self.sentinels.append(ManagedProcess(f"redis-sentinel-{port}", [redis_server_binary(), str(conf),
+                                                                             "--sentinel"], log_dir=log_dir))
+        self._clients: dict[int, redis.Redis] = {}
+
+    @property
+    def url(self) -> str:
+        """REDIS_URL in upstream's sentinel form."""
+        return ",".join([MASTER_NAME, *(f"127.0.0.1:{port}" for port in self.sentinel_ports)])
+
+    def start(self) -> SentinelProcs:
+        self.master.start()
+        self.replica.start()
+        self._wait(lambda: self.client(self.replica.port).info("replication").get("master_link_status") == "up",
+                   "replica not linked to the master")
+        for sentinel, port in zip(self.sentinels, self.sentinel_ports, strict=True):
+            sentinel.start()
+            sentinel.wait_ready(lambda port=port: port_open("127.0.0.1", port), 10, "listening")
+        for port in self.sentinel_ports:  # a sentinel must know the replica before it can fail over to it
+            self._wait(lambda port=port: self.sentinel_client(port).execute_command(
+                "SENTINEL", "REPLICAS", MASTER_NAME), "sentinel has not found the replica")
+        return self
+
+    def stop(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        for sentinel in self.sentinels:
+            sentinel.stop()
+        self.replica.stop()
+        self.master.stop()
+        shutil.rmtree(self.conf_dir, ignore_errors=True)
+
+    def client(self, port: int) -> redis.Redis:
+        if port not in self._clients:
+            self._clients[port] = redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=2)
+        return self._clients[port]
+
+    def sentinel_client(self, port: int) -> redis.Redis:
+        key = -port
+        if key not in self._clients:
+            self._clients[key] = redis.Redis(host="127.0.0.1", port=port, password=self.sentinel_password,
+                                             socket_timeout=2)
+        return self._clients[key]
+
+    def master_port(self) -> int:
+        """The master's port as the first sentinel says."""
+        _, port = self.sentinel_client(self.sentinel_ports[0]).execute_command(
+            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)
+        return int(port)
+
+    def failover(self) -> None:
+        """SENTINEL FAILOVER: the replica becomes the master and the old master its replica; returns once
+        the sentinel names the new master and it answers as one."""
+        old = self.master_port()
+        self.sentinel_client(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+        self._wait(lambda: self.master_port() != old, "the sentinel did not switch to the replica", 20)
+        new = self.master_port()
+        self._wait(lambda: self.client(new).execute_command("ROLE")[0] == b"master", "new master not promoted")
+
+    def get(self, port: int, key: str) -> int:
+        value = self.client(port).get(key)
+        return int(value) if value is not None else 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.client(self.master_port()).flushall()
+
+    @staticmethod
+    def _wait(check: object, what: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(redis.RedisError):
+                if check():  # type: ignore[operator]
+                    return
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
