@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -135,18 +136,25 @@ class MergedEndpoint:
 
 
 class _MergedHandler(BaseHTTPRequestHandler):
+    """Asks every worker at once, and answers for one that does not answer in time with what it said last:
+    the merge sums counters, and a worker left out of one scrape would make the sum drop, which Prometheus
+    reads as a counter reset (a false spike in rate() and increase()). Workers are never restarted on their
+    own (one that fails stops them all), so a worker's last answer is never ahead of its real counts."""
+
     endpoint: MergedEndpoint
     worker_ports: list[int] = []
+    last_good: list[str | None] = []  # per worker, its last answer (set per endpoint in run_workers)
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] != self.endpoint.path:
             self._send(404, b"404 page not found\n", "text/plain; charset=utf-8")
             return
-        bodies = []
-        for port in self.worker_ports:
-            code, body = _fetch(port, self.endpoint.worker_path)
-            bodies.append(body if code == 200 else None)
-        self._send(200, *self.endpoint.merge(bodies))
+        with ThreadPoolExecutor(max_workers=len(self.worker_ports)) as pool:
+            answers = list(pool.map(lambda port: _fetch(port, self.endpoint.worker_path), self.worker_ports))
+        for index, (code, body) in enumerate(answers):
+            if code == 200:
+                self.last_good[index] = body
+        self._send(200, *self.endpoint.merge(list(self.last_good)))
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -191,7 +199,8 @@ def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int,
         endpoint_ports = [free_port() for _ in range(n)]
         for env, port in zip(worker_env, endpoint_ports, strict=True):
             env[endpoint.port_env] = str(port)
-        merged = type("MergedHandler", (_MergedHandler,), {"endpoint": endpoint, "worker_ports": endpoint_ports})
+        merged = type("MergedHandler", (_MergedHandler,), {"endpoint": endpoint, "worker_ports": endpoint_ports,
+                                                            "last_good": [None] * n})
         started.append(_start_http(endpoint.host, endpoint.port, merged, endpoint.name))
     servers = [server for server in started if server is not None]
     if len(servers) < len(started):

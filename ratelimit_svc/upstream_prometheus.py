@@ -283,6 +283,6 @@ async def start(host: str, port: int, path: str, log: logging.Logger) -> asyncio
 
 
 def merged_exposition(bodies: list[str | None]) -> tuple[bytes, str]:
-    """The supervisor's answer from its workers' snapshots; a worker that did not answer adds nothing (its
-    counters are missing from this scrape, which Prometheus reads as a reset, as with a restarted process)."""
+    """The supervisor's answer from its workers' snapshots (a worker that did not answer this scrape is given
+    as its last answer by igw/workers.py; None only before its first, when it has nothing to add)."""
     return render(merge(json.loads(body) for body in bodies if body is not None)), CONTENT_TYPE

@@ -5,6 +5,7 @@ against upstream."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -166,15 +167,14 @@ def test_a_custom_mapper_file_is_refused(config_dir: Path, tmp_path: Path) -> No
     assert_one_line_error(proc.returncode, proc.stderr, "PROMETHEUS_MAPPER_YAML", str(mapper), "not supported")
 
 
-def test_workers_are_summed_into_one_upstream_view(
-    services: ServiceFactory, config_dir: Path, redis_url: str
-) -> None:
-    svc, url = start(services, config_dir, redis_url, "--workers", "2")
+def _count_on_both_workers(svc: Service) -> int:
+    """Calls, each on a new connection, until both workers have counted some (the kernel picks a worker per
+    connection, so the sums below are not one worker's); returns how many were made."""
     calls = 0
     per_worker: list[str] = []
-    while len(per_worker) < 2:  # the kernel picks a worker per connection: call until both have counted some
+    while len(per_worker) < 2:
         assert calls < 100, "100 connections all went to one worker"
-        client = RlsClient(svc.grpc_target)  # a new connection each time
+        client = RlsClient(svc.grpc_target)
         client.call([("a", "x"), ("b", "y")])
         client.close()
         calls += 1
@@ -182,11 +182,35 @@ def test_workers_are_summed_into_one_upstream_view(
             ours = response.read().decode()
         per_worker = [line for line in ours.splitlines()
                       if line.startswith('ratelimit_total_hits_total{domain="test-domain",key="a.b"')]
+    return calls
+
+
+def test_workers_are_summed_into_one_upstream_view(
+    services: ServiceFactory, config_dir: Path, redis_url: str
+) -> None:
+    svc, url = start(services, config_dir, redis_url, "--workers", "2")
+    calls = _count_on_both_workers(svc)
     for _ in range(3):
         _, series = scrape(url)
         assert series['ratelimit_service_rate_limit_total_hits{domain="test-domain",key1="a",key2="b"}'] == calls
         assert series['ratelimit_service_total_requests{grpc_method="ShouldRateLimit"}'] == calls
         assert series["ratelimit_service_config_load_success"] == 2  # one load per worker, as two processes
+
+
+def test_a_worker_that_misses_a_scrape_does_not_make_the_sums_drop(
+    services: ServiceFactory, config_dir: Path, redis_url: str
+) -> None:
+    svc, url = start(services, config_dir, redis_url, "--workers", "2")
+    calls = _count_on_both_workers(svc)
+    scrape(url)  # the supervisor has heard from both
+    supervisor = svc.proc.pid
+    worker = int(Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()[0])
+    os.kill(worker, signal.SIGSTOP)  # it cannot answer the next scrape
+    try:
+        _, series = scrape(url)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert series['ratelimit_service_rate_limit_total_hits{domain="test-domain",key1="a",key2="b"}'] == calls
 
 
 def test_a_taken_endpoint_port_stops_the_service(
