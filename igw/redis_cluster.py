@@ -7,15 +7,20 @@ node's connection fails; between those it is trusted as it is, and a stale entry
 
 Each master gets one PipelinedRedis (igw/redis_conn.py), created when the first command goes to it and
 closed when the master leaves the map. Replicas are never read from: counters must be read where they
-are written. Redirections are followed once per command, as the protocol asks:
+are written. Redirections are followed, up to MAX_REDIRECTS per command (a slot moved again while the map
+was stale gives MOVED then ASK; a migration finished or aborted between an ASK and the ASKING gives ASK then
+MOVED; a bound, because nodes that disagree can send a command back and forth for as long as they do):
   - MOVED slot host:port: the slot has a new owner for good. The map entry is updated at once (the next
     requests go straight there), a full refresh runs in the background, and the command is sent again to
     the named node.
   - ASK slot host:port: the slot is being migrated and this key already left. ASKING and the command go
     to the named node; the map is left as it is (the slot is still the old owner's until the migration ends).
+  - A redirection with no host (`:port`, sent under cluster-preferred-endpoint-type unknown-endpoint, or
+    `?:port` for an unset hostname) names a node on the host of the node that sent it.
   - NOSCRIPT: the node restarted or flushed its scripts; the scripts given at construction are loaded on
     it and the command is sent again.
-Anything else (TRYAGAIN while a multi-key slot is half migrated, CLUSTERDOWN) is the command's reply.
+Anything else (TRYAGAIN while a multi-key slot is half migrated, CLUSTERDOWN) is the command's reply: the
+caller knows which commands can be split into single-key ones (ratelimit_svc/counters.py does for TRYAGAIN).
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ SLOTS = 16384
 # A map refresh asked for within this long of the previous one reuses it: a burst of MOVED replies or of
 # failed calls (every request touching a dead node) must not turn into a burst of CLUSTER SLOTS.
 REFRESH_MIN_INTERVAL = 0.2
+# Redirections followed per command; redis-py allows a few more, but two hops cover every single change of
+# the slot map (MOVED then ASK, ASK then MOVED) and one spare covers a second change during the first.
+MAX_REDIRECTS = 3
+# Hosts a node announces when it has none to give: RESP null (unknown-endpoint), "" or "?" (hostname
+# preferred but unset). The node is then on the host the client already reached.
+NO_HOST = (None, b"", "", b"?", "?")
 
 log = logging.getLogger("igw.redis_cluster")
 
@@ -58,8 +69,8 @@ def _text(value: object) -> str:
 
 def parse_slots_reply(reply: object, asked_host: str) -> tuple[list[str | None], list[str]]:
     """(owner of each slot, masters in order of first appearance) from a CLUSTER SLOTS reply. A master
-    announced with an empty host (cluster-announce-hostname unset on a hostname-preferring cluster) is
-    on the host that was asked, as the command's documentation says."""
+    announced without a host (null under cluster-preferred-endpoint-type unknown-endpoint, "?" or "" when
+    the preferred hostname is unset) is on the host that was asked, as the command's documentation says."""
     if not isinstance(reply, list):
         raise RedisError(f"unexpected CLUSTER SLOTS reply: {reply!r}")
     owners: list[str | None] = [None] * SLOTS
@@ -68,7 +79,8 @@ def parse_slots_reply(reply: object, asked_host: str) -> tuple[list[str | None],
         if not isinstance(entry, list) or len(entry) < 3 or not isinstance(entry[2], list) or len(entry[2]) < 2:
             raise RedisError(f"unexpected CLUSTER SLOTS entry: {entry!r}")
         start, end = int(entry[0]), int(entry[1])
-        host = _text(entry[2][0]) or asked_host
+        announced = entry[2][0]
+        host = asked_host if announced in NO_HOST else _text(announced)
         name = f"{host}:{int(entry[2][1])}"
         if name not in masters:
             masters.append(name)
@@ -86,6 +98,15 @@ def _retrieve(task: asyncio.Task[None]) -> None:
 def _split_name(name: str) -> tuple[str, int]:
     host, _, port = name.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def redirect_target(target: str, sender: str) -> str:
+    """The node a MOVED/ASK `target` ("host:port") names; with no host (":port", "?:port") it is on the host
+    of `sender`, the node that answered with the redirection."""
+    host, _, port = target.rpartition(":")
+    if host in ("", "?"):
+        return f"{_split_name(sender)[0]}:{port}"
+    return target
 
 
 class RedisCluster:
@@ -199,30 +220,44 @@ class RedisCluster:
     # -- commands ----------------------------------------------------------------------------------
 
     async def execute_many(self, name: str, commands: list[Command]) -> list[object]:
-        """Send `commands` to master `name` in one write and return their replies, with MOVED, ASK and
-        NOSCRIPT followed once per command (the redirected ones go out together, one write per node).
-        RedisError when a node cannot be reached; a map refresh is then started."""
+        """Send `commands` to master `name` in one write and return their replies, with MOVED and ASK
+        followed up to MAX_REDIRECTS times per command and NOSCRIPT once per node (the redirected commands
+        of a hop go out together, one write per node). A command still redirected after that gets an
+        error reply saying so. RedisError when a node cannot be reached; a map refresh is then started."""
         replies = await self._run(name, commands, asking=False)
-        moved: dict[tuple[str, bool], list[int]] = {}
-        for i, reply in enumerate(replies):
-            if isinstance(reply, hiredis.ReplyError):
-                text = str(reply)
-                if text.startswith(("MOVED ", "ASK ")):
-                    kind, slot, target = text.split(" ", 2)
-                    ask = kind == "ASK"
-                    if not ask:
-                        self.owners[int(slot)] = target
-                    moved.setdefault((target, ask), []).append(i)
-        if not moved:
-            return replies
-        if any(not ask for _, ask in moved):
-            self.refresh_soon()
-        hops = list(moved.items())
-        again = await asyncio.gather(*(self._run(target, [commands[i] for i in indexes], asking=ask)
-                                       for (target, ask), indexes in hops))
-        for (_, indexes), part in zip(hops, again, strict=True):
-            for i, reply in zip(indexes, part, strict=True):
-                replies[i] = reply
+        senders = dict.fromkeys(range(len(commands)), name)  # the node that gave each pending reply
+        for hop in range(MAX_REDIRECTS + 1):
+            moved: dict[tuple[str, bool], list[int]] = {}
+            for i, sender in senders.items():
+                reply = replies[i]
+                if isinstance(reply, hiredis.ReplyError):
+                    text = str(reply)
+                    if text.startswith(("MOVED ", "ASK ")):
+                        kind, slot, target = text.split(" ", 2)
+                        target = redirect_target(target, sender)
+                        ask = kind == "ASK"
+                        if not ask:
+                            self.owners[int(slot)] = target
+                        moved.setdefault((target, ask), []).append(i)
+            if not moved:
+                break
+            if hop == MAX_REDIRECTS:
+                for indexes in moved.values():
+                    for i in indexes:
+                        replies[i] = hiredis.ReplyError(
+                            f"{replies[i]} (still redirected after {MAX_REDIRECTS} redirections: the cluster's "
+                            "slot map is changing or its nodes disagree about it)")
+                break
+            if any(not ask for _, ask in moved):
+                self.refresh_soon()
+            hops = list(moved.items())
+            again = await asyncio.gather(*(self._run(target, [commands[i] for i in indexes], asking=ask)
+                                           for (target, ask), indexes in hops))
+            senders = {}
+            for ((target, _), indexes), part in zip(hops, again, strict=True):
+                for i, reply in zip(indexes, part, strict=True):
+                    replies[i] = reply
+                    senders[i] = target
         return replies
 
     async def _run(self, name: str, commands: list[Command], *, asking: bool) -> list[object]:

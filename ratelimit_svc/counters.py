@@ -24,7 +24,11 @@ keys carry no hash tag, so each counter is on the slot of its own key, and one s
 may only touch one slot) counts the fixed-window keys of a slot; the slots of a request are grouped by the
 master holding them and each master gets one pipelined write, concurrently (igw/redis_cluster.py follows
 MOVED/ASK). Under STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT, counters on several slots take the read-then-write
-path of counters spread over several Redis.
+path of counters spread over several Redis. While a slot migrates, Redis refuses a multi-key script whose keys
+are not all on the node asked (TRYAGAIN, for as long as the migration lasts); the fixed-window hits of that
+slot are then sent again one key per script, which the cluster serves wherever each key is (ASK followed),
+as upstream's single-key commands are. That is exact for plain counting and for reads; under
+STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT it is the read-then-write of counters on several Redis, as upstream.
 
 Stopping increments (upstream's STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT), see `Increment`: the counters
 of a request are read first, and when its hits would take any fixed-window counter over its limit, only
@@ -273,6 +277,17 @@ def _commands(hits: list[Hit], increment: Increment) -> tuple[list[tuple[object,
     return commands, bool(fixed_keys)
 
 
+def _is_tryagain(reply: object) -> bool:
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("TRYAGAIN")
+
+
+def _single_key(hit: Hit, increment: Increment) -> tuple[object, ...]:
+    """The fixed-window script of `_commands` for one key: Increment.ALL counts, Increment.NONE reads."""
+    if increment is Increment.ALL:
+        return ("EVALSHA", FIXED_SHA, 1, hit.key, hit.hits, hit.ttl)
+    return ("EVALSHA", STOP_SHA, 1, hit.key, 1, hit.hits, hit.ttl, hit.limit)
+
+
 def _counted(hits: list[Hit], replies: list[object], has_fixed: bool) -> list[Counted]:
     """`hits` counted from the replies of their `_commands`; RedisError if Redis refused one."""
     for reply in replies:
@@ -348,10 +363,63 @@ class ClusterCounters(RedisCounters):
             spans.append((len(commands), len(slot_commands), has_fixed))
             commands += slot_commands
         replies = await self.cluster.execute_many(node, commands)  # type: ignore[arg-type]
+        # A slot being migrated: its fixed-window script (the last command of the slot, the only one with
+        # several keys) is refused with TRYAGAIN; its GCRA commands have one key each and already ran.
+        refused = [k for k, (start, length, has_fixed) in enumerate(spans)
+                   if has_fixed and _is_tryagain(replies[start + length - 1])]
+        if refused:
+            redone = await self._key_by_key(
+                [(slots[k], [hit for hit in slot_hits[k] if hit.algorithm != "gcra"]) for k in refused], increment)
+            for k, counts in zip(refused, redone, strict=True):
+                start, length, _ = spans[k]
+                replies[start + length - 1] = counts
         results: list[Counted] = []
         for hits, (start, length, has_fixed) in zip(slot_hits, spans, strict=True):
             results += _counted(hits, replies[start:start + length], has_fixed)
         return results
+
+    async def _key_by_key(self, slot_hits: list[tuple[int, list[Hit]]], increment: Increment) -> list[list[int]]:
+        """The counts of fixed-window hits whose slot refused their multi-key script, one key per script,
+        sent to the slot's master (which serves the keys it still has and answers ASK for the others). Each
+        key is counted atomically, as upstream's INCRBY + EXPIRE; under Increment.ONLY_OVER every counter is
+        read first and only then are the chosen ones written, as upstream and as counters on several Redis.
+        RedisError when a key is refused even alone."""
+        if increment is Increment.ONLY_OVER:
+            current = await self._key_by_key(slot_hits, Increment.NONE)
+            over = [[j for j, (hit, count) in enumerate(zip(hits, counts, strict=True)) if count + hit.hits > hit.limit]
+                    for (_, hits), counts in zip(slot_hits, current, strict=True)]
+            picked = over if any(over) else [list(range(len(hits))) for _, hits in slot_hits]
+            written = await self._key_by_key(
+                [(slot, [hits[j] for j in js]) for (slot, hits), js in zip(slot_hits, picked, strict=True)],
+                Increment.ALL)
+            for counts, js, done in zip(current, picked, written, strict=True):
+                for j, count in zip(js, done, strict=True):
+                    counts[j] = count
+            return current
+        by_node: dict[str, list[int]] = {}
+        for k, (slot, hits) in enumerate(slot_hits):
+            if not hits:
+                continue
+            node = self.cluster.node_of(slot)
+            if node is None:
+                raise RedisError(f"no redis cluster node serves slot {slot} any more (it was being migrated)")
+            by_node.setdefault(node, []).append(k)
+
+        async def on(node: str, ks: list[int]) -> list[object]:
+            return await self.cluster.execute_many(node, [_single_key(hit, increment)  # type: ignore[misc]
+                                                          for k in ks for hit in slot_hits[k][1]])
+
+        parts = await asyncio.gather(*(on(node, ks) for node, ks in by_node.items()))
+        counts: list[list[int]] = [[] for _ in slot_hits]
+        for ks, replies in zip(by_node.values(), parts, strict=True):
+            flat = iter(replies)
+            for k in ks:
+                for _ in slot_hits[k][1]:
+                    reply = next(flat)
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise RedisError(f"redis rejected a counter update: {reply}")
+                    counts[k].append(reply[0])  # type: ignore[index]
+        return counts
 
 
 class MemoryCounters:

@@ -7,6 +7,7 @@ import contextlib
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -17,9 +18,11 @@ from igw.procs import RedisServer, free_port
 class RedisClusterProcs:
     """Masters of one cluster (no replicas). `require_full_coverage=False` lets the surviving masters keep
     serving their slots when one dies, as managed cluster-mode Redis is often set up; with the default,
-    every node answers CLUSTERDOWN a node timeout after a master fails."""
+    every node answers CLUSTERDOWN a node timeout after a master fails. `extra_args` go to every
+    redis-server (e.g. `--cluster-preferred-endpoint-type unknown-endpoint`)."""
 
-    def __init__(self, log_dir: Path, masters: int = 3, *, require_full_coverage: bool = True) -> None:
+    def __init__(self, log_dir: Path, masters: int = 3, *, require_full_coverage: bool = True,
+                 extra_args: Sequence[str] = ()) -> None:
         self.servers = [RedisServer(log_dir=log_dir) for _ in range(masters)]
         for server in self.servers:
             server.name = f"redis-cluster-{server.port}"
@@ -29,7 +32,8 @@ class RedisClusterProcs:
                             "--cluster-node-timeout", "2000",
                             # The bus port is the data port + 10000 unless given: take a free one too.
                             "--cluster-port", str(free_port()),
-                            "--cluster-require-full-coverage", "yes" if require_full_coverage else "no"]
+                            "--cluster-require-full-coverage", "yes" if require_full_coverage else "no",
+                            *extra_args]
         self._clients: dict[int, redis.Redis] = {}
 
     @property
@@ -95,16 +99,31 @@ class RedisClusterProcs:
         IMPORTING/MIGRATING, MIGRATE every key, then (finish) SETSLOT NODE on every master. Returns the port
         it came from. Without `finish` the slot stays half migrated: its keys are on `to_port`, and the old
         owner answers ASK for them."""
-        source = self.owner_of(slot)
-        source_id, target_id = self.node_id(source), self.node_id(to_port)
-        self.client(to_port).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-        self.client(source).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        source = self.begin_migration(slot, to_port)
         src = self.client(source)
         while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-            src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+            self.migrate_keys(source, to_port, [key.decode() for key in keys])
         if finish:
             self.finish_migration(slot, to_port)
         return source
+
+    def begin_migration(self, slot: int, to_port: int) -> int:
+        """Mark `slot` IMPORTING on `to_port` and MIGRATING on its owner, moving no key yet; returns the
+        owner's port. Until the keys are moved, the owner serves the keys it has and answers ASK for others."""
+        source = self.owner_of(slot)
+        self.client(to_port).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+        self.client(source).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(to_port))
+        return source
+
+    def migrate_keys(self, source: int, to_port: int, keys: Sequence[str]) -> None:
+        self.client(source).execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+
+    def get_asking(self, port: int, key: str) -> int:
+        """The counter `key` on the master at `port`, read as a client redirected there by ASK would."""
+        pipe = self.client(port).pipeline(transaction=False)
+        pipe.execute_command("ASKING").get(key)
+        value = pipe.execute()[1]
+        return int(value) if value is not None else 0
 
     def finish_migration(self, slot: int, to_port: int) -> None:
         target_id = self.node_id(to_port)

@@ -16,8 +16,8 @@ import grpc
 import pytest
 import redis
 
-from igw.redis_cluster import RedisCluster, key_slot
-from ratelimit_svc.counters import SCRIPTS, ClusterCounters, Counted, Hit
+from igw.redis_cluster import MAX_REDIRECTS, RedisCluster, key_slot, parse_slots_reply
+from ratelimit_svc.counters import SCRIPTS, ClusterCounters, Counted, Hit, Increment, PartialCount
 from tests.helpers import Service, ServiceFactory, assert_one_line_error
 from tests.ratelimit.cluster import RedisClusterProcs
 from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges, descriptor
@@ -415,3 +415,222 @@ def test_masters_that_lost_their_scripts_get_them_again(clean_cluster: RedisClus
             client.close()
 
     assert asyncio.run(run()) == [2] * len(keys)
+
+
+def test_a_slots_reply_entry_without_a_host_names_the_node_that_answered() -> None:
+    for announced in (None, b"", b"?"):
+        owners, masters = parse_slots_reply([[0, 16383, [announced, 7000, b"id"]]], "10.0.0.5")
+        assert masters == ["10.0.0.5:7000"] and owners[0] == owners[16383] == "10.0.0.5:7000", announced
+
+
+@pytest.fixture(scope="module")
+def hostless_cluster(log_dir: Path) -> Iterator[RedisClusterProcs]:
+    """A cluster whose nodes announce no endpoint: CLUSTER SLOTS gives a null host, redirections `:port`."""
+    procs = RedisClusterProcs(log_dir, extra_args=("--cluster-preferred-endpoint-type", "unknown-endpoint")).start()
+    yield procs
+    procs.stop()
+
+
+def test_a_cluster_announcing_no_endpoint_is_mapped_on_the_seed_host_and_counts(
+    hostless_cluster: RedisClusterProcs
+) -> None:
+    hostless_cluster.flush()
+    keys = [f"hostless-{i}" for i in range(12)]
+    client = RedisCluster([f"redis://127.0.0.1:{hostless_cluster.ports[0]}"], scripts=SCRIPTS)
+
+    async def run() -> list[Counted]:
+        await client.refresh()
+        try:
+            return await ClusterCounters(client).apply(fixed_hits(*keys))
+        finally:
+            client.close()
+
+    assert asyncio.run(run()) == [1] * len(keys)
+    assert sorted(client.masters) == sorted(f"127.0.0.1:{port}" for port in hostless_cluster.ports)
+    assert all(count(hostless_cluster, key) == 1 for key in keys)
+
+
+@pytest.mark.parametrize("finish", [True, False], ids=["moved", "ask"])
+def test_a_redirection_without_a_host_goes_to_the_host_of_the_node_that_sent_it(
+    hostless_cluster: RedisClusterProcs, finish: bool
+) -> None:
+    hostless_cluster.flush()
+    key = f"hostless-redirected-{finish}"
+    slot = key_slot(key)
+    source = hostless_cluster.owner_of(slot)
+    target = next(port for port in hostless_cluster.ports if port != source)
+    client = RedisCluster([f"redis://127.0.0.1:{hostless_cluster.ports[0]}"], scripts=SCRIPTS)
+
+    async def run() -> list[Counted]:
+        await client.refresh()
+        try:
+            return await counted_twice(client, [key],
+                                       lambda: hostless_cluster.migrate_slot(slot, target, finish=finish))
+        finally:
+            client.close()
+
+    try:
+        assert asyncio.run(run()) == [2]
+        assert hostless_cluster.get_asking(target, key) == 2
+        assert client.node_of(slot) == f"127.0.0.1:{target if finish else source}"
+    finally:
+        hostless_cluster.finish_migration(slot, target)
+
+
+def test_keys_of_one_slot_share_one_script_outside_a_migration(clean_cluster: RedisClusterProcs) -> None:
+    keys = ["{one-slot}a", "{one-slot}b", "{one-slot}c"]
+    port = clean_cluster.owner_of(key_slot(keys[0]))
+    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
+
+    async def run() -> list[Counted]:
+        await client.refresh()
+        try:
+            await ClusterCounters(client).apply(fixed_hits(*keys))  # loads the scripts if the master lacks them
+            clean_cluster.client(port).config_resetstat()
+            return await ClusterCounters(client).apply(fixed_hits(*keys))
+        finally:
+            client.close()
+
+    assert asyncio.run(run()) == [2, 2, 2]
+    assert clean_cluster.client(port).info("commandstats")["cmdstat_evalsha"]["calls"] == 1
+
+
+OLD, OTHER, NEW, NEWER = (f"{{migrating-slot}}{name}" for name in ("old", "other", "new", "newer"))
+
+
+@pytest.mark.parametrize(("moved", "request_keys", "expected", "on_target"), [
+    # The source has some of the keys: it answers TRYAGAIN.
+    ([OLD], [OLD, OTHER, NEW], [2, 2, 1], [NEW, OLD]),
+    # The source has none of them: it answers ASK, and the importing master, which has none either, TRYAGAIN.
+    ([], [NEW, NEWER], [1, 1], [NEW, NEWER]),
+], ids=["source-has-some-keys", "source-has-none"])
+def test_counters_sharing_a_migrating_slot_are_counted_one_key_at_a_time(
+    clean_cluster: RedisClusterProcs, moved: list[str], request_keys: list[str], expected: list[int],
+    on_target: list[str]
+) -> None:
+    slot = key_slot(OLD)
+    source = clean_cluster.owner_of(slot)
+    target = next(port for port in clean_cluster.ports if port != source)
+    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
+    counters = ClusterCounters(client)
+
+    async def run() -> list[Counted]:
+        await client.refresh()
+        try:
+            await counters.apply(fixed_hits(OLD, OTHER))
+            clean_cluster.begin_migration(slot, target)
+            if moved:
+                clean_cluster.migrate_keys(source, target, moved)
+            return await counters.apply(fixed_hits(*request_keys))
+        finally:
+            client.close()
+
+    try:
+        assert asyncio.run(run()) == expected
+        assert clean_cluster.keys_on(target, "{migrating-slot}*") == on_target
+        assert [clean_cluster.get_asking(target, key) for key in on_target] == [
+            expected[request_keys.index(key)] for key in on_target]
+    finally:
+        clean_cluster.migrate_slot(slot, target)
+
+
+def test_stop_increment_on_a_migrating_slot_reads_then_increments_only_the_counters_going_over(
+    clean_cluster: RedisClusterProcs
+) -> None:
+    small, big = "{stopping-slot}small", "{stopping-slot}big"
+    slot = key_slot(small)
+    source = clean_cluster.owner_of(slot)
+    target = next(port for port in clean_cluster.ports if port != source)
+    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
+    counters = ClusterCounters(client)
+    hits = [Hit(small, 1, "fixed_window", ttl=60, limit=2), Hit(big, 1, "fixed_window", ttl=60, limit=100)]
+
+    async def run() -> list[list[Counted]]:
+        await client.refresh()
+        try:
+            for _ in range(2):
+                await counters.apply(hits, Increment.ONLY_OVER)
+            clean_cluster.begin_migration(slot, target)
+            clean_cluster.migrate_keys(source, target, [small])  # `big` is still on the source: TRYAGAIN
+            return [await counters.apply(hits, Increment.ONLY_OVER), await counters.apply(hits, Increment.NONE)]
+        finally:
+            client.close()
+
+    try:
+        assert asyncio.run(run()) == [[3, 2], [3, 2]]
+        assert clean_cluster.get_asking(target, small) == 3 and int(clean_cluster.client(source).get(big)) == 2
+    finally:
+        clean_cluster.migrate_slot(slot, target)
+
+
+def test_a_request_whose_counters_share_a_migrating_slot_is_still_limited(
+    services: ServiceFactory, config_dir: Path, clean_cluster: RedisClusterProcs
+) -> None:
+    # Descriptor values come from the client: a `{tag}` in them puts several counters on one slot.
+    _, client = start(services, config_dir, clean_cluster)
+    avoid_window_edges(minute_margin_s=10)
+    first, second = "{shared}1", "{shared}2"
+    slot = key_slot(minute_key("small", first))
+    source = clean_cluster.owner_of(slot)
+    target = next(port for port in clean_cluster.ports if port != source)
+    codes = [client.call([("small", first)], [("small", second)]).overall_code]
+    clean_cluster.begin_migration(slot, target)
+    try:
+        clean_cluster.migrate_keys(source, target, [minute_key("small", first)])
+        codes += [client.call([("small", first)], [("small", second)]).overall_code for _ in range(2)]
+    finally:
+        clean_cluster.migrate_slot(slot, target)
+    client.close()
+    assert codes == [OK, OK, OVER]
+    assert [count(clean_cluster, minute_key("small", value)) for value in (first, second)] == [3, 3]
+
+
+def test_moved_then_ask_is_followed_to_the_master_importing_the_key(clean_cluster: RedisClusterProcs) -> None:
+    # The map still names the first owner; the slot moved on, and its new owner is migrating it again.
+    key = "moved-then-asked"
+    slot = key_slot(key)
+    first = clean_cluster.owner_of(slot)
+    second, third = (port for port in clean_cluster.ports if port != first)
+    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
+
+    def move_twice() -> None:
+        clean_cluster.migrate_slot(slot, second)
+        clean_cluster.migrate_slot(slot, third, finish=False)
+
+    async def run() -> list[Counted]:
+        await client.refresh()
+        try:
+            return await counted_twice(client, [key], move_twice)
+        finally:
+            client.close()
+
+    try:
+        assert asyncio.run(run()) == [2]
+        assert clean_cluster.get_asking(third, key) == 2
+    finally:
+        clean_cluster.finish_migration(slot, third)
+
+
+def test_a_command_sent_back_and_forth_fails_after_a_bounded_number_of_redirections(
+    clean_cluster: RedisClusterProcs
+) -> None:
+    # The owner says ASK, but the node it names is not importing the slot and answers MOVED back.
+    key = "ping-pong"
+    slot = key_slot(key)
+    owner = clean_cluster.owner_of(slot)
+    other = next(port for port in clean_cluster.ports if port != owner)
+    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
+    clean_cluster.client(owner).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", clean_cluster.node_id(other))
+
+    async def run() -> None:
+        await client.refresh()
+        try:
+            await ClusterCounters(client).apply(fixed_hits(key))
+        finally:
+            client.close()
+
+    try:
+        with pytest.raises(PartialCount, match=f"still redirected after {MAX_REDIRECTS} redirections"):
+            asyncio.run(run())
+    finally:
+        clean_cluster.client(owner).execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
