@@ -90,24 +90,16 @@ def health_of(statuses: list[tuple[int, str]]) -> tuple[bool, str]:
     return all(code == 200 for code, _ in statuses), "\n".join(lines) + "\n"
 
 
-class _AdminHandler(BaseHTTPRequestHandler):
+class _WorkerProxy(BaseHTTPRequestHandler):
+    """An endpoint the supervisor answers from what each worker answers on its own loopback port."""
+
     worker_ports: list[int] = []
 
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            texts = []
-            for port in self.worker_ports:
-                code, body = _fetch(port, "/metrics")
-                texts.append(body if code == 200 else None)
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(_Merged(merge_expositions(texts)))
-            self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthcheck":
-            ok, text = health_of([_fetch(port, "/healthcheck") for port in self.worker_ports])
-            self._send(200 if ok else 503, text.encode())
-        else:
-            self._send(404, b"not found\n")
+    def ask_workers(self, path: str) -> list[tuple[int, str]]:
+        """Every worker's (status, body) for `path`, asked at once: one slow worker costs a scrape one
+        timeout, not one per worker."""
+        with ThreadPoolExecutor(max_workers=len(self.worker_ports)) as pool:
+            return list(pool.map(lambda port: _fetch(port, path), self.worker_ports))
 
     def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
         self.send_response(status)
@@ -118,6 +110,21 @@ class _AdminHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+class _AdminHandler(_WorkerProxy):
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            texts = [body if code == 200 else None for code, body in self.ask_workers("/metrics")]
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Merged(merge_expositions(texts)))
+            self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthcheck":
+            ok, text = health_of(self.ask_workers("/healthcheck"))
+            self._send(200 if ok else 503, text.encode())
+        else:
+            self._send(404, b"not found\n")
 
 
 @dataclass(frozen=True)
@@ -135,36 +142,23 @@ class MergedEndpoint:
     merge: Callable[[list[str | None]], tuple[bytes, str]]
 
 
-class _MergedHandler(BaseHTTPRequestHandler):
-    """Asks every worker at once, and answers for one that does not answer in time with what it said last:
-    the merge sums counters, and a worker left out of one scrape would make the sum drop, which Prometheus
-    reads as a counter reset (a false spike in rate() and increase()). Workers are never restarted on their
-    own (one that fails stops them all), so a worker's last answer is never ahead of its real counts."""
+class _MergedHandler(_WorkerProxy):
+    """Answers for a worker that does not answer in time with what it said last: the merge sums counters,
+    and a worker left out of one scrape would make the sum drop, which Prometheus reads as a counter reset
+    (a false spike in rate() and increase()). Workers are never restarted on their own (one that fails
+    stops them all), so a worker's last answer is never ahead of its real counts."""
 
     endpoint: MergedEndpoint
-    worker_ports: list[int] = []
     last_good: list[str | None] = []  # per worker, its last answer (set per endpoint in run_workers)
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] != self.endpoint.path:
             self._send(404, b"404 page not found\n", "text/plain; charset=utf-8")
             return
-        with ThreadPoolExecutor(max_workers=len(self.worker_ports)) as pool:
-            answers = list(pool.map(lambda port: _fetch(port, self.endpoint.worker_path), self.worker_ports))
-        for index, (code, body) in enumerate(answers):
+        for index, (code, body) in enumerate(self.ask_workers(self.endpoint.worker_path)):
             if code == 200:
                 self.last_good[index] = body
         self._send(200, *self.endpoint.merge(list(self.last_good)))
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 class _Server(ThreadingHTTPServer):
