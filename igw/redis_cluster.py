@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import hiredis
 
-from igw.redis_conn import Command, PipelinedRedis, RedisAddress, RedisError, parse_redis_url
+from igw.redis_conn import Command, PipelinedRedis, RedisAddress, RedisError, parse_redis_url, retrieve_failure
 
 SLOTS = 16384
 # A map refresh asked for within this long of the previous one reuses it: a burst of MOVED replies or of
@@ -87,12 +87,6 @@ def parse_slots_reply(reply: object, asked_host: str) -> tuple[list[str | None],
         for slot in range(start, end + 1):
             owners[slot] = name
     return owners, masters
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """A background refresh's failure is already in `last_error`: mark it retrieved, asyncio need not log it."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _split_name(name: str) -> tuple[str, int]:
@@ -159,7 +153,7 @@ class RedisCluster:
         task = self._refresh
         if task is None or task.done():
             task = self._refresh = asyncio.create_task(self._read_map())
-            task.add_done_callback(_retrieve)
+            task.add_done_callback(retrieve_failure)
         await asyncio.shield(task)
 
     def refresh_soon(self) -> None:
@@ -169,7 +163,7 @@ class RedisCluster:
         if time.monotonic() - self._refreshed_at < REFRESH_MIN_INTERVAL:
             return
         self._refresh = asyncio.create_task(self._read_map())
-        self._refresh.add_done_callback(_retrieve)
+        self._refresh.add_done_callback(retrieve_failure)
 
     async def _read_map(self) -> None:
         self._refreshed_at = time.monotonic()

@@ -251,7 +251,28 @@ class _RespProtocol(asyncio.Protocol):
                 batch.future.set_exception(exc)
 
 
-class PipelinedRedis:
+class CommandRunner:
+    """What the counters need of a Redis: commands pipelined in one write. PipelinedRedis is one connection;
+    igw/redis_sentinel.py's SentinelRedis is one that follows a sentinel-managed master."""
+
+    async def execute_many(self, commands: list[Command]) -> list[object]:
+        raise NotImplementedError
+
+    async def execute(self, *command: bytes | str | int | float) -> object:
+        reply = (await self.execute_many([command]))[0]
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisError(str(reply))
+        return reply
+
+
+def retrieve_failure(task: asyncio.Task[None]) -> None:
+    """Done-callback of a background task whose failure is kept elsewhere (a `last_error` for health pages):
+    mark the exception retrieved, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+class PipelinedRedis(CommandRunner):
     """One shared, self-healing, pipelined connection. Safe for any number of concurrent callers."""
 
     def __init__(
@@ -397,12 +418,6 @@ class PipelinedRedis:
         except RedisError:
             self.errors += 1
             raise
-
-    async def execute(self, *command: bytes | str | int | float) -> object:
-        reply = (await self.execute_many([command]))[0]
-        if isinstance(reply, hiredis.ReplyError):
-            raise RedisError(str(reply))
-        return reply
 
     async def ping(self) -> bool:
         try:

@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING
 
 import hiredis
 
-from igw.redis_conn import Command, PipelinedRedis, RedisAddress, RedisError, parse_redis_url
+from igw.redis_conn import (
+    Command,
+    CommandRunner,
+    PipelinedRedis,
+    RedisAddress,
+    RedisError,
+    parse_redis_url,
+    retrieve_failure,
+)
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -72,13 +80,7 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """A background ask's failure is already in `last_error`: mark it retrieved, asyncio need not log it."""
-    if not task.cancelled():
-        task.exception()
-
-
-class SentinelRedis:
+class SentinelRedis(CommandRunner):
     """The current master of a sentinel-managed Redis. It answers `execute_many`, `execute`, `ping` and
     `close` as a PipelinedRedis does, so the counters use it as a single Redis."""
 
@@ -125,7 +127,7 @@ class SentinelRedis:
     def _start_ask(self) -> asyncio.Task[None]:
         self._asked_at = time.monotonic()
         task = self._ask = asyncio.create_task(self._ask_sentinels())
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(retrieve_failure)
         return task
 
     async def _ask_sentinels(self) -> None:
@@ -187,12 +189,6 @@ class SentinelRedis:
                 self.discover_soon()  # a demoted master: the sentinels know the new one, or will soon
                 break
         return replies
-
-    async def execute(self, *command: bytes | str | int | float) -> object:
-        reply = (await self.execute_many([command]))[0]
-        if isinstance(reply, hiredis.ReplyError):
-            raise RedisError(str(reply))
-        return reply
 
     async def ping(self) -> bool:
         """For the health probe: a master is known, answers, and is a master. Asks the sentinels when
