@@ -37,6 +37,26 @@ def bench_config(models: int, tenants: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measured_round(service_pid: int, port: int, redis_pids: list[int], args: argparse.Namespace) -> dict[str, float]:
+    """One load-generator run against the service on `port` (args: concurrency, duration, spread): its
+    result plus the service's CPU per call and the Redis servers' (summed, and the busiest one)."""
+    cpu_before = cpu_seconds(service_pid)
+    redis_before = [cpu_seconds(pid) for pid in redis_pids]
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.grpc_load", "rls", f"127.0.0.1:{port}", "--concurrency", str(args.concurrency),
+         "--duration", str(args.duration), "--warmup", "0", "--spread", str(args.spread)],
+        capture_output=True, text=True, check=True,
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    calls = max(1, result["calls"])
+    result["cpu_us_per_call"] = (cpu_seconds(service_pid) - cpu_before) / calls * 1e6
+    per_redis = [(cpu_seconds(pid) - before) / calls * 1e6
+                 for pid, before in zip(redis_pids, redis_before, strict=True)]
+    result["redis_cpu_us_per_call"] = sum(per_redis)
+    result["busiest_shard_cpu_us_per_call"] = max(per_redis)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -74,22 +94,7 @@ def main() -> int:
         results: dict[str, list[dict[str, float]]] = {"redis": [], "memory": []}
         for _ in range(args.rounds):
             for backend, (proc, port) in services.items():
-                cpu_before = cpu_seconds(proc.pid)
-                redis_before = [cpu_seconds(shard.pid) for shard in shards]
-                out = subprocess.run(
-                    [sys.executable, "-m", "bench.grpc_load", "rls", f"127.0.0.1:{port}",
-                     "--concurrency", str(args.concurrency), "--duration", str(args.duration),
-                     "--warmup", "0", "--spread", str(args.spread)],
-                    capture_output=True, text=True, check=True,
-                )
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                calls = max(1, result["calls"])
-                result["cpu_us_per_call"] = (cpu_seconds(proc.pid) - cpu_before) / calls * 1e6
-                per_shard = [(cpu_seconds(shard.pid) - before) / calls * 1e6
-                             for shard, before in zip(shards, redis_before, strict=True)]
-                result["redis_cpu_us_per_call"] = sum(per_shard)
-                result["busiest_shard_cpu_us_per_call"] = max(per_shard)
-                results[backend].append(result)
+                results[backend].append(measured_round(proc.pid, port, [shard.pid for shard in shards], args))
 
         out = Printer()
 

@@ -14,15 +14,12 @@ a write to each master a call touches (three descriptors land on up to three mas
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.procstat import cpu_seconds
-from bench.ratelimit_bench import bench_config
+from bench.ratelimit_bench import bench_config, measured_round
 from bench.report import Printer
 from igw.procs import ManagedProcess, RedisServer, free_port, http_ok, python_module
 from tests.ratelimit.cluster import RedisClusterProcs
@@ -66,21 +63,7 @@ def main() -> int:
         for _ in range(args.rounds):
             for mode in MODES:
                 proc, port = services[mode]
-                cpu_before = cpu_seconds(proc.pid)
-                redis_before = [cpu_seconds(pid) for pid in redis_pids[mode]]
-                out = subprocess.run(
-                    [sys.executable, "-m", "bench.grpc_load", "rls", f"127.0.0.1:{port}",
-                     "--concurrency", str(args.concurrency), "--duration", str(args.duration),
-                     "--warmup", "0", "--spread", str(args.spread)],
-                    capture_output=True, text=True, check=True,
-                )
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                calls = max(1, result["calls"])
-                result["cpu_us_per_call"] = (cpu_seconds(proc.pid) - cpu_before) / calls * 1e6
-                result["redis_cpu_us_per_call"] = sum(
-                    cpu_seconds(pid) - before for pid, before in zip(redis_pids[mode], redis_before, strict=True)
-                ) / calls * 1e6
-                results[mode].append(result)
+                results[mode].append(measured_round(proc.pid, port, redis_pids[mode], args))
 
         out = Printer()
 
