@@ -26,6 +26,7 @@ from ratelimit_svc.loader import ConfigHolder
 from ratelimit_svc.rlqs import QuotaBudgets, QuotaServer
 from ratelimit_svc.service import InvalidRequest, Limiter, NoConfig
 from ratelimit_svc.settings import Settings
+from ratelimit_svc.statsd import StatsdFlusher
 
 log = logging.getLogger("ratelimit_svc")
 
@@ -87,8 +88,9 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
 
 
 class TimedRateLimitServicer(RateLimitServicer):
-    """With USE_PROMETHEUS: also upstream's per-call stats (total_requests, response_time), which its gRPC
-    interceptor counts for every call, failed ones too. A subclass, so that without it the calls cost nothing."""
+    """With USE_PROMETHEUS or statsd: also upstream's per-call stats (total_requests, response_time), which its
+    gRPC interceptor counts for every call, failed ones too. A subclass, so that without it the calls cost
+    nothing."""
 
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
@@ -161,7 +163,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
                  *max_connection_age_options(settings.grpc_max_connection_age, settings.grpc_max_connection_age_grace)],
         interceptors=tls.interceptors(log) if tls else None,
     )
-    servicer = RateLimitServicer if settings.prometheus is None else TimedRateLimitServicer
+    timed = settings.prometheus is not None or settings.statsd is not None
+    servicer = TimedRateLimitServicer if timed else RateLimitServicer
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer(limiter), server)
     quota = QuotaServer(QuotaBudgets(holder, adaptive), state_url)
     rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(quota, server)
@@ -217,6 +220,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     watch = holder.watch(settings.poll_interval, stop, load_first=settings.force_start_without_initial_config)
     for work in (watch, probe_redis(), adaptive.run(stop), quota.run(stop)):
         runtime.spawn(work)
+    flusher: StatsdFlusher | None = None
+    if settings.statsd is not None:
+        flusher = StatsdFlusher(settings.statsd, log)
+        runtime.spawn(flusher.run(stop))
+        log.info("statsd: upstream's stats to %s:%d every %gs%s", settings.statsd.host, settings.statsd.port,
+                 settings.statsd.flush_interval, " (dogstatsd)" if settings.statsd.dogstatsd else "")
     log.info(
         "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s counters=%s persecond=%s local_cache=%dB "
         "pid=%d", runtime.address, settings.host, settings.http_port, settings.config_dir,
@@ -230,6 +239,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     await stop.wait()
     log.info("ratelimit_svc stopping")
     await runtime.stop()
+    if flusher is not None:  # what the last calls counted
+        with contextlib.suppress(Exception):
+            await flusher.flush()
+        flusher.close()
     if upstream_http is not None:
         upstream_http.close()
     for redis in probed:

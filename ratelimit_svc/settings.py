@@ -219,11 +219,8 @@ class UpstreamSetting:
 # REDIS_PERSECOND_SENTINEL_AUTH are read with REDIS_TYPE / REDIS_PERSECOND_TYPE=sentinel (else a warning says
 # they are ignored); REDIS_HEALTH_CHECK_ACTIVE_CONNECTION is always on here (a Redis that does not
 # answer a PING makes /healthcheck fail).
-_NO_STATSD = ("no statsd is sent here: scrape Prometheus metrics from /metrics on PORT, or upstream's "
-              "Prometheus names with USE_PROMETHEUS=true")
 _NO_POOL = "each Redis gets one connection that pipelines every concurrent call: there is no pool to size"
 _PIPELINED = "calls are always pipelined: what is ready is written at once, there is no window or limit"
-_PROMETHEUS = "Prometheus metrics (ratelimit_*) are always served on /metrics of PORT"
 _ZERO_DURATION = ("0", "0s", "0ms", "0us", "0ns")
 UPSTREAM_SETTINGS: tuple[UpstreamSetting, ...] = (
     UpstreamSetting("BACKEND_TYPE", True, ("redis", "memory"),
@@ -248,14 +245,9 @@ UPSTREAM_SETTINGS: tuple[UpstreamSetting, ...] = (
                     "used upstream only with BACKEND_TYPE=memcache, which is not supported"),
     UpstreamSetting("MEMCACHE_SRV", False, ("",),
                     "used upstream only with BACKEND_TYPE=memcache, which is not supported"),
-    UpstreamSetting("USE_DOG_STATSD", False, ("false",), _NO_STATSD),
-    UpstreamSetting("USE_DOG_STATSD_MOGRIFIERS", False, ("",), _NO_STATSD),
-    UpstreamSetting("STATSD_HOST", False, ("localhost",), _NO_STATSD),
-    UpstreamSetting("STATSD_PORT", False, ("8125",), _NO_STATSD),
-    UpstreamSetting("STATS_FLUSH_INTERVAL", False, ("10s",), "metrics are read when /metrics is scraped"),
-    UpstreamSetting("EXTRA_TAGS", False, ("",),
-                    "metrics carry no extra tags: add labels when scraping (Prometheus relabelling)"),
-    UpstreamSetting("DISABLE_STATS", False, ("false",), _PROMETHEUS + " and cannot be turned off"),
+    # Read by upstream's statsd library (lyft/gostats), default tcp there: sent over UDP here, as dogstatsd.
+    UpstreamSetting("STATSD_PROTOCOL", False, ("udp", "udp4", "udp6"),
+                    "statsd is sent over UDP (statsd_exporter and the Datadog agent listen on UDP by default)"),
     UpstreamSetting("TRACING_ENABLED", False, ("false",), "no OpenTelemetry tracing"),
     UpstreamSetting("DEBUG_HOST", False, ("0.0.0.0",),
                     "no debug port (pprof, /rlconfig, /stats): metrics on /metrics of PORT; "
@@ -311,6 +303,29 @@ class UpstreamPrometheus:
 
 
 @dataclass(frozen=True)
+class Mogrifier:
+    """One of upstream's USE_DOG_STATSD_MOGRIFIERS: a stats name that `pattern` finds (anywhere in it, as Go's
+    FindStringSubmatch) is sent as `name`, plus `tags`; `$N` in either is the pattern's group N."""
+
+    label: str  # the mogrifier's name in USE_DOG_STATSD_MOGRIFIERS
+    pattern: re.Pattern[str]
+    name: str
+    tags: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class StatsdTarget:
+    """Where and how upstream's stats go over statsd (ratelimit_svc/statsd.py): USE_STATSD / USE_DOG_STATSD."""
+
+    host: str
+    port: int
+    flush_interval: float  # seconds, > 0
+    dogstatsd: bool  # tags as `|#k:v` (USE_DOG_STATSD); else in the name as gostats writes them (`.__k=v`)
+    extra_tags: tuple[tuple[str, str], ...] = ()  # EXTRA_TAGS, sorted by key, values with `.:|` made `_`
+    mogrifiers: tuple[Mogrifier, ...] = ()  # with dogstatsd: the first that matches a name renames and tags it
+
+
+@dataclass(frozen=True)
 class Settings:
     config_dir: Path
     redis_url: str  # REDIS_TYPE=cluster: the first seed node (for logs); the seeds are in redis_cluster
@@ -353,6 +368,7 @@ class Settings:
     grpc_max_connection_age_grace: float = 3600.0
     grpc_tls: ServerTls | None = None  # files already checked
     prometheus: UpstreamPrometheus | None = None  # USE_PROMETHEUS: upstream's metrics endpoint; None: off
+    statsd: StatsdTarget | None = None  # USE_STATSD / USE_DOG_STATSD: upstream's stats over UDP; None: off
     redis_type: str = "single"  # REDIS_TYPE: single (redis_shards), cluster (redis_cluster), sentinel
     redis_cluster: tuple[str, ...] = ()  # REDIS_TYPE=cluster: the seed nodes' URLs (TLS folded in)
     redis_sentinel: SentinelTarget | None = None  # REDIS_TYPE=sentinel: the master and its sentinels
@@ -469,8 +485,127 @@ def build_parser(redis_type: str = "single", persecond_type: str = "single") -> 
     env.add("--prometheus-mapper-yaml", "PROMETHEUS_MAPPER_YAML", default="",
             help="upstream's custom statsd_exporter mapping file: not supported, only the default mapping "
                  "is served (refused with --use-prometheus)")
+    _add_statsd_flags(env)
     add_common_flags(env)
     return parser, env
+
+
+def _add_statsd_flags(env: EnvDefaults) -> None:
+    # Read as text and checked in _statsd, so that a bad value is one line naming the setting (startup_error).
+    env.add("--use-statsd", "USE_STATSD", default=None, type=parse_bool,
+            help="send upstream's stats (ratelimit.service.rate_limit.<domain>.<key>.total_hits, ...) over UDP "
+                 "statsd to --statsd-host:--statsd-port; default true, as upstream, unless --use-prometheus or "
+                 "--use-dog-statsd is on (upstream allows one of the three)")
+    env.add("--statsd-host", "STATSD_HOST", default="localhost", help="statsd host (name resolved at start and "
+            "again after a failed send)")
+    env.add("--statsd-port", "STATSD_PORT", default="8125", help="statsd UDP port")
+    env.add("--stats-flush-interval", "STATS_FLUSH_INTERVAL", default="10s",
+            help="how often counters that moved are sent (Go form: 10s, 500ms, 1m)")
+    env.add("--extra-tags", "EXTRA_TAGS", default="",
+            help="tags added to every stat: k1:v1,k2:v2 (in the name as .__k1=v1 with plain statsd, as "
+                 "upstream's gostats; |#k1:v1 with --use-dog-statsd)")
+    env.add("--use-dog-statsd", "USE_DOG_STATSD", default=False, type=parse_bool,
+            help="send the stats in dogstatsd form (tags as |#k:v) to --statsd-host:--statsd-port")
+    env.add("--use-dog-statsd-mogrifiers", "USE_DOG_STATSD_MOGRIFIERS", default="",
+            help="with --use-dog-statsd: names of mogrifiers (A,B), each set by DOG_STATSD_MOGRIFIER_A_PATTERN "
+                 "(a regular expression), _NAME (the name sent, $1 for a group) and _TAGS (k:$2,...)")
+    env.add("--disable-stats", "DISABLE_STATS", default=False, type=parse_bool,
+            help="send no upstream stats: neither statsd nor the --use-prometheus endpoint (/metrics on the "
+                 "HTTP port stays)")
+
+
+_TAG_FORM = "comma-separated key:value pairs, e.g. EXTRA_TAGS=env:prod,region:eu"
+
+
+def _extra_tags(parser: argparse.ArgumentParser, text: str, warnings: list[str]) -> tuple[tuple[str, str], ...]:
+    """Upstream reads EXTRA_TAGS as a Go map (each pair split at its first `:`, a later key wins) and gostats
+    drops a tag whose key or value is empty and turns `.`, `:` and `|` of a value into `_`."""
+    tags: dict[str, str] = {}
+    if not text:
+        return ()
+    for pair in text.split(","):
+        key, colon, value = pair.partition(":")
+        if not colon:
+            startup_error(parser, f"EXTRA_TAGS (--extra-tags) {text!r}: {pair!r} is not key:value ({_TAG_FORM})")
+        if not key or not value:
+            warnings.append(f"EXTRA_TAGS: tag {pair!r} is dropped: its key or value is empty (as upstream)")
+            continue
+        tags[key] = re.sub(r"[.:|]", "_", value)
+    return tuple(sorted(tags.items()))
+
+
+_MOGRIFIER_ENV = "DOG_STATSD_MOGRIFIER"
+MOGRIFIER_GROUP_REF = re.compile(r"\$\d+")  # $1 in a mogrifier's name or tag: group 1
+
+
+def _mogrifiers(parser: argparse.ArgumentParser, text: str) -> tuple[Mogrifier, ...]:
+    """Upstream's USE_DOG_STATSD_MOGRIFIERS=A,B with DOG_STATSD_MOGRIFIER_A_PATTERN, _NAME and _TAGS
+    (k:$1,k2:v): a missing pattern or name, a pattern that does not compile, an empty tag key or value
+    stop it at startup, as here; a `$N` past the pattern's groups would crash it at the first match, so
+    it is refused here too. Upstream tries them in no fixed order (a Go map); here, in the order given."""
+    mogrifiers: list[Mogrifier] = []
+    for label in (part for part in text.split(",") if part):
+        prefix = f"{_MOGRIFIER_ENV}_{label}"
+        where = f"USE_DOG_STATSD_MOGRIFIERS: mogrifier {label!r}"
+        pattern_text = os.environ.get(f"{prefix}_PATTERN", "")
+        name = os.environ.get(f"{prefix}_NAME", "")
+        if not pattern_text:
+            startup_error(parser, f"{where}: {prefix}_PATTERN is not set (a regular expression)")
+        if not name:
+            startup_error(parser, f"{where}: {prefix}_NAME is not set (the name to send, $1 for a group)")
+        try:
+            pattern = re.compile(pattern_text)
+        except re.error as exc:
+            startup_error(parser, f"{where}: {prefix}_PATTERN {pattern_text!r} is not a regular expression: {exc}")
+        tags: dict[str, str] = {}
+        for pair in (part for part in os.environ.get(f"{prefix}_TAGS", "").split(",") if part):
+            key, colon, value = pair.partition(":")
+            if not colon or not key or not value:
+                startup_error(parser, f"{where}: {prefix}_TAGS: {pair!r} is not key:value (e.g. domain:$1)")
+            tags[key] = value
+        for template in (name, *tags.values()):
+            for ref in MOGRIFIER_GROUP_REF.findall(template):
+                if int(ref[1:]) > pattern.groups:
+                    startup_error(parser, f"{where}: {ref} in {template!r} but {prefix}_PATTERN has "
+                                           f"{pattern.groups} group(s)")
+        mogrifiers.append(Mogrifier(label, pattern, name, tuple(tags.items())))
+    return tuple(mogrifiers)
+
+
+def _statsd(parser: argparse.ArgumentParser, args: argparse.Namespace, warnings: list[str]) -> StatsdTarget | None:
+    """Which of upstream's sinks is on. Upstream allows one of statsd, dogstatsd and Prometheus and refuses
+    two; USE_STATSD defaults to true there, so its deployments with USE_DOG_STATSD or USE_PROMETHEUS set
+    USE_STATSD=false. Here an unset USE_STATSD is false beside either, so our own USE_PROMETHEUS deployments
+    keep working; USE_STATSD=true with USE_PROMETHEUS sends both (they go to different places)."""
+    port_text = args.statsd_port
+    if not port_text.strip().isdigit() or not 0 < int(port_text) < 65536:
+        startup_error(parser, f"STATSD_PORT (--statsd-port) {port_text!r}: not a port number from 1 to 65535")
+    try:
+        interval = _go_duration(args.stats_flush_interval)
+    except argparse.ArgumentTypeError as exc:
+        startup_error(parser, f"STATS_FLUSH_INTERVAL (--stats-flush-interval): {exc}")
+    if interval <= 0:
+        startup_error(parser, f"STATS_FLUSH_INTERVAL (--stats-flush-interval) {args.stats_flush_interval!r}: "
+                               "must be greater than zero (e.g. 10s)")
+    tags = _extra_tags(parser, args.extra_tags, warnings)
+    host = args.statsd_host.strip()
+    if not host:
+        startup_error(parser, "STATSD_HOST (--statsd-host) is empty: give the statsd host (default localhost)")
+    if args.use_dog_statsd and args.use_statsd:
+        startup_error(parser, "USE_DOG_STATSD=true and USE_STATSD=true: one statsd form at a time, as upstream; "
+                               "set USE_STATSD=false for dogstatsd")
+    use_statsd = args.use_statsd if args.use_statsd is not None else not (args.use_dog_statsd or args.use_prometheus)
+    mogrifiers: tuple[Mogrifier, ...] = ()
+    if args.use_dog_statsd:
+        mogrifiers = _mogrifiers(parser, args.use_dog_statsd_mogrifiers)
+    elif args.use_dog_statsd_mogrifiers:
+        warnings.append(f"USE_DOG_STATSD_MOGRIFIERS={args.use_dog_statsd_mogrifiers} is ignored: "
+                        "USE_DOG_STATSD (--use-dog-statsd) is not true, as upstream")
+    if args.disable_stats:
+        return None
+    if not (use_statsd or args.use_dog_statsd):
+        return None
+    return StatsdTarget(host, int(port_text), interval, args.use_dog_statsd, tags, mogrifiers)
 
 
 _ADDR_EXAMPLES = "examples: :9090, 127.0.0.1:9090, [::1]:9090"
@@ -584,7 +719,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
                             f"{'REDIS_TYPE' if name == 'REDIS_SENTINEL_AUTH' else 'REDIS_PERSECOND_TYPE'}=sentinel"
                             " (as upstream)")
     redis_urls = _redis_tls(parser, args, persecond_url, warnings)
+    statsd = _statsd(parser, args, warnings)
     prometheus = _upstream_prometheus(parser, args, warnings)
+    if args.disable_stats and prometheus is not None:
+        warnings.append("USE_PROMETHEUS=true is ignored: DISABLE_STATS=true turns upstream's stats off, as "
+                        "upstream (/metrics on PORT stays)")
+        prometheus = None
     persecond_url = redis_urls.persecond
     return Settings(
         config_dir=config_dir,
@@ -631,6 +771,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
                                  else args.redis_persecond_timeout),
         upstream_warnings=tuple(warnings),
         prometheus=prometheus,
+        statsd=statsd,
     )
 
 

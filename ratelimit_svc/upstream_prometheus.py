@@ -13,9 +13,10 @@ unmapped name of its own for a 1-entry descriptor but is added to `over_limit` f
 Nothing is counted twice: the limit stats are metrics.py's plain integers and the service counters are the
 ones our /metrics exports; only the call count and response-time histogram are new, kept as plain numbers on
 one object (the request path runs on one event-loop thread, see metrics.py) and only counted when
-USE_PROMETHEUS is on. Like gostats, which only flushes counters that moved, a series appears once it is
-non-zero. The exposition is rendered here because prometheus-client would name every counter `..._total`,
-which upstream's Go client does not.
+USE_PROMETHEUS or statsd (ratelimit_svc/statsd.py, which sends the same stats names) is on. Like
+gostats, which only flushes counters that moved, a series appears once it is non-zero. The exposition is
+rendered here because prometheus-client would name every counter `..._total`, which upstream's Go client
+does not.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import logging
 import os
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import TypedDict
@@ -56,12 +57,18 @@ class CallStats:
     no_config: int = 0  # upstream counts these as should_rate_limit.service_error; our /metrics does not
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))  # per bucket, not cumulative
     seconds: float = 0.0
+    # With statsd on (ratelimit_svc/statsd.py): each call's seconds since the last flush, which upstream sends
+    # as one timer line per call. None: not kept. Bounded, so a stalled flusher cannot grow it without end.
+    samples: list[float] | None = None
 
     def observe(self, seconds: float) -> None:
         self.buckets[bisect_left(BUCKETS, seconds)] += 1
         self.seconds += seconds
+        if self.samples is not None and len(self.samples) < MAX_SAMPLES:
+            self.samples.append(seconds)
 
 
+MAX_SAMPLES = 200_000  # response times kept between two statsd flushes; more are not sent
 CALLS = CallStats()
 
 
@@ -161,6 +168,16 @@ def snapshot() -> Snapshot:
     }
 
 
+def stat_counts(snap: Snapshot) -> Iterator[tuple[str, int]]:
+    """(upstream stats name, count) of every counter of a snapshot, zeros too: the names upstream's gostats
+    store holds (`ratelimit.service.rate_limit.<domain>.<key>.<stat>` and the service counters), which
+    statsd sends as they are and USE_PROMETHEUS maps."""
+    for key, values in snap["limits"].items():
+        for stat, value in zip(_LIMIT_STATS, values, strict=True):
+            yield f"ratelimit.service.rate_limit.{key}.{stat}", value
+    yield from snap["counters"].items()
+
+
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """The sum of several processes' snapshots: one upstream process's view of all the workers."""
     limits: dict[str, list[int]] = {}
@@ -201,10 +218,7 @@ def render(snap: Snapshot) -> bytes:
             series = counters.setdefault(name, {})
             series[labels] = series.get(labels, 0) + value
 
-    for key, values in snap["limits"].items():
-        for stat, value in zip(_LIMIT_STATS, values, strict=True):
-            add(f"ratelimit.service.rate_limit.{key}.{stat}", value)
-    for stat, value in snap["counters"].items():
+    for stat, value in stat_counts(snap):
         add(stat, value)
     blocks: dict[str, str] = {}
     for name, series in counters.items():

@@ -89,20 +89,20 @@ def test_upstream_defaults_are_accepted_without_a_word(
 def test_an_ops_setting_is_named_in_one_warning_at_startup(
     services: ServiceFactory, config_dir: Path, redis_url: str
 ) -> None:
-    env = {"DISABLE_STATS": "true", "DEBUG_PORT": "6071", "REDIS_POOL_SIZE": "50",
-           "STATSD_HOST": "statsd-exporter", "TRACING_ENABLED": "true"}
+    env = {"STATSD_PROTOCOL": "tcp", "DEBUG_PORT": "6071", "REDIS_POOL_SIZE": "50",
+           "REDIS_PIPELINE_LIMIT": "8", "TRACING_ENABLED": "true"}
     svc = services.ratelimit(config_dir, redis_url, env=env)
     warnings = [line for line in svc.proc.log_path.read_text().splitlines() if " WARNING " in line]
     assert len(warnings) == len(env)
     for name, value in env.items():
         assert len([w for w in warnings if f"{name}={value} is ignored: " in w]) == 1, name
-    (stats,) = [w for w in warnings if "DISABLE_STATS" in w]
-    assert stats.endswith("DISABLE_STATS=true is ignored: Prometheus metrics (ratelimit_*) are always "
-                          "served on /metrics of PORT and cannot be turned off")
+    (protocol,) = [w for w in warnings if "STATSD_PROTOCOL" in w]
+    assert protocol.endswith("STATSD_PROTOCOL=tcp is ignored: statsd is sent over UDP (statsd_exporter and the "
+                             "Datadog agent listen on UDP by default)")
 
 
 def test_the_table_reports_only_values_that_differ_from_upstreams_default() -> None:
-    refusals, warnings = upstream_settings_in({"REDIS_TYPE": " Single ", "STATSD_PORT": "8125", "HOST": "::",
+    refusals, warnings = upstream_settings_in({"REDIS_TYPE": " Single ", "REDIS_POOL_SIZE": "10", "HOST": "::",
                                                "REDIS_PIPELINE_WINDOW": "150us", "MEMCACHE_HOST_PORT": ""})
     assert refusals == []
     assert warnings == ["REDIS_PIPELINE_WINDOW=150us is ignored: calls are always pipelined: what is ready is "
