@@ -27,13 +27,14 @@ import logging
 import os
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import TypedDict
 
 from prometheus_client import Counter
 
+from igw.http_admin import Answer, start_http_server
 from ratelimit_svc import metrics
 
 WORKER_PORT_ENV = "RATELIMIT_WORKER_PROMETHEUS_PORT"  # a worker of --workers N: its loopback port (igw/workers.py)
@@ -241,38 +242,6 @@ def render(snap: Snapshot) -> bytes:
 
 # --- the HTTP endpoint ---------------------------------------------------------------------------------------
 
-def _response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
-    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + body
-
-
-async def _serve(host: str | None, port: int, path: str, body: Callable[[], tuple[bytes, str]]) -> asyncio.Server:
-    """Served on the event loop, so a scrape reads the counters between two requests, never during one."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request_line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request_line.decode(errors="replace").split()
-            method, target = (parts[0], parts[1].split("?")[0]) if len(parts) >= 2 else ("", "")
-            if method not in ("GET", "HEAD"):
-                payload = _response(405, b"method not allowed\n")
-            elif target != path:
-                payload = _response(404, b"404 page not found\n")
-            else:
-                payload = _response(200, *body())
-            writer.write(payload)
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, host, port)
-
-
 async def start(host: str, port: int, path: str, log: logging.Logger) -> asyncio.Server | None:
     """Serve upstream's metrics on host:port at path (host "" is every interface, as Go's ":9090"); as a worker of
     --workers N, serve this process's counts to the supervisor instead, which answers on host:port for all
@@ -280,15 +249,15 @@ async def start(host: str, port: int, path: str, log: logging.Logger) -> asyncio
     if worker_port := os.environ.get(WORKER_PORT_ENV):
         bind: tuple[str | None, int, str] = ("127.0.0.1", int(worker_port), WORKER_PATH)
 
-        def body() -> tuple[bytes, str]:
-            return json.dumps(snapshot()).encode(), "application/json"
+        async def answer() -> Answer:
+            return 200, json.dumps(snapshot()).encode(), "application/json"
     else:
         bind = (host or None, port, path)
 
-        def body() -> tuple[bytes, str]:
-            return render(snapshot()), CONTENT_TYPE
+        async def answer() -> Answer:
+            return 200, render(snapshot()), CONTENT_TYPE
     try:
-        server = await _serve(*bind, body)
+        server = await start_http_server(bind[0], bind[1], {bind[2]: answer}, not_found=b"404 page not found\n")
     except OSError as exc:
         log.error("cannot bind PROMETHEUS_ADDR %s:%d: %s", bind[0] or "", bind[1], exc)
         return None
