@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import hiredis
 
 from igw.redis_cluster import RedisCluster, key_slot
-from igw.redis_conn import PipelinedRedis, RedisError
+from igw.redis_conn import CommandRunner, RedisError
 from ratelimit_svc.gcra import LUA, GcraResult, gcra
 
 GCRA_SHA = hashlib.sha1(LUA.encode()).hexdigest()
@@ -163,13 +163,13 @@ def shard_of(group: str, shards: int) -> int:
 
 
 class RedisCounters:
-    def __init__(self, *shards: PipelinedRedis, per_second: PipelinedRedis | None = None) -> None:
+    def __init__(self, *shards: CommandRunner, per_second: CommandRunner | None = None) -> None:
         if not shards:
             raise ValueError("RedisCounters needs at least one Redis")
         self.shards = shards
         self.per_second = per_second
         # Where hits go: the shards, then the per-second Redis (if any) as one more target.
-        self.targets: tuple[PipelinedRedis, ...] = (*shards, per_second) if per_second is not None else shards
+        self.targets: tuple[CommandRunner, ...] = (*shards, per_second) if per_second is not None else shards
 
     def _target_of(self, hit: Hit) -> int:
         if hit.per_second and self.per_second is not None:
@@ -241,7 +241,7 @@ class RedisCounters:
         return results  # type: ignore[return-value]
 
     @staticmethod
-    async def _apply_on(redis: PipelinedRedis, hits: list[Hit], increment: Increment = Increment.ALL) -> list[Counted]:
+    async def _apply_on(redis: CommandRunner, hits: list[Hit], increment: Increment = Increment.ALL) -> list[Counted]:
         commands, has_fixed = _commands(hits, increment)
         replies = await redis.execute_many(commands)  # type: ignore[arg-type]
         missing = [i for i, reply in enumerate(replies)
@@ -311,7 +311,7 @@ class ClusterCounters(RedisCounters):
     request are then grouped by the master that holds them, and each master gets one pipelined write,
     concurrently, as shards do. Target -1 is the per-second Redis, when there is one."""
 
-    def __init__(self, cluster: RedisCluster, per_second: PipelinedRedis | None = None) -> None:
+    def __init__(self, cluster: RedisCluster, per_second: CommandRunner | None = None) -> None:
         self.cluster = cluster
         self.shards = ()
         self.per_second = per_second

@@ -136,14 +136,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     if settings.backend == "memory":
         counters = MemoryCounters()
     elif cluster is not None:
-        counters = ClusterCounters(cluster, per_second=per_second)  # type: ignore[arg-type]
+        counters = ClusterCounters(cluster, per_second=per_second)
         try:
             await cluster.refresh()
         except RedisError as exc:  # as a single Redis that is down: start unhealthy, the probe keeps trying
             log.warning("redis cluster: cannot read the slot map yet: %s", exc)
     else:
-        # A SentinelRedis answers execute_many as a PipelinedRedis does: the counters take it for one.
-        counters = RedisCounters(*shards, per_second=per_second)  # type: ignore[arg-type]
+        # A SentinelRedis is a CommandRunner, as a PipelinedRedis is: the counters take either.
+        counters = RedisCounters(*shards, per_second=per_second)
     for sentinel in sentinels:
         try:
             await sentinel.discover()
