@@ -100,6 +100,10 @@ class SentinelProcs:
         """SENTINEL FAILOVER: the replica becomes the master and the old master its replica; returns once
         the sentinel names the new master and it answers as one."""
         old = self.master_port()
+        # Replication is asynchronous: a failover keeps only the writes that reached the replica. Tests
+        # compare counts across it, so every write made so far must have been acknowledged first.
+        acknowledged = self.client(old).execute_command("WAIT", 1, 5000)
+        assert acknowledged == 1, "the replica did not acknowledge the writes so far within 5 s"
         self.sentinel_client(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
         self._wait(lambda: self.master_port() != old, "the sentinel did not switch to the replica", 20)
         new = self.master_port()
