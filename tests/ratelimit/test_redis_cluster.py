@@ -9,8 +9,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -21,6 +22,8 @@ from ratelimit_svc.counters import SCRIPTS, ClusterCounters, Counted, Hit, Incre
 from tests.helpers import Service, ServiceFactory, assert_one_line_error
 from tests.ratelimit.cluster import RedisClusterProcs
 from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges, descriptor
+
+T = TypeVar("T")
 
 CONFIG = """
 domain: test-domain
@@ -356,6 +359,21 @@ async def counted_twice(cluster: RedisCluster, keys: list[str], between: Callabl
     return await counters.apply(fixed_hits(*keys))
 
 
+def on_cluster(procs: RedisClusterProcs, work: Callable[[RedisCluster], Awaitable[T]]) -> tuple[T, RedisCluster]:
+    """`work` with a cluster client whose map is read first, as the service's is; the client is closed after
+    and returned too, for its map."""
+    client = RedisCluster([f"redis://127.0.0.1:{procs.ports[0]}"], scripts=SCRIPTS)
+
+    async def run() -> T:
+        await client.refresh()
+        try:
+            return await work(client)
+        finally:
+            client.close()
+
+    return asyncio.run(run()), client
+
+
 def test_a_moved_reply_updates_the_map_and_the_hit_is_counted_on_the_new_owner(
     clean_cluster: RedisClusterProcs
 ) -> None:
@@ -363,16 +381,9 @@ def test_a_moved_reply_updates_the_map_and_the_hit_is_counted_on_the_new_owner(
     slot = key_slot(key)
     source = clean_cluster.owner_of(slot)
     target = next(port for port in clean_cluster.ports if port != source)
-    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
-
-    async def run() -> list[Counted]:
-        await client.refresh()
-        try:
-            return await counted_twice(client, [key], lambda: clean_cluster.migrate_slot(slot, target))
-        finally:
-            client.close()
-
-    assert asyncio.run(run()) == [2]
+    counted, client = on_cluster(
+        clean_cluster, lambda c: counted_twice(c, [key], lambda: clean_cluster.migrate_slot(slot, target)))
+    assert counted == [2]
     assert client.node_of(slot) == f"127.0.0.1:{target}"
 
 
@@ -383,17 +394,10 @@ def test_an_ask_reply_counts_on_the_importing_master_and_leaves_the_map_alone(
     slot = key_slot(key)
     source = clean_cluster.owner_of(slot)
     target = next(port for port in clean_cluster.ports if port != source)
-    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
-
-    async def run() -> list[Counted]:
-        await client.refresh()
-        try:
-            return await counted_twice(client, [key], lambda: clean_cluster.migrate_slot(slot, target, finish=False))
-        finally:
-            client.close()
-
     try:
-        assert asyncio.run(run()) == [2]
+        counted, client = on_cluster(clean_cluster, lambda c: counted_twice(
+            c, [key], lambda: clean_cluster.migrate_slot(slot, target, finish=False)))
+        assert counted == [2]
         assert client.node_of(slot) == f"127.0.0.1:{source}"
     finally:
         clean_cluster.finish_migration(slot, target)
@@ -401,20 +405,13 @@ def test_an_ask_reply_counts_on_the_importing_master_and_leaves_the_map_alone(
 
 def test_masters_that_lost_their_scripts_get_them_again(clean_cluster: RedisClusterProcs) -> None:
     keys = [f"script-{i}" for i in range(12)]
-    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
 
     def flush_scripts() -> None:
         for port in clean_cluster.ports:
             clean_cluster.client(port).script_flush()
 
-    async def run() -> list[Counted]:
-        await client.refresh()
-        try:
-            return await counted_twice(client, keys, flush_scripts)
-        finally:
-            client.close()
-
-    assert asyncio.run(run()) == [2] * len(keys)
+    counted, _ = on_cluster(clean_cluster, lambda c: counted_twice(c, keys, flush_scripts))
+    assert counted == [2] * len(keys)
 
 
 def test_a_slots_reply_entry_without_a_host_names_the_node_that_answered() -> None:
@@ -436,16 +433,8 @@ def test_a_cluster_announcing_no_endpoint_is_mapped_on_the_seed_host_and_counts(
 ) -> None:
     hostless_cluster.flush()
     keys = [f"hostless-{i}" for i in range(12)]
-    client = RedisCluster([f"redis://127.0.0.1:{hostless_cluster.ports[0]}"], scripts=SCRIPTS)
-
-    async def run() -> list[Counted]:
-        await client.refresh()
-        try:
-            return await ClusterCounters(client).apply(fixed_hits(*keys))
-        finally:
-            client.close()
-
-    assert asyncio.run(run()) == [1] * len(keys)
+    counted, client = on_cluster(hostless_cluster, lambda c: ClusterCounters(c).apply(fixed_hits(*keys)))
+    assert counted == [1] * len(keys)
     assert sorted(client.masters) == sorted(f"127.0.0.1:{port}" for port in hostless_cluster.ports)
     assert all(count(hostless_cluster, key) == 1 for key in keys)
 
@@ -459,18 +448,10 @@ def test_a_redirection_without_a_host_goes_to_the_host_of_the_node_that_sent_it(
     slot = key_slot(key)
     source = hostless_cluster.owner_of(slot)
     target = next(port for port in hostless_cluster.ports if port != source)
-    client = RedisCluster([f"redis://127.0.0.1:{hostless_cluster.ports[0]}"], scripts=SCRIPTS)
-
-    async def run() -> list[Counted]:
-        await client.refresh()
-        try:
-            return await counted_twice(client, [key],
-                                       lambda: hostless_cluster.migrate_slot(slot, target, finish=finish))
-        finally:
-            client.close()
-
     try:
-        assert asyncio.run(run()) == [2]
+        counted, client = on_cluster(hostless_cluster, lambda c: counted_twice(
+            c, [key], lambda: hostless_cluster.migrate_slot(slot, target, finish=finish)))
+        assert counted == [2]
         assert hostless_cluster.get_asking(target, key) == 2
         assert client.node_of(slot) == f"127.0.0.1:{target if finish else source}"
     finally:
@@ -480,18 +461,13 @@ def test_a_redirection_without_a_host_goes_to_the_host_of_the_node_that_sent_it(
 def test_keys_of_one_slot_share_one_script_outside_a_migration(clean_cluster: RedisClusterProcs) -> None:
     keys = ["{one-slot}a", "{one-slot}b", "{one-slot}c"]
     port = clean_cluster.owner_of(key_slot(keys[0]))
-    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
 
-    async def run() -> list[Counted]:
-        await client.refresh()
-        try:
-            await ClusterCounters(client).apply(fixed_hits(*keys))  # loads the scripts if the master lacks them
-            clean_cluster.client(port).config_resetstat()
-            return await ClusterCounters(client).apply(fixed_hits(*keys))
-        finally:
-            client.close()
+    async def twice(client: RedisCluster) -> list[Counted]:
+        await ClusterCounters(client).apply(fixed_hits(*keys))  # loads the scripts if the master lacks them
+        clean_cluster.client(port).config_resetstat()
+        return await ClusterCounters(client).apply(fixed_hits(*keys))
 
-    assert asyncio.run(run()) == [2, 2, 2]
+    assert on_cluster(clean_cluster, twice)[0] == [2, 2, 2]
     assert clean_cluster.client(port).info("commandstats")["cmdstat_evalsha"]["calls"] == 1
 
 
@@ -511,22 +487,17 @@ def test_counters_sharing_a_migrating_slot_are_counted_one_key_at_a_time(
     slot = key_slot(OLD)
     source = clean_cluster.owner_of(slot)
     target = next(port for port in clean_cluster.ports if port != source)
-    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
-    counters = ClusterCounters(client)
 
-    async def run() -> list[Counted]:
-        await client.refresh()
-        try:
-            await counters.apply(fixed_hits(OLD, OTHER))
-            clean_cluster.begin_migration(slot, target)
-            if moved:
-                clean_cluster.migrate_keys(source, target, moved)
-            return await counters.apply(fixed_hits(*request_keys))
-        finally:
-            client.close()
+    async def across_the_migration(client: RedisCluster) -> list[Counted]:
+        counters = ClusterCounters(client)
+        await counters.apply(fixed_hits(OLD, OTHER))
+        clean_cluster.begin_migration(slot, target)
+        if moved:
+            clean_cluster.migrate_keys(source, target, moved)
+        return await counters.apply(fixed_hits(*request_keys))
 
     try:
-        assert asyncio.run(run()) == expected
+        assert on_cluster(clean_cluster, across_the_migration)[0] == expected
         assert clean_cluster.keys_on(target, "{migrating-slot}*") == on_target
         assert [clean_cluster.get_asking(target, key) for key in on_target] == [
             expected[request_keys.index(key)] for key in on_target]
@@ -541,23 +512,18 @@ def test_stop_increment_on_a_migrating_slot_reads_then_increments_only_the_count
     slot = key_slot(small)
     source = clean_cluster.owner_of(slot)
     target = next(port for port in clean_cluster.ports if port != source)
-    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
-    counters = ClusterCounters(client)
     hits = [Hit(small, 1, "fixed_window", ttl=60, limit=2), Hit(big, 1, "fixed_window", ttl=60, limit=100)]
 
-    async def run() -> list[list[Counted]]:
-        await client.refresh()
-        try:
-            for _ in range(2):
-                await counters.apply(hits, Increment.ONLY_OVER)
-            clean_cluster.begin_migration(slot, target)
-            clean_cluster.migrate_keys(source, target, [small])  # `big` is still on the source: TRYAGAIN
-            return [await counters.apply(hits, Increment.ONLY_OVER), await counters.apply(hits, Increment.NONE)]
-        finally:
-            client.close()
+    async def across_the_migration(client: RedisCluster) -> list[list[Counted]]:
+        counters = ClusterCounters(client)
+        for _ in range(2):
+            await counters.apply(hits, Increment.ONLY_OVER)
+        clean_cluster.begin_migration(slot, target)
+        clean_cluster.migrate_keys(source, target, [small])  # `big` is still on the source: TRYAGAIN
+        return [await counters.apply(hits, Increment.ONLY_OVER), await counters.apply(hits, Increment.NONE)]
 
     try:
-        assert asyncio.run(run()) == [[3, 2], [3, 2]]
+        assert on_cluster(clean_cluster, across_the_migration)[0] == [[3, 2], [3, 2]]
         assert clean_cluster.get_asking(target, small) == 3 and int(clean_cluster.client(source).get(big)) == 2
     finally:
         clean_cluster.migrate_slot(slot, target)
@@ -591,21 +557,13 @@ def test_moved_then_ask_is_followed_to_the_master_importing_the_key(clean_cluste
     slot = key_slot(key)
     first = clean_cluster.owner_of(slot)
     second, third = (port for port in clean_cluster.ports if port != first)
-    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
 
     def move_twice() -> None:
         clean_cluster.migrate_slot(slot, second)
         clean_cluster.migrate_slot(slot, third, finish=False)
 
-    async def run() -> list[Counted]:
-        await client.refresh()
-        try:
-            return await counted_twice(client, [key], move_twice)
-        finally:
-            client.close()
-
     try:
-        assert asyncio.run(run()) == [2]
+        assert on_cluster(clean_cluster, lambda c: counted_twice(c, [key], move_twice))[0] == [2]
         assert clean_cluster.get_asking(third, key) == 2
     finally:
         clean_cluster.finish_migration(slot, third)
@@ -619,18 +577,9 @@ def test_a_command_sent_back_and_forth_fails_after_a_bounded_number_of_redirecti
     slot = key_slot(key)
     owner = clean_cluster.owner_of(slot)
     other = next(port for port in clean_cluster.ports if port != owner)
-    client = RedisCluster([f"redis://127.0.0.1:{clean_cluster.ports[0]}"], scripts=SCRIPTS)
     clean_cluster.client(owner).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", clean_cluster.node_id(other))
-
-    async def run() -> None:
-        await client.refresh()
-        try:
-            await ClusterCounters(client).apply(fixed_hits(key))
-        finally:
-            client.close()
-
     try:
         with pytest.raises(PartialCount, match=f"still redirected after {MAX_REDIRECTS} redirections"):
-            asyncio.run(run())
+            on_cluster(clean_cluster, lambda c: ClusterCounters(c).apply(fixed_hits(key)))
     finally:
         clean_cluster.client(owner).execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
