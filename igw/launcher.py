@@ -89,8 +89,9 @@ def service_commands(
     for i, svc in enumerate(topology.ratelimit):
         commands[f"ratelimit-{i}"] = Command(
             "ratelimit_svc",
+            # No statsd in the bed: nothing listens for it there, and /metrics has the same counts.
             ("--config-dir", ratelimit_config_dir, "--redis-url", topology.redis_url, "--host", bind_host,
-             "--grpc-port", str(svc.grpc.port), "--http-port", str(svc.http.port)),
+             "--grpc-port", str(svc.grpc.port), "--http-port", str(svc.http.port), "--use-statsd", "false"),
             dict(SERVICE_ENV), "/healthcheck", svc.http.port, svc.grpc.host,
         )
     for i, svc in enumerate(topology.ext_proc):

@@ -417,8 +417,10 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
     volume = {"name": "config", "projected": {"sources": [{"configMap": {"name": n}} for n in config_maps]}}
     rl_container = _container(
         "ratelimit", s.image,
+        # Metrics are scraped from /metrics on the admin port: no statsd, which nothing in the pod receives.
         ["python", "-m", "ratelimit_svc", "--config-dir", RATELIMIT_CONFIG_DIR, "--merge-domain-config",
-         "--host", "0.0.0.0", "--grpc-port", str(RATELIMIT_GRPC_PORT), "--http-port", str(RATELIMIT_HTTP_PORT)],
+         "--host", "0.0.0.0", "--grpc-port", str(RATELIMIT_GRPC_PORT), "--http-port", str(RATELIMIT_HTTP_PORT),
+         "--use-statsd", "false"],
         [("grpc", RATELIMIT_GRPC_PORT), ("http-admin", RATELIMIT_HTTP_PORT)], s.ratelimit, RATELIMIT_HTTP_PORT,
         [*redis_env, *([{"name": "REDIS_SHARDS", "value": ",".join(s.redis_shards)}] if s.redis_shards else [])])
     # The directory is watched for changes: a ConfigMap update swaps its symlink and the service reloads.
