@@ -2,20 +2,26 @@
 
 Upstream's REDIS_TYPE=sentinel names a master and its sentinels in one setting ("mymaster,host1:26379,...").
 The master's address is asked with SENTINEL GET-MASTER-ADDR-BY-NAME from the sentinels in the order given,
-and the first that answers with an address wins (one that is down, refuses our credentials or does not
-know the name is skipped for the next). Counters then go to that master over a PipelinedRedis
-(igw/redis_conn.py), exactly as to a single Redis; only the failover cases add work:
+and the first address that answers ROLE as a master wins (a sentinel that is down, refuses our credentials,
+does not know the name, or names a replica, is skipped for the next: a sentinel cut off from the others
+keeps naming the master of before a failover); the sentinel that named it is asked first from then on.
+Counters then go to that master over a PipelinedRedis (igw/redis_conn.py), exactly as to a single Redis;
+only the failover cases add work:
   - the master's connection fails or times out: the sentinels are asked again in the background, and the
     calls meanwhile fail (UNAVAILABLE, or pass with --fail-open) as with a single Redis that is down;
-  - it answers READONLY (a demoted master, now a replica of the new one): asked again the same way;
-  - the health probe checks ROLE besides being a PING, so a demoted master that still answers turns the
-    health check to 503 until the new master is known, and it re-asks the sentinels every
-    RECHECK_INTERVAL even when all looks well: an old master that survived a failover keeps answering as
-    a master until the sentinels get round to demoting it.
+  - it answers READONLY or MASTERDOWN (a demoted master, now a replica of the new one): asked again the
+    same way;
+  - the health probe sends PING and ROLE: a master still LOADING its dataset (it answers ROLE, but fails
+    every other command) turns the health check to 503 naming that, and so does a demoted master that
+    still answers, until the new master is known; the probe re-asks the sentinels every RECHECK_INTERVAL
+    even when all looks well: an old master that survived a failover keeps answering as a master until
+    the sentinels get round to demoting it.
 Asks are never closer than ASK_MIN_INTERVAL: a burst of failed calls costs the sentinels one question.
 
 The platform's state Redis (replica counts, RLQS demand) talks to the same master through redis-py's own
-sentinel support (`state_redis_client`), whose connection pool follows failovers by itself.
+sentinel support (`state_redis_client`). Its pool would move only on a connection error or READONLY, so an
+old master that survives a failover would keep the state while the counters moved on: the pool takes the
+master that a SentinelRedis of the same target uses, and is disconnected whenever that one switches.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,6 +48,7 @@ from igw.redis_conn import (
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
+    from redis.asyncio.sentinel import SentinelConnectionPool
 
 # At most this many asks per second reach the sentinels from one process, however many calls fail.
 ASK_MIN_INTERVAL = 0.25
@@ -53,6 +61,12 @@ RECHECK_INTERVAL = 1.0
 MASTER_PLACEHOLDER = "sentinel-master"
 
 log = logging.getLogger("igw.redis_sentinel")
+
+# Per target, the master a SentinelRedis checked and uses, and the state clients' pools that must follow it:
+# the state and the counters have to stay on one Redis (see state_redis_client).
+_masters: dict[SentinelTarget, tuple[str, int]] = {}
+_state_pools: dict[SentinelTarget, weakref.WeakSet[SentinelConnectionPool]] = {}
+_disconnects: set[asyncio.Task[None]] = set()
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,12 @@ def _host_port(address: RedisAddress) -> str:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _role(reply: object) -> str:
+    """The first word of a ROLE reply, with Redis's legacy "slave" as "replica"."""
+    kind = _text(reply[0]) if isinstance(reply, list) and reply else repr(reply)
+    return "replica" if kind == "slave" else kind
 
 
 class SentinelRedis(CommandRunner):
@@ -133,7 +153,7 @@ class SentinelRedis(CommandRunner):
     async def _ask_sentinels(self) -> None:
         self.asks += 1
         errors: list[str] = []
-        for sentinel in self._sentinel_conns:
+        for sentinel in list(self._sentinel_conns):
             where = _host_port(sentinel.address)
             try:
                 reply = await sentinel.execute("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
@@ -148,26 +168,58 @@ class SentinelRedis(CommandRunner):
             except ValueError:
                 errors.append(f"{where}: unexpected reply {reply!r}")
                 continue
-            self._use(host, port, where)
+            master, why = await self._checked(host, port)
+            if master is None:
+                errors.append(f"{where}: names {_host_port(RedisAddress(host=host, port=port))}, {why}")
+                continue
+            self._use(master, where)
+            if sentinel is not self._sentinel_conns[0]:  # ask it first from now on, as the sentinels' guide says
+                self._sentinel_conns.remove(sentinel)
+                self._sentinel_conns.insert(0, sentinel)
             self.last_error = ""
             self._asked_at = time.monotonic()
             return
-        self.last_error = (f"no sentinel named the master {self.name!r} (sentinels {self.target.hosts}: "
-                           + "; ".join(errors) + ")")
+        self.last_error = (f"no sentinel named a master {self.name!r} that answers as one (sentinels "
+                           f"{self.target.hosts}: " + "; ".join(errors) + ")")
         self._asked_at = time.monotonic()
         raise RedisError(self.last_error)
 
-    def _use(self, host: str, port: int, sentinel: str) -> None:
+    async def _checked(self, host: str, port: int) -> tuple[PipelinedRedis | None, str]:
+        """A connection to the address a sentinel named, if it answers ROLE as a master, else why not. A
+        sentinel on the wrong side of a partition names the master of before the failover, now a replica:
+        trusting it would pin the counters to READONLY replies for as long as it stays behind."""
         current = self.master
         if current is not None and (current.address.host, current.address.port) == (host, port):
+            conn = current
+        else:
+            address = dataclasses.replace(self.template, host=host, port=port)
+            conn = PipelinedRedis(address, timeout=self.timeout, connect_timeout=self.connect_timeout)
+        try:
+            role = await conn.execute("ROLE")
+        except RedisError as exc:
+            why = f"which does not answer ROLE: {exc}"
+        else:
+            kind = _role(role)
+            if kind == "master":
+                return conn, ""
+            why = f"which is a {kind}"
+        if conn is not current:
+            conn.close()
+        return None, why
+
+    def _use(self, master: PipelinedRedis, sentinel: str) -> None:
+        current = self.master
+        host, port = master.address.host, master.address.port
+        _masters[self.target] = (host, port)
+        if master is current:
             return
-        address = dataclasses.replace(self.template, host=host, port=port)
-        self.master = PipelinedRedis(address, timeout=self.timeout, connect_timeout=self.connect_timeout)
+        self.master = master
         log.log(logging.WARNING if current is not None else logging.INFO,
                 "redis sentinel: master %r is at %s:%d (was %s; asked %s)", self.name, host, port,
                 f"{current.address.host}:{current.address.port}" if current is not None else "unknown", sentinel)
         if current is not None:
             current.close()
+        _follow(self.target, (host, port))
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -185,7 +237,7 @@ class SentinelRedis(CommandRunner):
             self.discover_soon()
             raise
         for reply in replies:
-            if isinstance(reply, hiredis.ReplyError) and "READONLY" in str(reply):
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(("READONLY", "MASTERDOWN")):
                 self.discover_soon()  # a demoted master: the sentinels know the new one, or will soon
                 break
         return replies
@@ -205,16 +257,25 @@ class SentinelRedis(CommandRunner):
         if master is None:
             self.problem = self.last_error or f"no master of {self.name!r} known"
             return False
+        where = f"master {self.name!r} at {_host_port(master.address)}"
         try:
-            role = await master.execute("ROLE")
+            # PING as a single Redis is probed, besides ROLE: a master loading its dataset answers ROLE, but
+            # PING and every counter command get LOADING.
+            pong, role = await master.execute_many([("PING",), ("ROLE",)])
         except RedisError as exc:
-            self.problem = f"master {self.name!r} at {_host_port(master.address)}: {exc}"
+            self.problem = f"{where}: {exc}"
             self.discover_soon()
             return False
-        if not isinstance(role, list) or not role or _text(role[0]) != "master":
-            kind = _text(role[0]) if isinstance(role, list) and role else repr(role)
-            self.problem = f"master {self.name!r} at {_host_port(master.address)} is a {kind} now (failover)"
+        kind = _role(role) if isinstance(role, list) else None
+        if kind is not None and kind != "master":
+            self.problem = f"{where} is a {kind} now (failover)"
             self.discover_soon()
+            return False
+        if kind is None or pong not in (b"PONG", "PONG"):
+            reply = role if kind is None else pong
+            self.problem = f"{where}: {_text(reply)}"
+            if not str(reply).startswith("LOADING"):  # a master loading its dataset stays the master
+                self.discover_soon()
             return False
         self.problem = ""
         return True
@@ -227,6 +288,9 @@ class SentinelRedis(CommandRunner):
         return f"{text}: {problem}" if problem else text
 
     def close(self) -> None:
+        if self.master is not None and _masters.get(self.target) == (self.master.address.host,
+                                                                      self.master.address.port):
+            del _masters[self.target]  # nobody checks it any more: the state clients ask the sentinels again
         if self._ask is not None:
             self._ask.cancel()
         if self.master is not None:
@@ -237,13 +301,28 @@ class SentinelRedis(CommandRunner):
 
 def state_redis_client(target: str | SentinelTarget, *, socket_timeout: float,
                        socket_connect_timeout: float) -> aioredis.Redis:
-    """A redis-py client of the platform's state Redis: a URL, or the master of a sentinel target (redis-py's
-    sentinel pool asks the sentinels again when the master's connection fails or it answers READONLY)."""
+    """A redis-py client of the platform's state Redis: a URL, or the master of a sentinel target. Its pool
+    connects to the master that a SentinelRedis of the same target checked and uses, and is dropped when
+    that one switches (redis-py alone would move only on a connection error or READONLY, and an old master
+    that survives a failover answers neither for seconds); with no such SentinelRedis, redis-py asks the
+    sentinels itself."""
     import redis.asyncio as aioredis
-    from redis.asyncio.sentinel import Sentinel
+    from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
     if isinstance(target, str):
         return aioredis.from_url(target, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout)
+    followed = target
+
+    class FollowingPool(SentinelConnectionPool):
+        async def get_master_address(self) -> tuple[str, int]:
+            known = _masters.get(followed)
+            if known is None:
+                return await super().get_master_address()  # type: ignore[no-any-return]
+            if self.master_address != known:
+                self.master_address = known
+                await self.disconnect(inuse_connections=False)
+            return known
+
     sentinels = [parse_redis_url(url) for url in target.sentinels]
     first = sentinels[0]
     master = parse_redis_url(target.master_url)
@@ -253,7 +332,22 @@ def state_redis_client(target: str | SentinelTarget, *, socket_timeout: float,
     sentinel = Sentinel([(s.host, s.port) for s in sentinels], sentinel_kwargs=sentinel_kwargs,
                         socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
                         db=master.db, **_auth_kwargs(master), **_tls_kwargs(master))
-    return sentinel.master_for(target.master_name)
+    client = sentinel.master_for(target.master_name, connection_pool_class=FollowingPool)
+    _state_pools.setdefault(target, weakref.WeakSet()).add(client.connection_pool)
+    return client
+
+
+def _follow(target: SentinelTarget, address: tuple[str, int]) -> None:
+    """Drop every connection of the state clients of `target`, in use or not (a pub/sub subscription holds
+    its connection for good), so that they reconnect to `address`, the master the counters just moved to."""
+    for pool in list(_state_pools.get(target, ())):
+        if pool.master_address is None or pool.master_address == address:
+            continue
+        pool.master_address = address
+        task = asyncio.get_running_loop().create_task(pool.disconnect(inuse_connections=True))
+        _disconnects.add(task)
+        task.add_done_callback(_disconnects.discard)
+        task.add_done_callback(retrieve_failure)  # a failed disconnect leaves a connection the next error moves
 
 
 def _auth_kwargs(address: RedisAddress) -> dict[str, object]:

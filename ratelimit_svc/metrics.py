@@ -55,13 +55,33 @@ class LimitStats:
 
 
 _stats: dict[str, LimitStats] = {}
+# The stats keys handed out since the statsd flusher last took them (a key is handed out to be counted), so
+# a flush walks what moved, not every key ever seen. None until a flusher asks: without statsd nothing is kept.
+_changed: set[str] | None = None
 
 
 def limit_stats(stats_key: str) -> LimitStats:
     stats = _stats.get(stats_key)
     if stats is None:
         stats = _stats[stats_key] = LimitStats()
+    if _changed is not None:
+        _changed.add(stats_key)
     return stats
+
+
+def forget_changes() -> None:
+    """The next take_changed() answers every key: a new flusher has sent nothing yet."""
+    global _changed
+    _changed = None
+
+
+def take_changed() -> list[tuple[str, LimitStats]]:
+    """The stats keys that may have moved since the last call, with their counts (every key on the first call
+    after forget_changes()); counting records keys anew from here."""
+    global _changed
+    taken = list(_stats.items()) if _changed is None else [(key, _stats[key]) for key in _changed]
+    _changed = set()
+    return taken
 
 
 def all_limit_stats() -> list[tuple[str, LimitStats]]:

@@ -9,8 +9,11 @@ for plain statsd, into the name (`name.__k=v`, sorted by key), and where upstrea
 them for USE_DOG_STATSD (`name:1|c|#k:v`).
 
 The flusher is a task of the service's event loop: it only reads plain integers (the request path runs on
-the same thread, see metrics.py), packs lines into datagrams of at most 1432 bytes (gostats' size, which an
-MTU of 1500 carries unfragmented), and sends them on a non-blocking UDP socket. A full socket buffer, an
+the same thread, see metrics.py), walks only the stats keys counted since the last flush (metrics.take_changed),
+a chunk at a time with the requests let run in between, packs lines into datagrams of at most 1432 bytes
+(gostats' size, which an MTU of 1500 carries unfragmented), and sends them on a non-blocking UDP socket.
+Stats keys hold request values: their names are sanitized once, for statsd and USE_PROMETHEUS alike
+(upstream_prometheus.sanitize_stat_key), and dogstatsd's tag separators are replaced here. A full socket buffer, an
 unreachable or unresolvable host drop that flush's lines, never a request; the host is resolved at start and
 again after a failed send. With --workers N each worker flushes its own deltas; statsd sums them.
 """
@@ -19,16 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import fields
+from operator import attrgetter
 
-from ratelimit_svc import upstream_prometheus
+from ratelimit_svc import metrics, upstream_prometheus
 from ratelimit_svc.settings import MOGRIFIER_GROUP_REF, StatsdTarget
 
 MAX_DATAGRAM = 1432  # bytes of lines per datagram (a longer single line goes alone, as gostats sends it)
+MAX_LINE = 65_507  # the most a UDP datagram carries over IPv4: a longer line cannot be sent at all
 _TIMERS_PER_CHUNK = 2000  # response-time lines built and sent before letting requests run again (~2 ms)
+_KEYS_PER_CHUNK = 250  # stats keys compared before letting requests run again (~1 ms when all moved)
+_LINES_PER_SEND = 500  # counter lines gathered before they are packed and sent
+_SHAPES_KEPT = 65_536  # cached line shapes; past this the cache starts over, so key growth cannot grow it
+# dogstatsd reads `,` as the end of a tag and `#`, `@` as the start of a section; a request value may hold them
+_DOGSTATSD_UNSAFE = re.compile(r"[#,@]")
+_LIMIT_VALUES = attrgetter(*(f.name for f in fields(metrics.LimitStats)))
 
 
 def _fill(template: str, found: re.Match[str]) -> str:
@@ -41,6 +54,7 @@ def shape(name: str, target: StatsdTarget) -> tuple[str, str]:
     applies the first mogrifier that matches the bare name, and sends every tag as `|#k:v,...`."""
     if not target.dogstatsd:
         return name + "".join(f".__{key}={value}" for key, value in target.extra_tags), ""
+    name = _DOGSTATSD_UNSAFE.sub("_", name)  # before the mogrifiers, so no group carries one into a tag
     tags = [f"{key}:{value}" for key, value in target.extra_tags]
     for mogrifier in target.mogrifiers:
         if found := mogrifier.pattern.search(name):
@@ -50,14 +64,19 @@ def shape(name: str, target: StatsdTarget) -> tuple[str, str]:
     return name, "|#" + ",".join(tags) if tags else ""
 
 
-def pack(lines: Iterable[str], dogstatsd: bool) -> list[bytes]:
+def pack(lines: Iterable[str], dogstatsd: bool, too_long: Callable[[str], None] | None = None) -> list[bytes]:
     """Lines into datagrams of at most MAX_DATAGRAM bytes: newline-terminated lines as gostats writes them,
-    newline-separated as datadog-go does."""
+    newline-separated as datadog-go does. A line no datagram can carry (over MAX_LINE) is left out and handed
+    to too_long: sent, the kernel would refuse it, and the lines around it must still go."""
     datagrams: list[bytes] = []
     current: list[bytes] = []
     size = 0
     for line in lines:
         data = line.encode() if dogstatsd else (line + "\n").encode()
+        if len(data) > MAX_LINE:
+            if too_long is not None:
+                too_long(line)
+            continue
         extra = len(data) + (1 if dogstatsd and current else 0)
         if current and size + extra > MAX_DATAGRAM:
             datagrams.append(b"\n".join(current) if dogstatsd else b"".join(current))
@@ -76,32 +95,65 @@ class StatsdFlusher:
     def __init__(self, target: StatsdTarget, log: logging.Logger) -> None:
         self.target = target
         self.log = log
-        self.sent: dict[str, int] = {}  # counts at the last flush
+        self.sent: dict[str, int] = {}  # service counters at the last flush, by name
+        self.sent_limits: dict[str, list[int]] = {}  # a stats key's LimitStats values at the last flush
+        self.too_long = 0  # lines left out because no datagram carries them (logged once)
         self.address: tuple[str, int] | tuple[str, int, int, int] | None = None
         self.sock: socket.socket | None = None
         self.failing = False  # the last resolve or send failed: log once until it works again
         self.shapes: dict[str, tuple[str, str]] = {}
         upstream_prometheus.CALLS.samples = []
+        metrics.forget_changes()  # this flusher has sent nothing: its first flush walks every key
 
     def _named(self, name: str) -> tuple[str, str]:
         """(what goes before `:value`, what goes after the type) of a stats name, cached: the same names
         come back every flush."""
         found = self.shapes.get(name)
         if found is None:
+            if len(self.shapes) >= _SHAPES_KEPT:
+                self.shapes.clear()
             found = self.shapes[name] = shape(name, self.target)
         return found
 
-    def counter_lines(self) -> list[str]:
-        """One line per counter that moved since the last flush, with its delta."""
+    def service_lines(self) -> list[str]:
+        """One line per service counter that moved since the last flush, with its delta."""
         out: list[str] = []
         sent = self.sent
-        for name, value in upstream_prometheus.stat_counts(upstream_prometheus.snapshot()):
+        for name, value in upstream_prometheus.service_counts().items():
             delta = value - sent.get(name, 0)
             if delta > 0:
                 head, tail = self._named(name)
                 out.append(f"{head}:{delta}|c{tail}")
                 sent[name] = value
         return out
+
+    def limit_lines(self, changed: list[tuple[str, metrics.LimitStats]]) -> list[str]:
+        """One line per limit stat of these stats keys that moved since the last flush, with its delta."""
+        out: list[str] = []
+        sent = self.sent_limits
+        for key, stats in changed:
+            values = _LIMIT_VALUES(stats)
+            before = sent.get(key)
+            if before is None:
+                before = sent[key] = [0] * len(values)
+            for i, value in enumerate(values):
+                delta = value - before[i]
+                if delta > 0:
+                    head, tail = self._named(upstream_prometheus.limit_names(key)[i])
+                    out.append(f"{head}:{delta}|c{tail}")
+                    before[i] = value
+        return out
+
+    def counter_lines(self) -> list[str]:
+        """Every counter line of a flush at once (the flush itself builds them a chunk at a time)."""
+        out = self.service_lines()
+        for lines in self._limit_chunks(metrics.take_changed()):
+            out += lines
+        return out
+
+    def _limit_chunks(self, changed: list[tuple[str, metrics.LimitStats]]) -> Iterator[list[str]]:
+        for start in range(0, len(changed), _KEYS_PER_CHUNK):
+            yield self.limit_lines(changed[start:start + _KEYS_PER_CHUNK])
 
     def timer_lines(self, samples: list[float]) -> list[str]:
         """One line per call: upstream's interceptor records whole milliseconds (Go's Milliseconds truncates)."""
@@ -129,25 +181,48 @@ class StatsdFlusher:
             self.log.warning("statsd: %s; stats are dropped until it works again", why)
         self.failing = True
 
+    def _chunks(self, changed: list[tuple[str, metrics.LimitStats]], samples: list[float]) -> Iterator[list[str]]:
+        """A flush's lines, a chunk at a time: the service counters, the limit stats of the keys counted since
+        the last flush, then the response times."""
+        lines = self.service_lines()
+        for more in self._limit_chunks(changed):
+            lines += more
+            if len(lines) >= _LINES_PER_SEND:
+                yield lines
+                lines = []
+            else:
+                yield []  # a pause only: these lines go with the next chunk's, in fuller datagrams
+        for start in range(0, len(samples), _TIMERS_PER_CHUNK):
+            lines += self.timer_lines(samples[start:start + _TIMERS_PER_CHUNK])
+            yield lines
+            lines = []
+        if lines:
+            yield lines
+
+    def _too_long(self, line: str) -> None:
+        if not self.too_long:
+            self.log.warning("statsd: a line of %d bytes is dropped, over the %d a datagram carries (%.80s...); "
+                             "later such lines are dropped without a warning", len(line.encode()), MAX_LINE, line)
+        self.too_long += 1
+
     async def flush(self) -> None:
-        """Counters first, then the response times in chunks, letting requests run between chunks: a busy
-        interval holds a line per call, and building them all at once would stall the loop for milliseconds."""
-        lines = self.counter_lines()
+        """In chunks, letting requests run between them: with many stats keys or a busy interval (a line per
+        call), building every line at once would stall the loop. Counters are taken even when sending fails,
+        as gostats latches them."""
+        changed = metrics.take_changed()
         calls = upstream_prometheus.CALLS
         samples, calls.samples = calls.samples or [], []
-        if not lines and not samples:
-            return
-        if (self.address is None or self.sock is None) and not await self.resolve():
-            return
-        for start in range(0, max(len(samples), 1), _TIMERS_PER_CHUNK):
-            lines += self.timer_lines(samples[start:start + _TIMERS_PER_CHUNK])
-            if not self._send(pack(lines, self.target.dogstatsd)):
-                return
-            lines = []
+        sending = None  # None: nothing sent yet; False: resolving or sending failed, the rest is dropped
+        for lines in self._chunks(changed, samples):
+            if lines and sending is not False:
+                if (self.address is None or self.sock is None) and not await self.resolve():
+                    sending = False
+                else:
+                    sending = self._send(pack(lines, self.target.dogstatsd, self._too_long))
             await asyncio.sleep(0)
-        if self.failing:
+        if sending and self.failing:
             self.log.info("statsd: sending to %s:%d again", self.target.host, self.target.port)
-        self.failing = False
+            self.failing = False
 
     def _send(self, datagrams: list[bytes]) -> bool:
         assert self.sock is not None and self.address is not None
@@ -157,6 +232,9 @@ class StatsdFlusher:
             except BlockingIOError:
                 continue  # the socket buffer is full: this datagram is lost, as a UDP packet may be
             except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:  # this datagram only (pack keeps lines within MAX_LINE)
+                    self._too_long(datagram.decode(errors="replace"))
+                    continue
                 self._failed(f"cannot send to {self.target.host}:{self.target.port}: {exc}")
                 self.address = None  # resolve again at the next flush
                 return False

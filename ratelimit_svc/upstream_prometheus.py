@@ -152,30 +152,56 @@ def _total(counter: Counter) -> int:
                    if sample.name.endswith("_total")))
 
 
+def service_counts() -> dict[str, int]:
+    """The service counters under their upstream stats names (a few, read at every statsd flush)."""
+    return {
+        "ratelimit.service.config_load_success": _total(metrics.CONFIG_LOAD_SUCCESS),
+        "ratelimit.service.config_load_error": _total(metrics.CONFIG_LOAD_ERROR),
+        "ratelimit.service.call.should_rate_limit.redis_error": _total(metrics.REDIS_ERRORS),
+        "ratelimit.service.call.should_rate_limit.service_error": _total(metrics.SERVICE_ERRORS) + CALLS.no_config,
+        "ratelimit.service.global_shadow_mode": _total(metrics.GLOBAL_SHADOW_MODE),
+        f"ratelimit_server.{METHOD}.total_requests": CALLS.requests,
+    }
+
+
 def snapshot() -> Snapshot:
     """This process's counts, as plain JSON-able values: what a worker hands the supervisor."""
     return {
         "limits": {key: [getattr(stats, name) for name in _LIMIT_STATS] for key, stats in metrics.all_limit_stats()},
-        "counters": {
-            "ratelimit.service.config_load_success": _total(metrics.CONFIG_LOAD_SUCCESS),
-            "ratelimit.service.config_load_error": _total(metrics.CONFIG_LOAD_ERROR),
-            "ratelimit.service.call.should_rate_limit.redis_error": _total(metrics.REDIS_ERRORS),
-            "ratelimit.service.call.should_rate_limit.service_error": _total(metrics.SERVICE_ERRORS) + CALLS.no_config,
-            "ratelimit.service.global_shadow_mode": _total(metrics.GLOBAL_SHADOW_MODE),
-            f"ratelimit_server.{METHOD}.total_requests": CALLS.requests,
-        },
+        "counters": service_counts(),
         "buckets": list(CALLS.buckets),
         "seconds": CALLS.seconds,
     }
 
 
+# Upstream's SanitizeStatName turns `:` and `|` into `_`; the C0 controls and DEL are added here because a
+# newline or carriage return in a request value would end a statsd line early and let the rest of the value
+# forge lines of its own. Upstream main also turns the dots of anything shaped like an IPv4 address into `_`
+# (after the replacement, leftmost first, not overlapping, ASCII digits only as Go's \d), so
+# `remote_address_10.1.2.3` stays one dot-separated field.
+_STAT_UNSAFE = re.compile(r"[:|\x00-\x1f\x7f]")
+_IPV4 = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
+
+
+def sanitize_stat_key(key: str) -> str:
+    """A stats key (`<domain>.<descriptor key>`, which holds request values) as it may appear in a stats name:
+    the one place both statsd and USE_PROMETHEUS take their names from."""
+    return _IPV4.sub(lambda found: found[0].replace(".", "_"), _STAT_UNSAFE.sub("_", key))
+
+
+@lru_cache(maxsize=65536)
+def limit_names(key: str) -> tuple[str, ...]:
+    """The upstream stats names of one stats key, one per LimitStats field in order."""
+    clean = sanitize_stat_key(key)
+    return tuple(f"ratelimit.service.rate_limit.{clean}.{stat}" for stat in _LIMIT_STATS)
+
+
 def stat_counts(snap: Snapshot) -> Iterator[tuple[str, int]]:
     """(upstream stats name, count) of every counter of a snapshot, zeros too: the names upstream's gostats
-    store holds (`ratelimit.service.rate_limit.<domain>.<key>.<stat>` and the service counters), which
-    statsd sends as they are and USE_PROMETHEUS maps."""
+    store holds (`ratelimit.service.rate_limit.<domain>.<key>.<stat>`, the key sanitized as upstream does,
+    and the service counters), which USE_PROMETHEUS maps; statsd sends the same names (limit_names)."""
     for key, values in snap["limits"].items():
-        for stat, value in zip(_LIMIT_STATS, values, strict=True):
-            yield f"ratelimit.service.rate_limit.{key}.{stat}", value
+        yield from zip(limit_names(key), values, strict=True)
     yield from snap["counters"].items()
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import hiredis
 import redis
 
 from igw.procs import ManagedProcess, RedisServer, free_port, port_open, redis_server_binary
@@ -31,7 +34,7 @@ class SentinelProcs:
         for server, role in ((self.master, "master"), (self.replica, "replica")):
             server.name = f"redis-sentinel-{role}-{server.port}"
             server.log_path = Path(log_dir) / f"{server.name}.log"
-            server.args += auth
+            server.args += [*auth, "--enable-debug-command", "local"]  # DEBUG RELOAD: a master LOADING
         self.replica.args += ["--replicaof", "127.0.0.1", str(self.master.port)]
         self.conf_dir = Path(tempfile.mkdtemp(prefix="igw-sentinel-"))
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
@@ -104,7 +107,15 @@ class SentinelProcs:
         # compare counts across it, so every write made so far must have been acknowledged first.
         acknowledged = self.client(old).execute_command("WAIT", 1, 5000)
         assert acknowledged == 1, "the replica did not acknowledge the writes so far within 5 s"
-        self.sentinel_client(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                self.sentinel_client(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+                break
+            except redis.ResponseError as exc:  # just started: the sentinel has not rated the replica yet
+                if "NOGOODSLAVE" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         self._wait(lambda: self.master_port() != old, "the sentinel did not switch to the replica", 20)
         new = self.master_port()
         self._wait(lambda: self.client(new).execute_command("ROLE")[0] == b"master", "new master not promoted")
@@ -126,3 +137,38 @@ class SentinelProcs:
                     return
             assert time.monotonic() < deadline, what
             time.sleep(0.1)
+
+
+class StaleSentinel:
+    """A sentinel that names `port` as the master whatever has happened since, as one cut off from the others
+    by a partition keeps doing: it answers every command with that address. A thread, so a test can list it
+    first in REDIS_URL next to the real sentinel."""
+
+    def __init__(self, port: int) -> None:
+        self.named = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.asked = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        port = str(self.named).encode()
+        reply = b"*2\r\n$9\r\n127.0.0.1\r\n$%d\r\n%s\r\n" % (len(port), port)
+        reader = hiredis.Reader()
+        with conn, contextlib.suppress(OSError):
+            while data := conn.recv(4096):
+                reader.feed(data)
+                while reader.gets() is not False:
+                    self.asked += 1
+                    conn.sendall(reply)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self.listener.close()

@@ -3,9 +3,11 @@ and a sentinel), and the service follows a failover to the new master, where the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -14,11 +16,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 
-from igw.procs import free_port
+from igw.procs import RedisServer, free_port
+from igw.redis_sentinel import SentinelRedis, SentinelTarget, state_redis_client
 from tests.helpers import Service, ServiceFactory, assert_one_line_error
 from tests.ratelimit.rls_client import OK, OVER, RlsClient, avoid_window_edges, descriptor
-from tests.ratelimit.sentinel import MASTER_NAME, SentinelProcs
+from tests.ratelimit.sentinel import MASTER_NAME, SentinelProcs, StaleSentinel
 
 CONFIG = """
 domain: test-domain
@@ -167,6 +171,110 @@ def test_a_sentinel_that_does_not_answer_is_skipped_for_the_next(
     assert client.call([("big", "skipped")]).overall_code == OK
     client.close()
     assert clean.get(clean.master.port, minute_key("big", "skipped")) == 1
+
+
+def test_a_sentinel_that_names_a_replica_is_skipped_for_the_next(
+    services: ServiceFactory, config_dir: Path, clean: SentinelProcs
+) -> None:
+    # As a sentinel cut off from the others names the master of before a failover, now a replica.
+    master = clean.master_port()
+    replica = clean.replica.port if master == clean.master.port else clean.master.port
+    stale = StaleSentinel(replica)
+    try:
+        svc, client = start(services, config_dir, f"{MASTER_NAME},127.0.0.1:{stale.port},127.0.0.1:"
+                            f"{clean.sentinel_ports[0]}")
+        avoid_window_edges(minute_margin_s=3)
+        assert client.call([("big", "stale")]).overall_code == OK
+        client.close()
+        assert clean.get(master, minute_key("big", "stale")) == 1
+        assert stale.asked
+        wait_health(svc, 200)
+    finally:
+        stale.close()
+
+
+def test_a_master_loading_its_dataset_turns_health_503_naming_loading(
+    services: ServiceFactory, config_dir: Path, clean: SentinelProcs
+) -> None:
+    # The master answers ROLE while loading, but PING and every counter command get LOADING.
+    svc, _ = start(services, config_dir, clean.url)
+    port = clean.master_port()
+    master = clean.client(port)
+    master.execute_command("DEBUG", "POPULATE", 2000)
+    master.config_set("loading-process-events-interval-bytes", 1024)
+    master.config_set("key-load-delay", 1000)  # µs per key: about 2 s of LOADING
+    reloader = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+    reload = threading.Thread(target=reloader.execute_command, args=("DEBUG", "RELOAD"))
+    reload.start()
+    try:
+        body = wait_health(svc, 503, 5)
+        assert f"master '{MASTER_NAME}' at 127.0.0.1:{port}: LOADING" in body, body
+    finally:
+        reload.join()
+        reloader.close()
+        master.config_set("key-load-delay", 0)
+    wait_health(svc, 200)
+
+
+def test_a_demoted_master_is_named_a_replica_in_the_health_text(log_dir: Path) -> None:
+    server = RedisServer(log_dir=log_dir).start()
+    stale = StaleSentinel(server.port)
+    target = SentinelTarget(MASTER_NAME, (f"redis://127.0.0.1:{stale.port}/0",), "redis://sentinel-master:6379/0")
+
+    async def probe() -> str:
+        sentinel = SentinelRedis(target)
+        try:
+            await sentinel.discover()
+            with redis.Redis(host="127.0.0.1", port=server.port) as demote:
+                demote.replicaof("127.0.0.1", free_port())
+            assert not await sentinel.ping()
+            return sentinel.shown()
+        finally:
+            sentinel.close()
+
+    try:
+        shown = asyncio.run(probe())
+    finally:
+        stale.close()
+        server.stop()
+    assert f"at 127.0.0.1:{server.port} is a replica now (failover)" in shown, shown
+
+
+def test_the_state_client_follows_the_counters_to_a_new_master_while_the_old_one_still_answers(
+    doomed: SentinelProcs
+) -> None:
+    # redis-py's pool alone moves only on a connection error or READONLY: the old master, still a master
+    # for seconds after the failover, would keep replica counts and RLQS demand away from the counters.
+    target = SentinelTarget(MASTER_NAME, (f"redis://127.0.0.1:{doomed.sentinel_ports[0]}/0",),
+                            "redis://sentinel-master:6379/0")
+    old = doomed.master_port()
+
+    async def write_after_failover() -> int:
+        counters = SentinelRedis(target, timeout=0.3, connect_timeout=0.3)
+        state = state_redis_client(target, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            await counters.discover()
+            await state.set("before", 1)
+            await asyncio.to_thread(doomed.failover)
+            deadline = time.monotonic() + 10
+            while counters.master is None or counters.master.address.port == old:
+                assert time.monotonic() < deadline, "the counters did not move to the new master"
+                await counters.ping()
+                await asyncio.sleep(0.1)
+            while True:  # a call that fails on a switching pool is retried, as the platform's loops do
+                try:
+                    await state.incr("state_write")
+                    break
+                except redis.RedisError:
+                    assert time.monotonic() < deadline, "the state client did not write"
+                    await asyncio.sleep(0.1)
+            return counters.master.address.port
+        finally:
+            await state.aclose()
+            counters.close()
+
+    new = asyncio.run(write_after_failover())
+    assert new != old and doomed.get(new, "state_write") == 1
 
 
 def test_no_sentinel_answering_starts_the_service_unhealthy_naming_the_sentinels(

@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2
 
 from tests.helpers import Service, ServiceFactory, assert_one_line_error
-from tests.ratelimit.rls_client import OK, OVER, RlsClient
+from tests.ratelimit.rls_client import OK, OVER, RlsClient, descriptor
 
 CONFIG = """
 domain: test-domain
@@ -269,3 +271,87 @@ def test_each_worker_sends_its_own_deltas_which_statsd_sums(
     lines = statsd.wait_for(lambda lines: counts(lines).get(f"{STAT}.many.total_hits") == calls)
     assert counts(lines)["ratelimit_server.ShouldRateLimit.total_requests"] == calls
     assert counts(lines)["ratelimit.service.config_load_success"] == 2  # one config load per worker
+
+
+def override(key: str, value: str) -> ratelimit_pb2.RateLimitDescriptor:
+    """A descriptor with Envoy's limit override: counted under `<key>_<value>` with no config flag needed."""
+    built = descriptor([(key, value)])
+    built.limit.requests_per_unit, built.limit.unit = 1000, rls_pb2.RateLimitResponse.RateLimit.MINUTE
+    return built
+
+
+# A forged line after a newline, a forged value after `:`/`|`, and for dogstatsd a forged tag after `,`.
+EVIL = "x:1000000|c\nratelimit.service.rate_limit.test-domain.forged.over_limit:7|c|#team:evil,env:x@0.5\r"
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, f"{STAT}.user_x_1000000_c_ratelimit.service.rate_limit.test-domain.forged.over_limit_7_c_#team_evil,"
+         "env_x@0.5_.total_hits:1|c"),
+    ({"USE_DOG_STATSD": "true", "EXTRA_TAGS": "env:prod"},
+     f"{STAT}.user_x_1000000_c_ratelimit.service.rate_limit.test-domain.forged.over_limit_7_c__team_evil_"
+     "env_x_0.5_.total_hits:1|c|#env:prod"),
+], ids=["statsd", "dogstatsd"])
+def test_a_request_value_cannot_forge_statsd_lines_values_or_tags(
+    services: ServiceFactory, config_dir: Path, redis_url: str, statsd: StatsdServer, env: dict[str, str],
+    expected: str
+) -> None:
+    svc = start(services, config_dir, redis_url, statsd, env)
+    client = RlsClient(svc.grpc_target)
+    client.call(override("user", EVIL))
+    client.close()
+    lines = statsd.wait_for(lambda lines: any(line.startswith(TIMER) for line in lines))
+    assert expected in lines
+    name = expected.partition(".total_hits")[0]  # the one stats key, whichever stat
+    assert not [line for line in lines if "forged" in line and not line.startswith(f"{name}.")], lines
+    tags = [line.partition("|#")[2] for line in lines]
+    assert set(tags) == ({"env:prod"} if env else {""}), lines
+
+
+def test_dots_of_an_ipv4_address_in_a_value_become_underscores_as_upstream_names_them(
+    services: ServiceFactory, config_dir: Path, redis_url: str, statsd: StatsdServer
+) -> None:
+    svc = start(services, config_dir, redis_url, statsd)
+    client = RlsClient(svc.grpc_target)
+    client.call(override("remote_address", "10.1.2.3"))
+    client.call(override("version", "1.2.3"))  # not an address: its dots stay
+    client.close()
+    lines = statsd.wait_for(lambda lines: any(line.startswith(TIMER) for line in lines))
+    assert f"{STAT}.remote_address_10_1_2_3.total_hits:1|c" in lines
+    assert f"{STAT}.version_1.2.3.total_hits:1|c" in lines
+
+
+def test_a_flush_with_many_stats_keys_of_which_none_moved_does_not_hold_up_calls(
+    services: ServiceFactory, config_dir: Path, redis_url: str, statsd: StatsdServer
+) -> None:
+    keys, per_call = 100_000, 1000
+    svc = start(services, config_dir, redis_url, statsd, {"STATS_FLUSH_INTERVAL": "100ms"}, "--backend", "memory")
+    client = RlsClient(svc.grpc_target)
+    for start_at in range(0, keys, per_call):  # each a stats key of its own, counted once
+        client.call(*(override("user", str(i)) for i in range(start_at, start_at + per_call)), timeout=30)
+    statsd.wait_for(lambda lines: f"{STAT}.user_{keys - 1}.total_hits:1|c" in lines, timeout=30)
+    statsd.receive(0.5)  # flushes with nothing moved from here
+    slowest = 0.0
+    for _ in range(40):  # over a dozen flushes, each of which used to walk all the keys (~0.4 s each)
+        began = time.monotonic()
+        client.call([("many", "x")])
+        slowest = max(slowest, time.monotonic() - began)
+        time.sleep(0.03)
+    client.close()
+    assert slowest < 0.2, slowest
+
+
+def test_a_line_too_long_for_a_datagram_is_dropped_alone(
+    services: ServiceFactory, config_dir: Path, redis_url: str, statsd: StatsdServer
+) -> None:
+    svc = start(services, config_dir, redis_url, statsd, {"STATS_FLUSH_INTERVAL": "1s"})
+    client = RlsClient(svc.grpc_target)
+    client.call(override("user", "A" * 70_000))  # a direct client: Envoy's header limit keeps keys shorter
+    client.call([("many", "x")])  # counted after it, in the same flush
+    client.close()
+    lines = statsd.wait_for(lambda lines: len([line for line in lines if line.startswith(TIMER)]) == 2)
+    sent = counts(lines)
+    assert sent[f"{STAT}.many.total_hits"] == 1
+    assert sent["ratelimit_server.ShouldRateLimit.total_requests"] == 2
+    assert not [line for line in lines if "AAAA" in line]
+    log = svc.proc.log_path.read_text()
+    assert len(re.findall(r"statsd: a line of \d+ bytes is dropped, over the 65507", log)) == 1, log

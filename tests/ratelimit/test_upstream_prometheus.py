@@ -15,10 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from envoy.service.ratelimit.v3 import rls_pb2
 
 from igw.procs import free_port
 from tests.helpers import Service, ServiceFactory, assert_one_line_error
-from tests.ratelimit.rls_client import OK, OVER, RlsClient
+from tests.ratelimit.rls_client import OK, OVER, RlsClient, descriptor
 
 CONFIG = """
 domain: test-domain
@@ -224,3 +225,16 @@ def test_a_taken_endpoint_port_stops_the_service(
                                  env={"USE_PROMETHEUS": "1", "PROMETHEUS_ADDR": f"127.0.0.1:{port}"})
         assert svc.proc.proc is not None and svc.proc.proc.wait(20) == 1
     assert f"cannot bind PROMETHEUS_ADDR 127.0.0.1:{port}" in svc.proc.log_path.read_text()
+
+
+def test_a_stats_key_holding_an_ipv4_address_keeps_it_in_one_label_as_upstream(
+    services: ServiceFactory, config_dir: Path, redis_url: str
+) -> None:
+    svc, url = start(services, config_dir, redis_url)
+    client = RlsClient(svc.grpc_target)
+    limited = descriptor([("remote_address", "10.1.2.3")])
+    limited.limit.requests_per_unit, limited.limit.unit = 10, rls_pb2.RateLimitResponse.RateLimit.MINUTE
+    client.call(limited)  # Envoy's limit override: the request value is in the stats key with no config flag
+    client.close()
+    _, series = scrape(url)
+    assert series['ratelimit_service_rate_limit_total_hits{domain="test-domain",key1="remote_address_10_1_2_3"}'] == 1
