@@ -223,9 +223,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     flusher: StatsdFlusher | None = None
     if settings.statsd is not None:
         flusher = StatsdFlusher(settings.statsd, log)
-        runtime.spawn(flusher.run(stop))
-        log.info("statsd: upstream's stats to %s:%d every %gs%s", settings.statsd.host, settings.statsd.port,
-                 settings.statsd.flush_interval, " (dogstatsd)" if settings.statsd.dogstatsd else "")
+        flusher.start(stop)  # not runtime.spawn: cancelled mid-flush, it would lose the counts it had taken
+        log.info("statsd: upstream's stats to %s:%d over %s every %gs%s", settings.statsd.host, settings.statsd.port,
+                 settings.statsd.protocol, settings.statsd.flush_interval,
+                 " (dogstatsd)" if settings.statsd.dogstatsd else "")
     log.info(
         "ratelimit_svc ready: grpc=%s http=%s:%d config_dir=%s redis=%s counters=%s persecond=%s local_cache=%dB "
         "pid=%d", runtime.address, settings.host, settings.http_port, settings.config_dir,
@@ -239,10 +240,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     await stop.wait()
     log.info("ratelimit_svc stopping")
     await runtime.stop()
-    if flusher is not None:  # what the last calls counted
-        with contextlib.suppress(Exception):
-            await flusher.flush()
-        flusher.close()
+    if flusher is not None:  # the flush under way, then what the last calls counted
+        await flusher.finish()
     if upstream_http is not None:
         upstream_http.close()
     for redis in probed:

@@ -245,9 +245,6 @@ UPSTREAM_SETTINGS: tuple[UpstreamSetting, ...] = (
                     "used upstream only with BACKEND_TYPE=memcache, which is not supported"),
     UpstreamSetting("MEMCACHE_SRV", False, ("",),
                     "used upstream only with BACKEND_TYPE=memcache, which is not supported"),
-    # Read by upstream's statsd library (lyft/gostats), default tcp there: sent over UDP here, as dogstatsd.
-    UpstreamSetting("STATSD_PROTOCOL", False, ("udp", "udp4", "udp6"),
-                    "statsd is sent over UDP (statsd_exporter and the Datadog agent listen on UDP by default)"),
     UpstreamSetting("TRACING_ENABLED", False, ("false",), "no OpenTelemetry tracing"),
     UpstreamSetting("DEBUG_HOST", False, ("0.0.0.0",),
                     "no debug port (pprof, /rlconfig, /stats): metrics on /metrics of PORT; "
@@ -313,6 +310,12 @@ class Mogrifier:
     tags: tuple[tuple[str, str], ...]
 
 
+# STATSD_PROTOCOL's values: gostats hands the setting to Go's net.Dial, whose network names these are. Its
+# default there is tcp; here udp, what this service sent before it read the setting (and all a Datadog agent
+# accepts), so a deployment that relied on it keeps its stats.
+STATSD_PROTOCOLS = ("udp", "udp4", "udp6", "tcp", "tcp4", "tcp6")
+
+
 @dataclass(frozen=True)
 class StatsdTarget:
     """Where and how upstream's stats go over statsd (ratelimit_svc/statsd.py): USE_STATSD / USE_DOG_STATSD."""
@@ -323,6 +326,7 @@ class StatsdTarget:
     dogstatsd: bool  # tags as `|#k:v` (USE_DOG_STATSD); else in the name as gostats writes them (`.__k=v`)
     extra_tags: tuple[tuple[str, str], ...] = ()  # EXTRA_TAGS, sorted by key, values with `.:|` made `_`
     mogrifiers: tuple[Mogrifier, ...] = ()  # with dogstatsd: the first that matches a name renames and tags it
+    protocol: str = "udp"  # STATSD_PROTOCOL, one of STATSD_PROTOCOLS (Go's network names, as gostats dials them)
 
 
 @dataclass(frozen=True)
@@ -368,7 +372,7 @@ class Settings:
     grpc_max_connection_age_grace: float = 3600.0
     grpc_tls: ServerTls | None = None  # files already checked
     prometheus: UpstreamPrometheus | None = None  # USE_PROMETHEUS: upstream's metrics endpoint; None: off
-    statsd: StatsdTarget | None = None  # USE_STATSD / USE_DOG_STATSD: upstream's stats over UDP; None: off
+    statsd: StatsdTarget | None = None  # USE_STATSD / USE_DOG_STATSD: upstream's stats over statsd; None: off
     redis_type: str = "single"  # REDIS_TYPE: single (redis_shards), cluster (redis_cluster), sentinel
     redis_cluster: tuple[str, ...] = ()  # REDIS_TYPE=cluster: the seed nodes' URLs (TLS folded in)
     redis_sentinel: SentinelTarget | None = None  # REDIS_TYPE=sentinel: the master and its sentinels
@@ -493,12 +497,16 @@ def build_parser(redis_type: str = "single", persecond_type: str = "single") -> 
 def _add_statsd_flags(env: EnvDefaults) -> None:
     # Read as text and checked in _statsd, so that a bad value is one line naming the setting (startup_error).
     env.add("--use-statsd", "USE_STATSD", default=None, type=parse_bool,
-            help="send upstream's stats (ratelimit.service.rate_limit.<domain>.<key>.total_hits, ...) over UDP "
+            help="send upstream's stats (ratelimit.service.rate_limit.<domain>.<key>.total_hits, ...) over "
                  "statsd to --statsd-host:--statsd-port; default true, as upstream, unless --use-prometheus or "
                  "--use-dog-statsd is on (upstream allows one of the three)")
-    env.add("--statsd-host", "STATSD_HOST", default="localhost", help="statsd host (name resolved at start and "
-            "again after a failed send)")
-    env.add("--statsd-port", "STATSD_PORT", default="8125", help="statsd UDP port")
+    env.add("--statsd-host", "STATSD_HOST", default="localhost", help="statsd host (resolved, or connected to over "
+            "TCP, at start and again at the flush after a failure)")
+    env.add("--statsd-port", "STATSD_PORT", default="8125", help="statsd port (UDP or TCP: --statsd-protocol)")
+    env.add("--statsd-protocol", "STATSD_PROTOCOL", default="udp",
+            help="how statsd lines are sent: udp (datagrams of at most 1432 bytes), tcp (newline-terminated lines "
+                 "on one connection, reconnected after a failure), or udp4, udp6, tcp4, tcp6 to pin the address "
+                 "family; default udp (upstream's gostats defaults to tcp)")
     env.add("--stats-flush-interval", "STATS_FLUSH_INTERVAL", default="10s",
             help="how often counters that moved are sent (Go form: 10s, 500ms, 1m)")
     env.add("--extra-tags", "EXTRA_TAGS", default="",
@@ -580,6 +588,10 @@ def _statsd(parser: argparse.ArgumentParser, args: argparse.Namespace, warnings:
     port_text = args.statsd_port
     if not port_text.strip().isdigit() or not 0 < int(port_text) < 65536:
         startup_error(parser, f"STATSD_PORT (--statsd-port) {port_text!r}: not a port number from 1 to 65535")
+    protocol = args.statsd_protocol.strip().lower()
+    if protocol not in STATSD_PROTOCOLS:
+        startup_error(parser, f"STATSD_PROTOCOL (--statsd-protocol) {args.statsd_protocol!r}: not one of "
+                               f"{', '.join(STATSD_PROTOCOLS)}")
     try:
         interval = _go_duration(args.stats_flush_interval)
     except argparse.ArgumentTypeError as exc:
@@ -605,7 +617,7 @@ def _statsd(parser: argparse.ArgumentParser, args: argparse.Namespace, warnings:
         return None
     if not (use_statsd or args.use_dog_statsd):
         return None
-    return StatsdTarget(host, int(port_text), interval, args.use_dog_statsd, tags, mogrifiers)
+    return StatsdTarget(host, int(port_text), interval, args.use_dog_statsd, tags, mogrifiers, protocol)
 
 
 _ADDR_EXAMPLES = "examples: :9090, 127.0.0.1:9090, [::1]:9090"

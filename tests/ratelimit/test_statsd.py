@@ -1,9 +1,12 @@
 """Upstream's stats over statsd (USE_STATSD, USE_DOG_STATSD): the lines envoyproxy/ratelimit's gostats store
-sends every STATS_FLUSH_INTERVAL, received by a real UDP socket standing in for a statsd_exporter sidecar."""
+sends every STATS_FLUSH_INTERVAL, received by a real UDP socket standing in for a statsd_exporter sidecar
+(STATSD_PROTOCOL=tcp: test_statsd_tcp.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -41,6 +44,7 @@ class StatsdServer:
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # a flush of many keys queues up
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.05)
         self.port = self.sock.getsockname()[1]
@@ -218,6 +222,8 @@ def test_disable_stats_keeps_the_metrics_endpoint(
 @pytest.mark.parametrize(("env", "needles"), [
     ({"STATSD_PORT": "70000"}, ("STATSD_PORT", "70000", "1 to 65535")),
     ({"STATSD_PORT": "statsd"}, ("STATSD_PORT", "statsd")),
+    ({"STATSD_PROTOCOL": "quic"}, ("STATSD_PROTOCOL", "'quic'", "udp, udp4, udp6, tcp, tcp4, tcp6")),
+    ({"STATSD_PROTOCOL": "quic", "USE_STATSD": "false"}, ("STATSD_PROTOCOL", "'quic'")),
     ({"STATS_FLUSH_INTERVAL": "0s"}, ("STATS_FLUSH_INTERVAL", "greater than zero")),
     ({"STATS_FLUSH_INTERVAL": "-1s"}, ("STATS_FLUSH_INTERVAL", "-1s")),
     ({"EXTRA_TAGS": "env=prod"}, ("EXTRA_TAGS", "'env=prod' is not key:value")),
@@ -226,7 +232,8 @@ def test_disable_stats_keeps_the_metrics_endpoint(
       "DOG_STATSD_MOGRIFIER_M_NAME": "x"}, ("USE_DOG_STATSD_MOGRIFIERS", "DOG_STATSD_MOGRIFIER_M_PATTERN")),
     ({"USE_DOG_STATSD": "true", "USE_STATSD": "false", "USE_DOG_STATSD_MOGRIFIERS": "M",
       "DOG_STATSD_MOGRIFIER_M_PATTERN": "^(a)", "DOG_STATSD_MOGRIFIER_M_NAME": "$2"}, ("'M'", "$2", "1 group")),
-], ids=["port_out_of_range", "port_not_a_number", "interval_zero", "interval_negative", "tag_not_a_pair",
+], ids=["port_out_of_range", "port_not_a_number", "protocol_unknown", "protocol_unknown_with_statsd_off",
+        "interval_zero", "interval_negative", "tag_not_a_pair",
         "two_statsd_forms", "mogrifier_without_pattern", "mogrifier_group_missing"])
 def test_a_bad_statsd_setting_stops_the_service_with_one_line(
     config_dir: Path, env: dict[str, str], needles: tuple[str, ...]
@@ -237,14 +244,16 @@ def test_a_bad_statsd_setting_stops_the_service_with_one_line(
     assert_one_line_error(proc.returncode, proc.stderr, *needles)
 
 
+@pytest.mark.parametrize("protocol", ["udp", "tcp"])
 @pytest.mark.parametrize("host", ["statsd.invalid", "127.0.0.1"], ids=["unresolvable", "nothing_listening"])
 def test_a_statsd_that_cannot_be_reached_never_fails_a_call(
-    services: ServiceFactory, config_dir: Path, redis_url: str, host: str
+    services: ServiceFactory, config_dir: Path, redis_url: str, host: str, protocol: str
 ) -> None:
     from igw.procs import free_port
 
     svc = services.ratelimit(config_dir, redis_url, env={
-        "STATSD_HOST": host, "STATSD_PORT": str(free_port()), "STATS_FLUSH_INTERVAL": "100ms"})
+        "STATSD_HOST": host, "STATSD_PORT": str(free_port()), "STATS_FLUSH_INTERVAL": "100ms",
+        "STATSD_PROTOCOL": protocol})
     client = RlsClient(svc.grpc_target)
     deadline = time.monotonic() + 1.0
     calls = 0
@@ -254,9 +263,11 @@ def test_a_statsd_that_cannot_be_reached_never_fails_a_call(
         time.sleep(0.01)
     client.close()
     assert svc.proc.alive()
+    log = svc.proc.log_path.read_text()
     if host == "statsd.invalid":
-        log = svc.proc.log_path.read_text()
         assert len(re.findall(r"statsd: cannot resolve STATSD_HOST 'statsd.invalid'", log)) == 1, log
+    elif protocol == "tcp":  # a refused connection is known at once; a datagram's loss is not
+        assert len(re.findall(r"statsd: cannot connect to 127\.0\.0\.1:\d+ over TCP", log)) == 1, log
 
 
 def test_each_worker_sends_its_own_deltas_which_statsd_sums(
@@ -350,3 +361,53 @@ def test_a_line_too_long_for_a_datagram_is_dropped_alone(
     assert not [line for line in lines if "AAAA" in line]
     log = svc.proc.log_path.read_text()
     assert len(re.findall(r"statsd: a line of \d+ bytes is dropped, over the 65507", log)) == 1, log
+
+
+def test_a_flush_under_way_at_shutdown_ends_before_the_last_one_so_every_count_arrives_once(
+    statsd: StatsdServer
+) -> None:
+    # A flush takes its stats keys at its start and sends them a chunk at a time. Cancelled mid-way at shutdown
+    # (as the runtime's spawned tasks are), the keys it had taken and not sent were lost: the last flush only
+    # walks the keys counted since. In process, so that the shutdown lands mid-flush by construction.
+    from ratelimit_svc import metrics, upstream_prometheus
+    from ratelimit_svc.settings import StatsdTarget
+    from ratelimit_svc.statsd import _KEYS_PER_CHUNK, StatsdFlusher
+
+    keys = [f"shutdown-domain.user_{i}" for i in range(_KEYS_PER_CHUNK * 12)]  # a flush of 12 chunks
+    received: list[bytes] = []
+    stop = asyncio.Event()
+
+    async def receive() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            received.append(await loop.sock_recv(statsd.sock, 65536))
+            stop.set()  # SIGTERM as the periodic flush's first lines arrive: it has chunks left to send
+
+    async def shut_down_mid_flush() -> int:
+        statsd.sock.setblocking(False)
+        flusher = StatsdFlusher(StatsdTarget("127.0.0.1", statsd.port, 0.01, False), logging.getLogger("test"))
+        for key in keys:
+            metrics.limit_stats(key).total_hits += 1
+        reader = asyncio.create_task(receive())
+        flusher.start(stop)
+        await asyncio.wait_for(stop.wait(), 10)
+        received_at_stop = len(received)
+        await flusher.finish()  # what server.serve does once its gRPC server has stopped
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        with contextlib.suppress(BlockingIOError):  # what arrived after the reader's last turn
+            while True:
+                received.append(statsd.sock.recv(65536))
+        return received_at_stop
+
+    try:
+        received_at_stop = asyncio.run(shut_down_mid_flush())
+    finally:
+        metrics.forget_changes()
+        upstream_prometheus.CALLS.samples = None  # as before any flusher: this process times no call
+    statsd.datagrams.extend(received[:received_at_stop])
+    assert len(statsd.lines()) < len(keys)  # statsd did not have them all when the service was told to stop
+    statsd.datagrams.extend(received[received_at_stop:])
+    sent = counts(statsd.lines())
+    assert {key: sent.get(f"ratelimit.service.rate_limit.{key}.total_hits") for key in keys} == dict.fromkeys(keys, 1)

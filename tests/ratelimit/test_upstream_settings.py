@@ -89,16 +89,24 @@ def test_upstream_defaults_are_accepted_without_a_word(
 def test_an_ops_setting_is_named_in_one_warning_at_startup(
     services: ServiceFactory, config_dir: Path, redis_url: str
 ) -> None:
-    env = {"STATSD_PROTOCOL": "tcp", "DEBUG_PORT": "6071", "REDIS_POOL_SIZE": "50",
-           "REDIS_PIPELINE_LIMIT": "8", "TRACING_ENABLED": "true"}
+    env = {"DEBUG_PORT": "6071", "REDIS_POOL_SIZE": "50", "REDIS_PIPELINE_LIMIT": "8", "TRACING_ENABLED": "true"}
     svc = services.ratelimit(config_dir, redis_url, env=env)
     warnings = [line for line in svc.proc.log_path.read_text().splitlines() if " WARNING " in line]
     assert len(warnings) == len(env)
     for name, value in env.items():
         assert len([w for w in warnings if f"{name}={value} is ignored: " in w]) == 1, name
-    (protocol,) = [w for w in warnings if "STATSD_PROTOCOL" in w]
-    assert protocol.endswith("STATSD_PROTOCOL=tcp is ignored: statsd is sent over UDP (statsd_exporter and the "
-                             "Datadog agent listen on UDP by default)")
+    (pool,) = [w for w in warnings if "REDIS_POOL_SIZE" in w]
+    assert pool.endswith("REDIS_POOL_SIZE=50 is ignored: each Redis gets one connection that pipelines every "
+                         "concurrent call: there is no pool to size")
+
+
+@pytest.mark.parametrize("value", ["tcp", "tcp6"])
+def test_statsd_protocol_is_a_setting_we_implement_so_it_is_never_called_ignored(
+    services: ServiceFactory, config_dir: Path, redis_url: str, value: str
+) -> None:
+    # It was warned about while statsd went over UDP only; it now picks the transport (test_statsd_tcp.py).
+    svc = services.ratelimit(config_dir, redis_url, env={"STATSD_PROTOCOL": value, "USE_STATSD": "false"})
+    assert "STATSD_PROTOCOL" not in svc.proc.log_path.read_text()
 
 
 def test_the_table_reports_only_values_that_differ_from_upstreams_default() -> None:
