@@ -1,5 +1,6 @@
 """A real Redis Cluster for tests: three redis-server masters in cluster mode on free loopback ports,
-joined with `redis-cli --cluster create`, and the helpers tests use to look inside it."""
+joined with `redis-cli --cluster create`, and the helpers tests use to look inside it. With `tls` the nodes
+listen on TLS alone, and talk TLS to each other too (cluster bus, MIGRATE, replication)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,35 @@ from pathlib import Path
 
 import redis
 
-from igw.procs import RedisServer, free_port
+from igw.procs import RedisServer, RedisTlsFiles, free_port, redis_server_binary
+
+
+def redis_tls_missing() -> str | None:
+    """Why this machine's redis-server cannot serve TLS, or None when it can: the TLS tests skip naming it
+    rather than fail at a server that never listens. A build without TLS does not know the tls-port directive;
+    one with it rejects the bad value given here, so either way the probe exits at once."""
+    probe = subprocess.run([redis_server_binary(), "--tls-port", "not-a-port"], capture_output=True, text=True,
+                           timeout=10)
+    if "Bad directive" in probe.stdout + probe.stderr:
+        version = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+        return f"redis-server was built without TLS support (no tls-port directive; BUILD_TLS=yes needed): {version}"
+    return None
 
 
 class RedisClusterProcs:
     """Masters of one cluster (no replicas). `require_full_coverage=False` lets the surviving masters keep
     serving their slots when one dies, as managed cluster-mode Redis is often set up; with the default,
     every node answers CLUSTERDOWN a node timeout after a master fails. `extra_args` go to every
-    redis-server (e.g. `--cluster-preferred-endpoint-type unknown-endpoint`)."""
+    redis-server (e.g. `--cluster-preferred-endpoint-type unknown-endpoint`). With `tls`, plain port 0:
+    the test's own clients (redis-py, redis-cli) present the nodes' certificate, which is a client
+    certificate too, so `tls.auth_clients` may be on."""
 
     def __init__(self, log_dir: Path, masters: int = 3, *, require_full_coverage: bool = True,
-                 extra_args: Sequence[str] = ()) -> None:
-        self.servers = [RedisServer(log_dir=log_dir) for _ in range(masters)]
+                 extra_args: Sequence[str] = (), tls: RedisTlsFiles | None = None) -> None:
+        self.tls = tls
+        self.servers = [RedisServer(log_dir=log_dir, tls=tls) for _ in range(masters)]
+        tls_args = ["--tls-cluster", "yes", "--tls-replication", "yes"] if tls is not None else []
         for server in self.servers:
             server.name = f"redis-cluster-{server.port}"
             server.log_path = Path(log_dir) / f"{server.name}.log"
@@ -33,7 +51,7 @@ class RedisClusterProcs:
                             # The bus port is the data port + 10000 unless given: take a free one too.
                             "--cluster-port", str(free_port()),
                             "--cluster-require-full-coverage", "yes" if require_full_coverage else "no",
-                            *extra_args]
+                            *tls_args, *extra_args]
         self._clients: dict[int, redis.Redis] = {}
 
     @property
@@ -48,11 +66,14 @@ class RedisClusterProcs:
     def start(self) -> RedisClusterProcs:
         for server in self.servers:
             server.start()
-        cli = shutil.which("redis-cli")
-        assert cli, "redis-cli not found (Debian package redis-tools)"
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)
+        if len(self.servers) == 1:  # redis-cli --cluster create wants three masters at least
+            self.client(self.ports[0]).execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        else:
+            cli = shutil.which("redis-cli")
+            assert cli, "redis-cli not found (Debian package redis-tools)"
+            subprocess.run([cli, *self.cli_tls_args(), "--cluster", "create",
+                            *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-replicas", "0",
+                            "--cluster-yes"], check=True, capture_output=True, timeout=30)
         deadline = time.monotonic() + 20
         while not all(b"cluster_state:ok" in self.client(port).execute_command("CLUSTER", "INFO")
                       for port in self.ports):
@@ -66,9 +87,22 @@ class RedisClusterProcs:
         for server in self.servers:
             server.stop()
 
+    def cli_tls_args(self) -> list[str]:
+        """redis-cli's options for the nodes: none for plain ones."""
+        if self.tls is None:
+            return []
+        return ["--tls", "--cacert", str(self.tls.ca_file), "--cert", str(self.tls.cert_file),
+                "--key", str(self.tls.key_file)]
+
     def client(self, port: int) -> redis.Redis:
         if port not in self._clients:
-            self._clients[port] = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+            tls: dict[str, object] = {}
+            if self.tls is not None:
+                # The chain is checked, not the name: a test may give the nodes a certificate that does not
+                # name 127.0.0.1, to see the service refuse it.
+                tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca_file), "ssl_certfile": str(self.tls.cert_file),
+                       "ssl_keyfile": str(self.tls.key_file), "ssl_check_hostname": False}
+            self._clients[port] = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, **tls)
         return self._clients[port]
 
     def node_id(self, port: int) -> str:

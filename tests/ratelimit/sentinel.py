@@ -1,5 +1,6 @@
 """A real Redis Sentinel deployment for tests: a master redis-server, a replica of it (`--replicaof`) and
-sentinels (`redis-server <conf> --sentinel`) monitoring it as `mymaster`, all on free loopback ports."""
+sentinels (`redis-server <conf> --sentinel`) monitoring it as `mymaster`, all on free loopback ports; with
+`tls`, every one of them on TLS alone, replication and the sentinels' own connections included."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import hiredis
 import redis
 
-from igw.procs import ManagedProcess, RedisServer, free_port, port_open, redis_server_binary
+from igw.procs import ManagedProcess, RedisServer, RedisTlsFiles, free_port, port_open, redis_server_binary
 
 MASTER_NAME = "mymaster"
 
@@ -22,26 +23,38 @@ MASTER_NAME = "mymaster"
 class SentinelProcs:
     """`password`: requirepass of the master and the replica (REDIS_AUTH); `sentinel_password`: requirepass
     of the sentinels (REDIS_SENTINEL_AUTH). Short down-after and failover timeouts, so a failover takes a
-    second or two."""
+    second or two. `tls`: plain port 0 everywhere (tls-replication, so the replica and the sentinels reach
+    the master over TLS too); the test's own clients present the servers' certificate, a client one too."""
 
     def __init__(self, log_dir: Path, sentinels: int = 1, *, password: str | None = None,
-                 sentinel_password: str | None = None) -> None:
+                 sentinel_password: str | None = None, tls: RedisTlsFiles | None = None) -> None:
         self.password = password
         self.sentinel_password = sentinel_password
-        auth = ["--requirepass", password, "--masterauth", password] if password else []
-        self.master = RedisServer(log_dir=log_dir)
-        self.replica = RedisServer(log_dir=log_dir)
+        self.tls = tls
+        server_args = ["--requirepass", password, "--masterauth", password] if password else []
+        if tls is not None:
+            server_args += ["--tls-replication", "yes"]
+        self.master = RedisServer(log_dir=log_dir, tls=tls)
+        self.replica = RedisServer(log_dir=log_dir, tls=tls)
         for server, role in ((self.master, "master"), (self.replica, "replica")):
             server.name = f"redis-sentinel-{role}-{server.port}"
             server.log_path = Path(log_dir) / f"{server.name}.log"
-            server.args += [*auth, "--enable-debug-command", "local"]  # DEBUG RELOAD: a master LOADING
+            server.args += [*server_args, "--enable-debug-command", "local",  # DEBUG RELOAD: a master LOADING
+                            # A master waits 5 s by default for more replicas before a diskless full sync.
+                            "--repl-diskless-sync-delay", "0"]
         self.replica.args += ["--replicaof", "127.0.0.1", str(self.master.port)]
         self.conf_dir = Path(tempfile.mkdtemp(prefix="igw-sentinel-"))
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.sentinels: list[ManagedProcess] = []
         for port in self.sentinel_ports:
             conf = self.conf_dir / f"sentinel-{port}.conf"
-            lines = [f"port {port}", "bind 127.0.0.1", f"dir {self.conf_dir}",
+            listen = [f"port {port}"]
+            if tls is not None:
+                listen = ["port 0", f"tls-port {port}", f"tls-cert-file {Path(tls.cert_file).resolve()}",
+                          f"tls-key-file {Path(tls.key_file).resolve()}",
+                          f"tls-ca-cert-file {Path(tls.ca_file).resolve()}",
+                          f"tls-auth-clients {'yes' if tls.auth_clients else 'no'}", "tls-replication yes"]
+            lines = [*listen, "bind 127.0.0.1", f"dir {self.conf_dir}",
                      f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} 1",
                      f"sentinel down-after-milliseconds {MASTER_NAME} 1000",
                      f"sentinel failover-timeout {MASTER_NAME} 3000"]
@@ -81,16 +94,23 @@ class SentinelProcs:
         self.master.stop()
         shutil.rmtree(self.conf_dir, ignore_errors=True)
 
+    def _tls_kwargs(self) -> dict[str, object]:
+        if self.tls is None:
+            return {}
+        return {"ssl": True, "ssl_ca_certs": str(self.tls.ca_file), "ssl_certfile": str(self.tls.cert_file),
+                "ssl_keyfile": str(self.tls.key_file)}
+
     def client(self, port: int) -> redis.Redis:
         if port not in self._clients:
-            self._clients[port] = redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=2)
+            self._clients[port] = redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=2,
+                                              **self._tls_kwargs())
         return self._clients[port]
 
     def sentinel_client(self, port: int) -> redis.Redis:
         key = -port
         if key not in self._clients:
             self._clients[key] = redis.Redis(host="127.0.0.1", port=port, password=self.sentinel_password,
-                                             socket_timeout=2)
+                                             socket_timeout=2, **self._tls_kwargs())
         return self._clients[key]
 
     def master_port(self) -> int:

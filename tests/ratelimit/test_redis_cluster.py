@@ -583,3 +583,58 @@ def test_a_command_sent_back_and_forth_fails_after_a_bounded_number_of_redirecti
             on_cluster(clean_cluster, lambda c: ClusterCounters(c).apply(fixed_hits(key)))
     finally:
         clean_cluster.client(owner).execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+
+
+def test_ask_to_a_master_that_answers_moved_ends_on_the_master_serving_the_slot_and_counts_once(
+    clean_cluster: RedisClusterProcs
+) -> None:
+    # A real cluster is in this state only between two of its own steps: the owner answers ASK for a key of
+    # a slot it is migrating, and by the time the importing master runs the command, that migration has
+    # finished and the slot has moved on to a third master. The importing master is held in between with
+    # CLIENT PAUSE WRITE: it has taken the ASKING and the script, and decides where they belong again when
+    # unpaused (the admin commands that move the slot are not writes, so they still run).
+    key = "asked-then-moved"
+    slot = key_slot(key)
+    first = clean_cluster.owner_of(slot)
+    second, third = (port for port in clean_cluster.ports if port != first)
+    for port in clean_cluster.ports:
+        clean_cluster.client(port).config_resetstat()
+
+    def blocked_on_second() -> bool:
+        return clean_cluster.client(second).info("clients")["blocked_clients"] == 1
+
+    def move_on() -> None:
+        clean_cluster.finish_migration(slot, second)
+        clean_cluster.begin_migration(slot, third)
+        clean_cluster.finish_migration(slot, third)
+
+    async def across_the_moves() -> tuple[list[Counted], str | None]:
+        client = RedisCluster([f"redis://127.0.0.1:{first}"], scripts=SCRIPTS, timeout=10)
+        try:
+            await client.refresh()
+            clean_cluster.begin_migration(slot, second)  # the key is not on `first`: ASK
+            clean_cluster.client(second).execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+            counting = asyncio.create_task(ClusterCounters(client).apply(
+                [Hit(key, 3, "fixed_window", ttl=60, limit=100)]))
+            deadline = time.monotonic() + 5
+            while not await asyncio.to_thread(blocked_on_second):
+                assert time.monotonic() < deadline, "the ASKING command did not reach the importing master"
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(move_on)
+            clean_cluster.client(second).execute_command("CLIENT", "UNPAUSE")
+            return await counting, client.node_of(slot)
+        finally:
+            client.close()
+
+    try:
+        counted, mapped = asyncio.run(across_the_moves())
+    finally:
+        clean_cluster.client(second).execute_command("CLIENT", "UNPAUSE")
+        for port in clean_cluster.ports:  # whatever step failed: a stable slot for the next tests
+            clean_cluster.client(port).execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+    assert counted == [3]
+    assert [clean_cluster.keys_on(port, key) for port in (first, second, third)] == [[], [], [key]]
+    assert int(clean_cluster.client(third).get(key)) == 3
+    assert mapped == f"127.0.0.1:{third}"
+    errors = {port: clean_cluster.client(port).info("errorstats") for port in (first, second)}
+    assert errors[first]["errorstat_ASK"]["count"] == 1 and errors[second]["errorstat_MOVED"]["count"] == 1, errors
