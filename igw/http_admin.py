@@ -1,6 +1,12 @@
-"""The admin HTTP port of each service: /healthcheck and /metrics.
+"""The admin HTTP port of each service: /healthcheck, /livez and /metrics.
 
-Both services need only two read-only endpoints, so a few lines on asyncio streams beat a web
+/healthcheck says whether the service can do its work now (config loaded, Redis or the Kubernetes API
+reachable): readiness. /livez says only that the process's event loop still answers: liveness. Kubernetes
+restarts a container whose liveness probe fails, and a restart cures a wedged process but not an outage of
+a dependency, so a liveness probe on /healthcheck would restart every replica during a Redis or API-server
+outage, and leave them in CrashLoopBackOff when it ends.
+
+The services need only a few read-only endpoints, so a few lines on asyncio streams beat a web
 framework dependency. With `--workers N` each worker serves them on a loopback port of its own and the
 supervisor answers on the service's admin port for all of them (igw/workers.py).
 """
@@ -65,7 +71,10 @@ async def start_admin_server(host: str, port: int, health: HealthCheck) -> async
         ok, detail = await health()
         return 200 if ok else 503, (detail + "\n").encode(), TEXT
 
+    async def livez() -> Answer:
+        return 200, b"alive\n", TEXT
+
     async def metrics() -> Answer:
         return 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
-    return await start_http_server(host, port, {"/healthcheck": healthcheck, "/metrics": metrics})
+    return await start_http_server(host, port, {"/healthcheck": healthcheck, "/livez": livez, "/metrics": metrics})

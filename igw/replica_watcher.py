@@ -4,7 +4,9 @@ Two threads share one SliceIndex under a lock:
 - the watch loop lists the slices selected by label (paginated), then watches from the list's
   resourceVersion with bookmarks. A 410 Gone (HTTP status or ERROR event), or any other ERROR event,
   means the history is lost: relist. A dropped connection or a read timeout resumes the watch from the
-  last resourceVersion seen (object or bookmark). API errors back off exponentially with jitter.
+  last resourceVersion seen (object or bookmark). API errors back off exponentially with jitter; a watch
+  that stayed open a second or more (a quiet one ending at its timeout, servers need not send bookmarks)
+  is no error and is reopened at once, or the pauses of a quiet cluster would outgrow the TTL.
 - the writer publishes, one MULTI block per model (igw.replicas.write_commands), only the models whose
   count changed, batched per round trip, and rewrites every model each heartbeat (without a change
   notification) so the TTL keeps a dead watcher from freezing quotas.
@@ -54,6 +56,11 @@ API_ERRORS = Counter("igw_replicas_api_errors_total", "Failed Kubernetes API cal
 WRITES = Counter("igw_replicas_writes_total", "Model states written to Redis", ["kind"])
 WRITE_ERRORS = Counter("igw_replicas_write_errors_total", "Failed Redis writes")
 MODELS = Gauge("igw_replicas_models", "Models currently published by this watcher")
+# A watch that stayed open this long proves the API usable even if it delivered nothing (client-go's reflector
+# draws the same line): a quiet cluster's watches end at the server timeout or the read timeout without a
+# single event, and servers need not send bookmarks. Only shorter ones may grow the backoff.
+MIN_USABLE_WATCH = 1.0
+
 LAG = Histogram("igw_replicas_publish_lag_seconds", "Watch event received → its model written to Redis",
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
@@ -139,7 +146,9 @@ class ReplicaWatcher:
         self.abandoned = False  # counts were left to expire while the API was unreachable
         self.relists = 0
         self.events = 0
+        self.write_failures = 0  # failed Redis round trips (the writer retries them)
         self.watch_lines = 0  # lines the current (or last) watch delivered before ending or failing
+        self.watch_opened_at: float | None = None  # monotonic; None until the current attempt's stream opens
         self._stop = threading.Event()
         self._resp: Any = None
 
@@ -216,7 +225,7 @@ class ReplicaWatcher:
         delivered = 0
         with self.cond:
             self.watch_open = True
-            self.api_ok_at = time.monotonic()
+            self.api_ok_at = self.watch_opened_at = time.monotonic()
         try:
             # stop() may have run while the request was made, before _resp was set, and so shut no socket:
             # reading now would block until the read timeout.
@@ -259,6 +268,11 @@ class ReplicaWatcher:
                 self.resource_version = str(rv)
             self.api_ok_at = received
 
+    def _watch_proved_usable(self) -> bool:
+        """Whether the last watch attempt shows the API working: it delivered a line or stayed open a while."""
+        opened = self.watch_opened_at
+        return self.watch_lines > 0 or (opened is not None and time.monotonic() - opened >= MIN_USABLE_WATCH)
+
     def _watch_loop(self) -> None:
         from kubernetes.client.exceptions import ApiException
 
@@ -266,25 +280,26 @@ class ReplicaWatcher:
         reason = "start"
         while not self._stop.is_set():
             delay = 0.0
-            self.watch_lines = 0
+            self.watch_lines, self.watch_opened_at = 0, None
             try:
                 # A successful relist does not reset the backoff: a watch failing at once after every list
                 # (a lagging watch cache answering 410) would otherwise relist in a tight loop. Only a
-                # watch that delivered something proves the API usable again.
+                # watch that delivered something or stayed open a while proves the API usable again.
                 if self.resource_version is None:
                     self.relist(reason)
-                if self.watch_once() > 0:
-                    backoff.reset()
+                self.watch_once()
+                if self._watch_proved_usable():
+                    backoff.reset()  # e.g. a quiet watch ended by the server timeout: reopen at once
                 else:
-                    delay = backoff.next()  # ended without a single line: do not spin
+                    delay = backoff.next()  # ended at once without a single line: do not spin
             except Gone as exc:
-                if self.watch_lines:
+                if self._watch_proved_usable():
                     backoff.reset()
                 log.info("watch expired (%s): relisting", exc)
                 self.resource_version, reason = None, "gone"
                 delay = backoff.next_after_first()
             except WatchError as exc:
-                if self.watch_lines:
+                if self._watch_proved_usable():
                     backoff.reset()
                 API_ERRORS.labels("watch_error_event").inc()
                 log.warning("watch error event (%s): relisting", exc)
@@ -302,7 +317,7 @@ class ReplicaWatcher:
                 if self._stop.is_set():
                     break
                 API_ERRORS.labels(type(exc).__name__).inc()
-                if self.watch_lines:
+                if self._watch_proved_usable():
                     backoff.reset()
                 # A broken stream resumes from the last resourceVersion; the first retry is immediate.
                 delay = backoff.next_after_first()
@@ -383,6 +398,7 @@ class ReplicaWatcher:
                     prune_models(self.redis)
             except (redis.RedisError, OSError, PublishError) as exc:
                 WRITE_ERRORS.inc()
+                self.write_failures += 1
                 failures += 1
                 delay = min(5.0, 0.1 * 2 ** min(failures, 6))
                 log.warning("Redis write failed (%s); retrying in %.1fs", exc, delay)

@@ -3,13 +3,14 @@
 The workers bind the gRPC port with SO_REUSEPORT, so the kernel spreads Envoy's connections over them.
 The admin port is different: if every worker bound it too, each scrape of /metrics would land on one
 worker at random and Prometheus would see its counters jump between unrelated values (and read every
-jump down as a reset). So each worker serves /metrics and /healthcheck on a loopback port of its own
+jump down as a reset). So each worker serves /metrics, /healthcheck and /livez on a loopback port of its own
 (`IGW_WORKER_ADMIN_PORT`, read by igw.service_runtime), and this supervisor answers on the public admin
 port for all of them:
 - /metrics: every worker's samples with a `worker` label added, in one exposition, plus
   `igw_worker_up{worker}`; sum by the other labels for the service's totals.
 - /healthcheck: 200 only when every worker answers 200, since the kernel sends each worker its share of
-  connections whatever its state; the body has one line per worker.
+  connections whatever its state; the body has one line per worker. /livez likewise (a wedged worker
+  still gets its share of connections).
 A service may ask for more such endpoints (`MergedEndpoint`, e.g. the rate-limit service's USE_PROMETHEUS
 port): each worker serves its part on another loopback port of its own, and the supervisor merges them.
 """
@@ -120,8 +121,8 @@ class _AdminHandler(_WorkerProxy):
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Merged(merge_expositions(texts)))
             self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthcheck":
-            ok, text = health_of(self.ask_workers("/healthcheck"))
+        elif path in ("/healthcheck", "/livez"):
+            ok, text = health_of(self.ask_workers(path))
             self._send(200 if ok else 503, text.encode())
         else:
             self._send(404, b"not found\n")

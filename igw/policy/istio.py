@@ -349,9 +349,11 @@ def _container(name: str, image: str, args: list[str], ports: list[tuple[str, in
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
         "resources": _resources(svc),
         "securityContext": _security_context(),
-        "startupProbe": _http_probe("/healthcheck", health_port, 1, 60),
+        # Readiness follows the dependencies (/healthcheck); startup and liveness only the process (/livez,
+        # igw/http_admin.py): a Redis or API-server outage must take pods out of rotation, not restart them.
+        "startupProbe": _http_probe("/livez", health_port, 1, 60),
         "readinessProbe": _http_probe("/healthcheck", health_port, 2, 2),
-        "livenessProbe": _http_probe("/healthcheck", health_port, 10, 6),
+        "livenessProbe": _http_probe("/livez", health_port, 10, 6),
     }
     if env:
         container["env"] = env

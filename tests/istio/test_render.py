@@ -193,3 +193,13 @@ def test_routes_are_split_across_virtual_services_past_the_size_budget(monkeypat
     names = [r["name"] for vs in services for r in vs["spec"]["http"]]
     assert len(names) == len(set(names)) == 200
     assert len({tuple(vs["spec"]["hosts"]) for vs in services}) == 1  # merged by Istio on the same host
+
+
+@pytest.mark.parametrize("name", ["ext-proc", "ratelimit", "replica-watcher"])
+def test_service_pods_leave_rotation_on_a_dependency_outage_and_restart_only_when_wedged(demo, name: str) -> None:
+    deployment = next(o for o in demo["10-services.yaml"]
+                      if o["kind"] == "Deployment" and o["metadata"]["name"] == name)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthcheck"  # 503 while Redis or the API is out
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"  # 200 while the process answers
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"

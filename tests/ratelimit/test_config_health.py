@@ -157,3 +157,23 @@ def test_without_force_start_the_ports_open_only_after_the_first_config_load(
     assert not port_open("127.0.0.1", svc.http_port) and not port_open("127.0.0.1", svc.grpc_port)
     feed(blocking_config)
     assert wait_for(svc, 200, SERVING, timeout=20) == "OK"
+
+
+def livez(svc: Service) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"{svc.http_base}/livez", timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one-process", "two-workers"])
+def test_livez_answers_while_the_service_is_not_ready(
+    services: ServiceFactory, blocking_config: Path, redis_url: str, workers: tuple[str, ...]
+) -> None:
+    svc = services.ratelimit(blocking_config, redis_url, *SLOW_POLL, *workers, wait_healthy=False,
+                             env={"FORCE_START_WITHOUT_INITIAL_CONFIG": "true"})
+    wait_for(svc, 503, NOT_SERVING)
+    code, body = livez(svc)
+    assert code == 200, body
+    assert body.count("alive") == (2 if workers else 1)

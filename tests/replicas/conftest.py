@@ -12,6 +12,7 @@ import redis
 
 from igw.replica_watcher import ReplicaWatcher, WatcherSettings, api_client, discovery_api
 from igw.replicas import ReplicaState, decode_state, replica_key
+from igw.replicas_publish import connect
 from tests.replicas.k8s_fake import FakeKubeAPI
 
 
@@ -50,12 +51,13 @@ class WatcherRunner:
         self.redis_url = redis_url
         self.running: list[tuple[ReplicaWatcher, threading.Thread, redis.Redis]] = []
 
-    def start(self, api_url: str, **overrides: Any) -> ReplicaWatcher:
+    def start(self, api_url: str, *, source: dict[str, Any] | None = None, **overrides: Any) -> ReplicaWatcher:
+        """`source`: api_client() arguments instead of the plain `api_url` (in-cluster, kubeconfig)."""
         options: dict[str, Any] = {"heartbeat": 0.5, "ttl": 2, "backoff_initial": 0.05, "backoff_max": 0.5,
                                    "read_timeout": 10.0, "publisher": f"test-watcher-{len(self.running)}"}
         options.update(overrides)
-        client = redis.Redis.from_url(self.redis_url)
-        watcher = ReplicaWatcher(discovery_api(api_client(api_server=api_url)), client,
+        client = connect(self.redis_url)  # with the timeouts `igw replicas watch` uses
+        watcher = ReplicaWatcher(discovery_api(api_client(**(source or {"api_server": api_url}))), client,
                                  WatcherSettings(**options))
         thread = threading.Thread(target=watcher.run, daemon=True)
         thread.start()

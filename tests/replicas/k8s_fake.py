@@ -7,7 +7,12 @@ ADDED/MODIFIED/DELETED/BOOKMARK/ERROR events from a resourceVersion, `timeoutSec
 real server it answers a watch from a compacted resourceVersion with an ERROR event carrying a 410
 Status (or, if asked, an HTTP 410), turns label-selector exits into DELETED events, and drops
 watch connections when told. Faults are injected by tests: `fail_next` (HTTP 500s), `drop_watches`
-(close mid-stream, even mid-line), `compact` (history too old → 410), `send_bookmark`.
+(close mid-stream, even mid-line), `compact` (history too old → 410), `send_bookmark`, `send_error`
+(an ERROR event with any Status, which ends the watch as the real server does) and `after_first_page`
+(a callback run between the pages of a paginated list, e.g. to let its continue token expire).
+Like an in-cluster API server it can serve HTTPS (`ssl_context`, swappable: each new connection uses the
+current one, as after a serving-certificate rotation) and require a bearer token (`bearer_token`: 401
+otherwise).
 
 It is not a mock of our code: nothing here knows about the watcher, only the protocol.
 """
@@ -18,6 +23,8 @@ import bisect
 import copy
 import json
 import re
+import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -60,7 +67,11 @@ def _labels(obj: dict[str, Any] | None) -> dict[str, str]:
 class FakeKubeAPI:
     """Thread-safe EndpointSlice store with history; serve() runs the HTTP server in a thread."""
 
-    def __init__(self, *, bookmark_interval: float | None = None, watch_410_as_http: bool = False) -> None:
+    def __init__(self, *, bookmark_interval: float | None = None, watch_410_as_http: bool = False,
+                 ssl_context: ssl.SSLContext | None = None, bearer_token: str | None = None) -> None:
+        self.ssl_context = ssl_context
+        self.bearer_token = bearer_token
+        self.authorizations: list[str] = []  # the Authorization header of every request, in order
         self.cond = threading.Condition()
         self.rv = 100
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
@@ -76,6 +87,9 @@ class FakeKubeAPI:
         self.drop_mid_line = False
         self.bookmark_generation = 0
         self.expire_generation = 0
+        self.error_generation = 0
+        self.error_status: dict[str, Any] = {}
+        self.after_first_page: Callable[[], None] | None = None  # run once, after a first page with more to come
         self.watch_sent: list[float] = []  # monotonic send time of each event line, for benches
         self.record_send_times = False
         self.active_watches = 0
@@ -150,6 +164,13 @@ class FakeKubeAPI:
             self.expire_generation += 1
             self.cond.notify_all()
 
+    def send_error(self, code: int, reason: str, message: str) -> None:
+        """Every open watch gets one ERROR event carrying this Status, then its stream ends."""
+        with self.cond:
+            self.error_status = status(code, reason, message)
+            self.error_generation += 1
+            self.cond.notify_all()
+
     def drop_watches(self, mid_line: bool = False) -> None:
         with self.cond:
             self.drop_generation += 1
@@ -171,7 +192,8 @@ class FakeKubeAPI:
     @property
     def url(self) -> str:
         assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def serve(self) -> FakeKubeAPI:
         api = self
@@ -185,7 +207,15 @@ class FakeKubeAPI:
             def do_GET(self) -> None:
                 api._handle(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def get_request(self) -> tuple[socket.socket, Any]:
+                sock, address = self.socket.accept()
+                context = api.ssl_context
+                if context is not None:  # a failed handshake raises SSLError (an OSError): the server drops it
+                    sock = context.wrap_socket(sock, server_side=True)
+                return sock, address
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="fake-kube-api",
                                        daemon=True)
@@ -221,10 +251,15 @@ class FakeKubeAPI:
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()}
         with self.cond:
             self.requests.append((parsed.path, query))
+            self.authorizations.append(handler.headers.get("Authorization", ""))
             self.request_times.append(time.monotonic())
             fail = self.fail_queue.pop(0) if self.fail_queue else None
         if fail is not None:
             self._send_json(handler, fail, status(fail, "InternalError", "injected failure"))
+            return
+        if self.bearer_token is not None and handler.headers.get("Authorization", "").lower() != (
+                f"bearer {self.bearer_token}".lower()):
+            self._send_json(handler, 401, status(401, "Unauthorized", "Unauthorized"))
             return
         match = _NAMESPACED.match(parsed.path)
         if parsed.path != _ALL and not match:
@@ -266,6 +301,12 @@ class FakeKubeAPI:
         for item in page:
             item.pop("kind", None)
             item.pop("apiVersion", None)
+        hook = None
+        if "continue" in meta and not token:
+            with self.cond:
+                hook, self.after_first_page = self.after_first_page, None
+        if hook is not None:  # before answering, so the next page surely comes after it
+            hook()
         self._send_json(handler, 200, {"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
                                        "metadata": meta, "items": page})
 
@@ -297,6 +338,7 @@ class FakeKubeAPI:
             drop_generation = self.drop_generation
             bookmark_generation = self.bookmark_generation
             expire_generation = self.expire_generation
+            error_generation = self.error_generation
             if start_rv == 0:  # "any": synthetic ADDED for the current state, then follow
                 pending: list[tuple[int, str, dict[str, Any], dict[str, Any] | None]] = [
                     (self.rv, "ADDED", o, None) for _, o in sorted(self.objects.items())]
@@ -343,6 +385,10 @@ class FakeKubeAPI:
                             if self.drop_mid_line:
                                 send({"type": "MODIFIED", "object": {"metadata": {"name": "x" * 64}}}, cut=True)
                             handler.close_connection = True
+                            return
+                        if self.error_generation != error_generation:
+                            send({"type": "ERROR", "object": self.error_status})
+                            handler.wfile.write(b"0\r\n\r\n")
                             return
                         if self.expire_generation != expire_generation:
                             send({"type": "ERROR", "object": status(410, "Expired", "too old resource version")})

@@ -122,3 +122,9 @@ def test_index_replace_all_reports_models_before_and_after() -> None:
     index.apply("ADDED", model_slice("old", ["p1"]))
     assert index.replace_all([model_slice("new", ["p2"])]) == {"old", "new"}
     assert index.models() == ["new"]
+
+
+def test_an_endpoint_without_conditions_counts_as_ready() -> None:
+    bare = {"addresses": ["10.0.0.9"], "targetRef": {"kind": "Pod", "namespace": "models", "name": "p9"}}
+    counts = count_slices([endpoint_slice("llama-x1", "llama", [bare], model="llama")])
+    assert counts["llama"].replicas == ("models/p9",)

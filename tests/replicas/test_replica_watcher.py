@@ -225,3 +225,34 @@ def test_two_concurrent_watchers_agree_and_never_publish_a_mixed_state(
     assert violations == []
     final = read_state(rclient, "llama")
     assert final is not None and final.ready == 5
+
+
+def test_watcher_relists_after_an_error_event_other_than_410(kube_api: FakeKubeAPI, watchers: WatcherRunner,
+                                                            rclient: redis.Redis) -> None:
+    kube_api.load([model_slice("llama", ["a"])])
+    watcher = watchers.start(kube_api.url)
+    wait_for(lambda: ready_is(rclient, "llama", 1) and kube_api.active_watches == 1, what="sync")
+    with kube_api.cond:  # the change is made as the stream fails: only a relist can show it
+        kube_api.apply("MODIFIED", model_slice("llama", ["a", "b"]))
+        kube_api.send_error(500, "InternalError", "etcdserver: request timed out")
+    wait_for(lambda: ready_is(rclient, "llama", 2), what="state after relist")
+    assert watcher.relists == 2
+    assert watcher.events == 0
+
+
+def test_watcher_restarts_a_list_whose_continue_token_expired(kube_api: FakeKubeAPI, watchers: WatcherRunner,
+                                                              rclient: redis.Redis) -> None:
+    kube_api.load([model_slice(f"m{i}", [f"p{i}"], suffix=str(i)) for i in range(4)])
+
+    def between_pages() -> None:  # a model goes and another comes, and etcd compacts past the list
+        kube_api.delete("models", "m0-0")
+        kube_api.apply("ADDED", model_slice("m9", ["p9"], suffix="9"))
+        kube_api.compact()
+
+    kube_api.after_first_page = between_pages
+    watcher = watchers.start(kube_api.url, page_size=2)
+    wait_for(lambda: all(ready_is(rclient, f"m{i}", 1) for i in (1, 2, 3, 9)), what="the restarted list")
+    assert read_state(rclient, "m0") is None  # only whole snapshots are published, never the expired half
+    lists = [q for _, q in kube_api.requests if q.get("watch") is None]
+    assert ["continue" in q for q in lists] == [False, True, False, True]
+    assert watcher.relists == 1
