@@ -63,6 +63,15 @@ INVALID_JSON = Denial(400, "invalid_json", "the request body is not well-formed 
 MISSING_MODEL = Denial(
     400, "missing_model", "the JSON body must name the model in a non-empty 'model' string field", "missing_model"
 )
+REPEATED_MODEL = Denial(
+    400, "repeated_model", "the JSON body names 'model' more than once: send a single 'model' field",
+    "repeated_model",
+)
+INVALID_PATH = Denial(
+    400, "invalid_path",
+    "the request path must not contain empty, '.' or '..' segments (also when percent-encoded)",
+    "path_not_normalized",
+)
 INVALID_MODEL_NAME = Denial(400, "invalid_model", "the model name contains characters that are not allowed",
                             "invalid_model_name")
 # Envoy ignores mode_override in FULL_DUPLEX_STREAMED, so a request whose body must be read first cannot be

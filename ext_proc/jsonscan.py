@@ -5,6 +5,7 @@ that the document starts with an object or array, that brackets nest and balance
 and that nothing but whitespace follows the top-level value. It does not check scalar tokens (a stray
 `tru` inside an array passes); BUFFERED mode, which parses the whole body, is the full check.
 State between chunks is a few integers and the bracket stack (at most MAX_DEPTH deep), never the body.
+A UTF-8 byte order mark opening the body is skipped, as BUFFERED mode's routes.parse_json_body does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 _STRUCTURAL = re.compile(rb'[\[\]{}"]')
 _STRING_SPECIAL = re.compile(rb'["\\]')
 _WHITESPACE = b" \t\r\n"
+BOM = b"\xef\xbb\xbf"
 _CLOSERS = {ord("]"): ord("["), ord("}"): ord("{")}
 # As deep as BUFFERED mode's parser (orjson) accepts; it also bounds the one state that grows with the body.
 MAX_DEPTH = 1024
@@ -24,7 +26,7 @@ class JsonStructureError(ValueError):
 
 
 class JsonStructureScanner:
-    __slots__ = ("_done", "_escape", "_in_string", "_stack", "_started")
+    __slots__ = ("_done", "_escape", "_head", "_in_string", "_stack", "_started")
 
     def __init__(self) -> None:
         self._stack: list[int] = []
@@ -32,8 +34,16 @@ class JsonStructureScanner:
         self._escape = False
         self._started = False
         self._done = False
+        self._head: bytes | None = b""  # the body's first bytes while they may still be a split BOM
 
     def feed(self, chunk: bytes) -> None:
+        if self._head is not None:
+            data = self._head + chunk
+            if len(data) < len(BOM) and BOM.startswith(data):
+                self._head = data
+                return
+            self._head = None
+            chunk = data[len(BOM):] if data.startswith(BOM) else data
         pos, end = 0, len(chunk)
         while pos < end:
             if self._done:

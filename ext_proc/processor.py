@@ -34,11 +34,13 @@ from ext_proc.records import MODEL_NAME, MODEL_VERSION, ApiKey, Model, Tenant
 from ext_proc.routes import (
     BodyError,
     Route,
+    check_model_named_once,
     content_type_allowed,
     media_type,
     model_from_document,
     parse_json_body,
     resolve_path,
+    unnormalised_path,
 )
 from ext_proc.shaping import (
     RequestHead,
@@ -173,8 +175,8 @@ def _compressed_json(content_encoding: str) -> d.Denial | None:
 
 class RequestProcessor:
     __slots__ = ("_generation_at_start", "_key_expires_at", "announced_body_mode", "announced_response_body_mode",
-                 "clock", "config", "done", "lookups", "model", "plan", "request_id", "seen_request_headers",
-                 "shared", "tenant")
+                 "clock", "config", "done", "late_body_expected", "lookups", "model", "plan", "request_id",
+                 "seen_request_headers", "shared", "tenant")
 
     def __init__(
         self, config: ProcessorConfig, lookups: Lookups, shared: ProcessorShared, clock: Callable[[], float] = time.time
@@ -187,6 +189,8 @@ class RequestProcessor:
         self.clock = clock
         self.seen_request_headers = False
         self.done = False  # an ImmediateResponse was sent: the request is over
+        # ... from a STREAMED body chunk: Envoy sends chunks as they arrive, so later ones may be on their way
+        self.late_body_expected = False
         self.plan: _BodyPlan | None = None
         self.request_id: str | None = None
         self.tenant: Tenant | None = None
@@ -194,8 +198,8 @@ class RequestProcessor:
         self.announced_body_mode = r.BODY_NONE
         self.announced_response_body_mode = r.BODY_NONE
 
-    async def handle(self, request: pb.ProcessingRequest) -> tuple[str, pb.ProcessingResponse]:
-        """(phase, response) for one message."""
+    async def handle(self, request: pb.ProcessingRequest) -> tuple[str, pb.ProcessingResponse | None]:
+        """(phase, response) for one message; response None: nothing to send (Envoy reads no answer)."""
         phase = request.WhichOneof("request")
         if phase is None:
             raise ProtocolError(
@@ -206,6 +210,8 @@ class RequestProcessor:
         if self.done:
             if request.observability_mode:  # Envoy did not apply the refusal and goes on; nothing is read
                 return phase, r.CONTINUE[phase]
+            if self.late_body_expected and phase in ("request_body", "request_trailers"):
+                return phase, None  # sent before Envoy read the refusal, which ends the request: not misuse
             raise ProtocolError("after_immediate_response",
                                 f"{phase} received after the request was answered with an ImmediateResponse")
         if request.HasField("protocol_config"):
@@ -307,6 +313,8 @@ class RequestProcessor:
             self.tenant = tenant
             if not tenant.active:
                 return self._deny(d.TENANT_SUSPENDED)
+            if unnormalised_path(head.path):
+                return self._deny(d.INVALID_PATH)
             route = resolve_path(head.method, head.path)
             if route is None:
                 return self._deny(d.NO_API_AT_PATH)
@@ -407,6 +415,7 @@ class RequestProcessor:
             return r.CONTINUE_REQUEST_BODY
         chunk = body.body
         plan.received += len(chunk)
+        self.late_body_expected = plan.mode == r.BODY_STREAMED  # for a refusal below
         if plan.received > plan.limit:
             return self._deny(d.body_too_large(plan.limit))
         final = body.end_of_stream or plan.mode in (r.BODY_BUFFERED, r.BODY_BUFFERED_PARTIAL)
@@ -459,10 +468,11 @@ class RequestProcessor:
                 self._allow()
                 return r.CONTINUE_REQUEST_BODY
             name = model_from_document(document)
+            check_model_named_once(body)
         except BodyError as exc:
             if exc.reason == "invalid_json":
                 return self._deny(d.body_too_large_to_inspect(self.config.max_buffer_bytes) if cut else d.INVALID_JSON)
-            return self._deny(d.MISSING_MODEL)
+            return self._deny(d.REPEATED_MODEL if exc.reason == "repeated_model" else d.MISSING_MODEL)
         memo_key = (plan.tenant.id, name, plan.version)
         memo = self.shared.body_memo.get(memo_key)
         if memo is not None and memo.generation == self.lookups.generation and memo.until > time.monotonic():

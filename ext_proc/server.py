@@ -55,7 +55,7 @@ class ExternalProcessorServicer:
                 started = perf_counter()
                 phase, response = await processor.handle(request)
                 observe(phase, perf_counter() - started)
-                if not request.observability_mode:  # Envoy does not wait for (or read) answers then
+                if response is not None and not request.observability_mode:  # Envoy reads no answer then
                     await stream.send_message(response)
         except ProtocolError as exc:
             metrics.STREAM_ERRORS.labels(exc.reason).inc()

@@ -105,7 +105,16 @@ def read_request_head(headers: Iterable[HeaderLike]) -> RequestHead:
         setattr(head, slot, value)
     if head.method:
         head.method = head.method.upper()
+    if head.authorization is not None and "," in head.authorization and head.repeated_credential is None \
+            and _joined_credentials(head.authorization):
+        head.repeated_credential = "authorization"
     return head
+
+
+def _joined_credentials(authorization: str) -> bool:
+    """Envoy joins a repeated Authorization header into one value with commas ("Bearer a,Bearer b"): a
+    part after a comma that holds a space is another scheme and credential, not a parameter of the first."""
+    return any(" " in part.strip() for part in authorization.split(",")[1:])
 
 
 def parse_content_length(text: str | None) -> int | None:

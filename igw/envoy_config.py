@@ -563,6 +563,12 @@ def bootstrap(
         "stat_prefix": "gateway",
         "codec_type": "AUTO",
         "use_remote_address": True,
+        # The path ext_proc authorises must be the path the model server acts on: dot segments and repeated
+        # slashes resolved before any filter (RFC 3986), %2F kept as sent (model names use it: meta%2Fllama).
+        # Istio's gateways do the same by default (meshConfig pathNormalization BASE).
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
         "generate_request_id": True,
         "preserve_external_request_id": True,
         "stream_idle_timeout": duration(timeouts.stream_idle),

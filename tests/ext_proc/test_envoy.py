@@ -110,6 +110,14 @@ def test_refusal_reaches_the_client_as_json(gateway: str) -> None:
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
+def test_a_refusal_is_json_and_carries_the_clients_request_id(gateway: str) -> None:
+    response = httpx.post(f"{gateway}/v2/models/llama/infer", content=b"{}", timeout=5,
+                          headers={"x-request-id": "client-trace-7", "content-type": "application/json"})
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-request-id"] == "client-trace-7"
+
+
 def test_headers_the_processor_is_not_sent_still_reach_the_model(gateway: str, world: World) -> None:
     response = httpx.post(f"{gateway}/v2/models/llama/infer", content=b"{}", timeout=5, headers={
         "authorization": f"Bearer {world.acme_key}", "content-type": "application/json",
@@ -164,3 +172,14 @@ def test_a_streamed_body_ending_in_trailers_is_still_checked_to_its_end(gateway:
     # No content-length: STREAMED; the model is registered with body inspection (structural JSON check).
     assert h2_post(gateway, "/v2/models/guarded/infer", headers, b'{"inputs": [1, 2', trailers) == 400
     assert h2_post(gateway, "/v2/models/guarded/infer", headers, b'{"inputs": [1, 2]}', trailers) == 200
+
+
+def test_a_body_with_a_content_length_and_trailers_is_routed_on_the_model_it_names(gateway: str,
+                                                                                   world: World) -> None:
+    # BUFFERED (content-length known): Envoy sends the body when the trailers arrive, without end_of_stream.
+    headers = [("x-api-key", world.acme_key), ("content-type", "application/json")]
+    good, bad = json.dumps({"model": "llama"}).encode(), json.dumps({"model": "mistral-7b"}).encode()
+    assert h2_post(gateway, "/v1/completions", [*headers, ("content-length", str(len(good)))], good,
+                   [("x-checksum", "abc")]) == 200
+    assert h2_post(gateway, "/v1/completions", [*headers, ("content-length", str(len(bad)))], bad,
+                   [("x-checksum", "abc")]) == 403

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import httpx
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,6 +39,26 @@ def test_headers_twice_is_invalid_argument(client: ExtProcClient, world: World) 
 def test_message_after_an_immediate_response_is_invalid_argument(client: ExtProcClient) -> None:
     error = rpc_error(client, [request_headers(), request_body(b"{}")])
     assert "after the request was answered" in error.details()
+
+
+def test_a_chunk_envoy_streamed_before_reading_a_body_refusal_ends_the_stream_cleanly(
+    client: ExtProcClient, world: World, processor: Service
+) -> None:
+    # STREAMED: Envoy sends each chunk as it arrives, so the next chunk (and the trailers) may already be on
+    # the wire when the processor refuses the one before. Over acme's 4096-byte maximum, then one more chunk.
+    messages = [request_headers(key=world.acme_key, content_length=None), request_body(b"[" + b"1," * 2100,
+                end_of_stream=False), request_body(b"1]", end_of_stream=False),
+                pb.ProcessingRequest(request_trailers=pb.HttpTrailers())]
+    errors_before = stream_errors(processor)
+    answers = client.exchange(messages)
+    assert [a.WhichOneof("response") for a in answers] == ["request_headers", "immediate_response"]
+    assert stream_errors(processor) == errors_before
+
+
+def stream_errors(processor: Service) -> float:
+    text = httpx.get(f"{processor.http_base}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("igw_ext_proc_stream_errors_total{"))
 
 
 def test_unparseable_bytes_are_a_grpc_error_not_a_crash(client: ExtProcClient, processor: Service) -> None:

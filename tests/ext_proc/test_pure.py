@@ -23,6 +23,8 @@ from ext_proc.routes import content_type_allowed, resolve_path
     ("GET", "/v2/health/ready", ("kserve-v2", None, None, False, False)),
     ("POST", "/v1/chat/completions", ("openai", None, None, True, True)),
     ("GET", "/v1/models", ("openai", None, None, False, False)),
+    ("POST", "/v2/models/m/infer?timeout=5&x=%2F", ("kserve-v2", "m", None, True, False)),
+    ("POST", "/v1/models/m%2Dx:predict?a=b", ("kserve-v1", "m-x", None, True, False)),
     ("POST", "/v2/models/m/unknown-verb", None),
     ("GET", "/healthz", None),
 ], ids=lambda v: str(v))
@@ -96,8 +98,13 @@ def scan(*chunks: bytes) -> bool:
     ((b"1",), False),
     ((b"[1]}",), False),
     ((b'{"a": "]"}',), True),
+    ((b"\xef\xbb\xbf{}",), True),
+    ((b"\xef", b"\xbb", b"\xbf[1]"), True),
+    ((b" \xef\xbb\xbf{}",), False),
+    ((b"\xef\xbb",), False),
 ], ids=["split across chunks with an escaped quote", "leading whitespace", "unterminated", "trailing garbage",
-        "scalar document", "unbalanced", "brackets inside strings"])
+        "scalar document", "unbalanced", "brackets inside strings", "byte order mark", "byte order mark split up",
+        "byte order mark after whitespace", "only part of a byte order mark"])
 def test_streamed_json_structure_scanner(chunks: tuple[bytes, ...], ok: bool) -> None:
     assert scan(*chunks) is ok
 

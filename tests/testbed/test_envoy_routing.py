@@ -8,6 +8,7 @@ ext_proc) in front of two small HTTP servers, one per model, that name themselve
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,7 @@ def _server(name: str) -> ThreadingHTTPServer:
         def do_GET(self) -> None:  # health checks and test requests alike
             self.send_response(200)
             self.send_header("x-igw-replica", name)
+            self.send_header("x-seen-path", self.path)
             self.send_header("content-length", "0")
             self.end_headers()
 
@@ -82,3 +84,32 @@ def test_an_unknown_or_missing_model_gets_the_json_404(gateway: str, headers: di
     assert response.headers["content-type"] == "application/json"
     assert "x-igw-replica" not in response.headers
     assert "no model route" in response.json()["error"]
+
+
+def _raw_get(gateway: str, path: str) -> tuple[int, str | None]:
+    """(status, the path the model server saw), over a plain socket: httpx resolves dot segments itself
+    before sending, and the path must reach Envoy as written."""
+    host, port = gateway.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: gw\r\nx-igw-model: alpha\r\nconnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in head[1:])
+    return int(head[0].split()[1]), headers.get("x-seen-path")
+
+
+@pytest.mark.parametrize(("sent", "seen"), [
+    ("/v1/models/beta:predict/../../models/alpha:predict", "/v1/models/alpha:predict"),
+    ("/v2/models/./alpha/infer", "/v2/models/alpha/infer"),
+    ("/v2//models///alpha/infer", "/v2/models/alpha/infer"),
+    ("/v1/chat/%2e%2e/models/alpha:predict", "/v1/models/alpha:predict"),
+], ids=["dot-dot", "dot", "repeated slashes", "percent-encoded dots"])
+def test_paths_are_normalised_before_the_filters_see_them(gateway: str, sent: str, seen: str) -> None:
+    # ext_proc authorises the model a path names: the model server must get that same path.
+    assert _raw_get(gateway, sent) == (200, seen)
+
+
+def test_a_percent_encoded_slash_in_a_model_name_reaches_the_model_server_as_sent(gateway: str) -> None:
+    assert _raw_get(gateway, "/v2/models/meta%2Fllama/infer") == (200, "/v2/models/meta%2Fllama/infer")
