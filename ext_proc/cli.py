@@ -26,7 +26,13 @@ from ext_proc.records import (
     check_tenant_id,
     parse_model_globs,
 )
-from igw.runtime import non_negative_int, positive_duration, positive_int
+from igw.runtime import non_empty, non_negative_int, positive_duration, positive_int
+
+# The policy file's bounds for the same tenant fields (config/policy/policy.schema.json), so a tenant made by
+# hand holds no value a policy could not: Envoy reads the timeout as an unsigned 32-bit header value.
+MAX_TENANT_VALUE = 4_294_967_295
+MAX_PRIORITY = 1000
+MAX_KEY_LIFETIME_YEARS = 100
 
 
 def _arg(check: Callable[[str], Any]) -> Callable[[str], str]:
@@ -39,6 +45,36 @@ def _arg(check: Callable[[str], Any]) -> Callable[[str], str]:
 
     parse.__name__ = check.__name__.removeprefix("check_").removeprefix("parse_")
     return parse
+
+
+def _bounded(parse: Callable[[str], int], highest: int) -> Callable[[str], int]:
+    def bounded(text: str) -> int:
+        value = parse(text)
+        if value > highest:
+            raise argparse.ArgumentTypeError(f"{value} is more than {highest}")
+        return value
+
+    return bounded
+
+
+def _timeout_ms(text: str) -> int:
+    """Milliseconds, as the tenant record stores them: 1ms up to the policy's bound (about 49 days)."""
+    milliseconds = round(positive_duration(text) * 1000)
+    if milliseconds < 1:
+        raise argparse.ArgumentTypeError(f"timeout {text!r} is under 1ms")
+    if milliseconds > MAX_TENANT_VALUE:
+        raise argparse.ArgumentTypeError(f"timeout {text!r} is more than {MAX_TENANT_VALUE}ms (about 49 days)")
+    return milliseconds
+
+
+def _key_lifetime(text: str) -> float:
+    """Refused beyond a century: a key that should never expire is issued without --expires-in, and a date
+    past year 9999 could not even be printed (the key would be stored, then the command would fail)."""
+    seconds = positive_duration(text)
+    if seconds > MAX_KEY_LIFETIME_YEARS * 365.25 * 86400:
+        raise argparse.ArgumentTypeError(f"lifetime {text!r} is more than {MAX_KEY_LIFETIME_YEARS} years "
+                                         "(leave --expires-in out for a key that never expires)")
+    return seconds
 
 
 
@@ -58,10 +94,12 @@ def _tenant_flags(parser: argparse.ArgumentParser, *, creating: bool) -> None:
                         help="allowed models: comma-separated names or globs, e.g. 'llama-*,mistral-7b'"
                         + ("" if creating else "; replaces the list"))
     default = " (default: from tier)" if creating else ""
-    parser.add_argument("--max-body-bytes", type=positive_int, help=f"largest request body{default}")
-    parser.add_argument("--timeout", type=positive_duration, help=f"upstream request timeout, e.g. 60s{default}")
-    parser.add_argument("--priority", type=non_negative_int,
-                        help=f"x-igw-priority value; higher is more urgent{default}")
+    parser.add_argument("--max-body-bytes", type=_bounded(positive_int, MAX_TENANT_VALUE),
+                        help=f"largest request body{default}")
+    parser.add_argument("--timeout", type=_timeout_ms, dest="timeout_ms", metavar="TIMEOUT",
+                        help=f"upstream request timeout, e.g. 60s{default}")
+    parser.add_argument("--priority", type=_bounded(non_negative_int, MAX_PRIORITY),
+                        help=f"x-igw-priority value, 0-{MAX_PRIORITY}; higher is more urgent{default}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,17 +135,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     secret_help = "HMAC secret the keys are hashed with; must match the service's (env IGW_KEY_SECRET)"
     issue = keys.add_parser("issue", help="issue a key for a tenant; the key is printed once")
     issue.add_argument("tenant_id", type=tenant_id, metavar="TENANT")
-    issue.add_argument("--expires-in", type=positive_duration, help="key lifetime, e.g. 30m or 24h (default: none)")
+    issue.add_argument("--expires-in", type=_key_lifetime, help="key lifetime, e.g. 30m or 24h (default: none)")
     issue.add_argument("--key-secret", default=os.environ.get("IGW_KEY_SECRET") or DEFAULT_KEY_SECRET,
-                       help=secret_help)
+                       type=non_empty("key secret"), help=secret_help)
     _output(issue)
     issue.set_defaults(func=_keys_issue)
     revoke = keys.add_parser("revoke", help="revoke a key by its id (or by the key itself)")
     which = revoke.add_mutually_exclusive_group(required=True)
-    which.add_argument("key_id", nargs="?", metavar="KEY_ID", help="the id shown by `keys issue` / `keys list`")
-    which.add_argument("--key", help="the key itself (avoid: it lands in shell history)")
+    which.add_argument("key_id", nargs="?", metavar="KEY_ID", type=non_empty("key id"),
+                       help="the id shown by `keys issue` / `keys list`")
+    which.add_argument("--key", type=non_empty("key"), help="the key itself (avoid: it lands in shell history)")
     revoke.add_argument("--key-secret", default=os.environ.get("IGW_KEY_SECRET") or DEFAULT_KEY_SECRET,
-                        help=secret_help)
+                        type=non_empty("key secret"), help=secret_help)
     _output(revoke)
     revoke.set_defaults(func=_keys_revoke)
     klist = keys.add_parser("list", help="list keys (ids and state, never the keys)")
@@ -157,7 +196,9 @@ def _run(args: argparse.Namespace, action: Callable[[Any], Any]) -> Any:
     except (store.StoreError, RecordError) as exc:
         raise CommandError(str(exc)) from None
     except redis.RedisError as exc:
-        raise CommandError(f"cannot use Redis at {args.redis_url}: {exc}") from None
+        from igw.redis_conn import masked_url  # the line lands in terminals and CI logs
+
+        raise CommandError(f"cannot use Redis at {masked_url(args.redis_url)}: {exc}") from None
     finally:
         client.close()
 
@@ -168,7 +209,14 @@ def _emit(args: argparse.Namespace, document: Any, text: str) -> int:
 
 
 def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else "-"
+    """A stored time as ISO 8601; one no calendar date can show (a hand-edited or corrupt record) is printed
+    as the number, so one bad record does not make `keys list` fail for every other."""
+    if not ts:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return repr(ts)
 
 
 def _tenant_doc(t: Tenant) -> dict[str, Any]:
@@ -199,7 +247,7 @@ def _tenant_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The tenant fields `tenants create` and `tenants update` share, as the store takes them."""
     return {"department": args.department, "tier": args.tier, "models": args.models,
             "max_body_bytes": args.max_body_bytes, "priority": args.priority,
-            "timeout_ms": None if args.timeout is None else round(args.timeout * 1000)}
+            "timeout_ms": args.timeout_ms}
 
 
 def _tenants_create(args: argparse.Namespace) -> int:

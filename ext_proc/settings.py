@@ -11,6 +11,7 @@ from igw.runtime import (
     EnvDefaults,
     add_common_flags,
     add_server_tls_flags,
+    non_empty,
     parse_bool,
     parse_duration,
     parse_port,
@@ -57,11 +58,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     env = EnvDefaults(parser)
     env.add("--redis-url", "REDIS_URL", default="redis://127.0.0.1:6379/0", type=redis_url_arg,
             help="Redis holding tenants, API keys and models")
-    env.add("--host", "GRPC_HOST", default=os.environ.get("HOST") or "0.0.0.0",
+    env.add("--host", "GRPC_HOST", default=os.environ.get("HOST") or "0.0.0.0", type=non_empty("host"),
             help="address to bind (falls back to env HOST)")
     env.add("--grpc-port", "GRPC_PORT", default=9002, type=parse_port, help="gRPC port")
     env.add("--http-port", "HTTP_PORT", default=9003, type=parse_port, help="HTTP port for /healthcheck and /metrics")
-    env.add("--key-secret", "IGW_KEY_SECRET", default=DEFAULT_KEY_SECRET,
+    env.add("--key-secret", "IGW_KEY_SECRET", default=DEFAULT_KEY_SECRET, type=non_empty("key secret"),
             help="HMAC secret API keys are hashed with; must match the one `igw keys issue` used")
     env.add("--cache-ttl", "CACHE_TTL", default=10.0, type=positive_duration,
             help="how long a tenant/key/model read from Redis is reused (changes arrive sooner via pub/sub)")
@@ -102,6 +103,8 @@ def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
 def parse_settings(argv: list[str] | None = None) -> Settings:
     parser, env = build_parser()
     args = env.parse(argv)
+    if args.grpc_port == args.http_port:  # else the second bind fails as "address already in use", by ourselves
+        startup_error(parser, f"--grpc-port (GRPC_PORT) and --http-port (HTTP_PORT) are both {args.grpc_port}")
     return Settings(
         redis_url=args.redis_url,
         host=args.host,

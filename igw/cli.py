@@ -11,7 +11,8 @@ import importlib
 import sys
 
 from igw.errors import CommandError
-from igw.runtime import EnvDefaults
+from igw.redis_conn import masked_url
+from igw.runtime import EnvDefaults, redis_url_arg
 
 __all__ = ["CommandError", "main"]
 
@@ -29,10 +30,11 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def redis_url(text: str) -> str:
-    """Checked while parsing, so a typo is exit 2 and one line, not a traceback from the first command using it."""
+    """Checked while parsing, so a typo is exit 2 and one line, not a traceback from the first command using it;
+    the rest as the services check the same REDIS_URL (port, database, host, options, TLS files)."""
     if not text.lower().startswith(REDIS_SCHEMES):  # as redis-py checks it
-        raise argparse.ArgumentTypeError(f"{text!r} is no Redis URL (use {', '.join(REDIS_SCHEMES)})")
-    return text
+        raise argparse.ArgumentTypeError(f"{masked_url(text)!r} is no Redis URL (use {', '.join(REDIS_SCHEMES)})")
+    return redis_url_arg(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     env: EnvDefaults = args._env
-    if env.env_errors:
-        parser.error("; ".join(env.env_errors))
+    env.check()
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:

@@ -12,12 +12,14 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -29,7 +31,10 @@ def parse_duration(text: str) -> float:
     if not match:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 250ms, 2s, 1m)")
     value, unit = float(match.group(1)), match.group(2) or "s"
-    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    seconds = value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    if not math.isfinite(seconds):  # hundreds of digits parse as inf, which every consumer chokes on later
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: too large")
+    return seconds
 
 
 def parse_bool(text: str) -> bool:
@@ -60,6 +65,46 @@ def parse_port(text: str) -> int:
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError(f"port {port} out of range 1-65535")
     return port
+
+
+def http_url(text: str) -> str:
+    """An http(s):// URL with a host (a Kubernetes API server): the kubernetes client would take "host:8001" as
+    a path and fail later with a warning and a retry trace instead of naming the flag."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is no http:// or https:// URL with a host")
+    try:
+        _ = parsed.port  # raises on a port that is no number or out of range
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: invalid port") from None
+    return text
+
+
+def path_arg(text: str) -> Path:
+    """A path argument; an empty one is refused instead of meaning the current directory (Path("") is ".",
+    so `--out "$UNSET_VAR"` would write into wherever the command runs)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    return Path(text)
+
+
+def port_or_zero(text: str) -> int:
+    """A port where 0 means "off" (an optional admin listener)."""
+    return 0 if text.strip() == "0" else parse_port(text)
+
+
+def non_empty(what: str) -> Callable[[str], str]:
+    """A text setting that must not be empty: an explicit `--flag ""` would otherwise pass silently (an
+    empty environment variable already counts as unset, see EnvDefaults)."""
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        return text
+
+    parse.__name__ = what
+    return parse
 
 
 def non_negative_int(text: str) -> int:
@@ -116,9 +161,14 @@ class EnvDefaults:
 
     def parse(self, argv: list[str] | None) -> argparse.Namespace:
         args = self.parser.parse_args(argv)
-        if self.env_errors:
-            self.parser.error("; ".join(self.env_errors))
+        self.check()
         return args
+
+    def check(self) -> None:
+        """Exit 2 with one line if an environment variable was bad: the usage text would only suggest the
+        command line is wrong, and it is not."""
+        if self.env_errors:
+            startup_error(self.parser, "; ".join(self.env_errors))
 
 
 class JsonFormatter(logging.Formatter):
@@ -169,18 +219,18 @@ def add_server_tls_flags(env: EnvDefaults) -> None:
 
 
 def add_common_flags(env: EnvDefaults) -> None:
-    env.add("--log-level", "LOG_LEVEL", default="info", type=_log_level, help="log level")
-    env.add("--log-format", "LOG_FORMAT", default="text", type=_log_format, help="text or json")
+    env.add("--log-level", "LOG_LEVEL", default="info", type=log_level, help="log level")
+    env.add("--log-format", "LOG_FORMAT", default="text", type=log_format, help="text or json")
     env.add("--workers", "WORKERS", default=1, type=positive_int, help="processes sharing the ports (SO_REUSEPORT)")
 
 
-def _log_level(text: str) -> str:
+def log_level(text: str) -> str:
     if text.upper() not in ("DEBUG", "INFO", "WARN", "WARNING", "ERROR"):
         raise argparse.ArgumentTypeError(f"invalid log level {text!r} (debug, info, warn, error)")
     return "WARNING" if text.upper() == "WARN" else text.upper()
 
 
-def _log_format(text: str) -> str:
+def log_format(text: str) -> str:
     if text not in ("text", "json"):
         raise argparse.ArgumentTypeError(f"invalid log format {text!r} (text or json)")
     return text

@@ -17,7 +17,6 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from igw.gateway_client import (
@@ -30,6 +29,7 @@ from igw.gateway_client import (
     v2_infer,
     wait_for_limit,
 )
+from igw.runtime import path_arg
 
 # The demo policy (config/testbed/ratelimit/igw.yaml): 15/s per ready replica, shared 2:1.
 PER_REPLICA = 15
@@ -44,12 +44,33 @@ def demo_limit(tenant: str, replicas: int) -> int:
     return max(5, math.floor(PER_REPLICA * replicas * SHARES[tenant] / sum(SHARES.values()) + 1e-9))
 
 
+# What `plan` and the summary read from the state file `igw up --state-file` writes, with the JSON type of each.
+STATE_FIELDS: dict[str, type] = {"gateway_url": str, "tenant": dict, "demo_models": list, "models": dict,
+                                 "log_dir": str}
+_JSON_NAMES = {str: "string", dict: "object", list: "array"}
+
+
+def state_file_problem(state: object) -> str | None:
+    """Why a parsed state file cannot drive the demo (another JSON file, an older format), or None: checked
+    before any traffic, so a wrong path is one line instead of a KeyError halfway through."""
+    if not isinstance(state, dict):
+        return f"a JSON object was expected, not {type(state).__name__}"
+    for name, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(name), kind):
+            return f"{name!r} is missing or not a JSON {_JSON_NAMES[kind]}"
+    if not state["demo_models"]:
+        return "'demo_models' is empty"
+    if not isinstance(state["tenant"].get("api_key"), str):
+        return "'tenant' has no 'api_key'"
+    return None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="start the test bed, send sample traffic through Envoy, print what happened")
-    demo.add_argument("--state-file", type=Path, default=None,
+    demo.add_argument("--state-file", type=path_arg, default=None,
                       help="use the bed `igw up --state-file PATH` runs instead of starting one "
                            "(the scaling scenario needs a bed this command starts, and is skipped)")
-    demo.add_argument("--log-dir", type=Path, default=None, help="process logs of the bed (default: a temp dir)")
+    demo.add_argument("--log-dir", type=path_arg, default=None, help="process logs of the bed (default: a temp dir)")
     demo.add_argument("--keep-logs", action="store_true", help="print where the logs are kept")
     demo.add_argument("--skip-scaling", action="store_true", help="leave out the scaling scenario")
     demo.set_defaults(func=_demo)
@@ -208,16 +229,21 @@ def _demo(args: argparse.Namespace) -> int:
     if args.state_file:
         try:
             state = json.loads(args.state_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CommandError(f"cannot read the state file {args.state_file}: {exc}") from None
+        if problem := state_file_problem(state):
+            raise CommandError(f"the state file {args.state_file} is not one `igw up --state-file` wrote: {problem}")
         console.print(f"igw demo: using the running bed at {state['gateway_url']} ({args.state_file})")
     else:
-        bed = GatewayBed(BedOptions(model_replicas=2, max_model_replicas=4, log_dir=args.log_dir),
-                         on_death=lambda d: console.print(f"[red]igw demo: {d.report()}[/]"))
+        try:
+            bed = GatewayBed(BedOptions(model_replicas=2, max_model_replicas=4, log_dir=args.log_dir),
+                             on_death=lambda d: console.print(f"[red]igw demo: {d.report()}[/]"))
+        except OSError as exc:  # e.g. --log-dir names a file
+            raise CommandError(f"cannot prepare the test bed: {exc}") from None
         with console.status("starting the test bed: redis, rate-limit service, ext_proc, model servers, Envoy"):
             try:
                 state = bed.start()
-            except ProcessError as exc:
+            except (ProcessError, OSError) as exc:
                 raise CommandError(f"the test bed did not start: {exc}") from None
         console.print(f"igw demo: test bed up in {time.monotonic() - started:.1f} s; gateway "
                       f"{state['gateway_url']}, logs in {state['log_dir']}")

@@ -10,7 +10,18 @@ import re
 import threading
 import time
 
-from igw.runtime import EnvDefaults, non_negative_int, parse_duration, positive_duration, setup_logging
+from igw.runtime import (
+    EnvDefaults,
+    http_url,
+    log_format,
+    log_level,
+    non_empty,
+    non_negative_int,
+    parse_duration,
+    port_or_zero,
+    positive_duration,
+    setup_logging,
+)
 
 _MODEL = re.compile(r"^[^\s\x00-\x1f]{1,253}$")
 
@@ -21,13 +32,18 @@ def _model_name(text: str) -> str:
     return text
 
 
+MAX_TTL_DAYS = 365
+
+
 def _ttl(text: str) -> int:
+    """Whole seconds, at most a year: far beyond that Redis refuses the EXPIRE inside the MULTI block that
+    already wrote the count, which would then stay without any expiry while the command reports a failure."""
     seconds = parse_duration(text)
     if seconds < 1:
         raise argparse.ArgumentTypeError(f"TTL {text!r} is under 1s")
+    if seconds > MAX_TTL_DAYS * 86400:
+        raise argparse.ArgumentTypeError(f"TTL {text!r} is more than {MAX_TTL_DAYS} days")
     return math.ceil(seconds)
-
-
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     set_.add_argument("--ready", type=non_negative_int, help="ready replicas (default: the number of --replica)")
     set_.add_argument("--version", action="append", default=[], metavar="V[=N]",
                       help="version of the replicas; repeat as V=N to split them between versions")
-    set_.add_argument("--replica", action="append", default=[], metavar="ID", help="a ready replica's identity")
+    set_.add_argument("--replica", action="append", default=[], metavar="ID", type=non_empty("replica identity"),
+                      help="a ready replica's identity")
     set_.add_argument("--ttl", type=_ttl, default=None, help="expiry, e.g. 15s or 1h (default 15s)")
     set_.add_argument("--publisher", default=None, help="who wrote it (default cli/<host>/<pid>)")
     set_.set_defaults(func=_set)
@@ -55,23 +72,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     source = watch.add_mutually_exclusive_group()
     source.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster in a Pod, else ~/.kube/config)")
     source.add_argument("--in-cluster", action="store_true", help="use the Pod's service account")
-    source.add_argument("--api-server", help="API server URL without auth (kubectl proxy, test servers)")
+    source.add_argument("--api-server", type=http_url,
+                        help="API server URL without auth (kubectl proxy, test servers)")
     watch.add_argument("--context", help="kubeconfig context")
     env = EnvDefaults(watch)
-    env.add("--selector", "IGW_REPLICAS_SELECTOR", default="igw.ai/model",
+    env.add("--selector", "IGW_REPLICAS_SELECTOR", default="igw.ai/model", type=non_empty("label selector"),
             help="label selector for the model Services' EndpointSlices")
     env.add("--namespace", "IGW_REPLICAS_NAMESPACE", default="", help="watch one namespace (default all)")
-    env.add("--model-label", "IGW_REPLICAS_MODEL_LABEL", default="igw.ai/model", help="label naming the model")
+    env.add("--model-label", "IGW_REPLICAS_MODEL_LABEL", default="igw.ai/model", type=non_empty("model label"),
+            help="label naming the model")
     env.add("--version-label", "IGW_REPLICAS_VERSION_LABEL", default="igw.ai/model-version",
             help="label naming the model version")
     env.add("--heartbeat", "IGW_REPLICAS_HEARTBEAT", default=5.0, type=positive_duration,
             help="rewrite every model this often")
     env.add("--ttl", "IGW_REPLICAS_TTL", default=15, type=_ttl, help="expiry of each model's key")
     env.add("--publisher", "IGW_REPLICAS_PUBLISHER", default="", help="identity written with each count")
-    env.add("--http-port", "IGW_REPLICAS_HTTP_PORT", default=0, type=int,
+    env.add("--http-port", "IGW_REPLICAS_HTTP_PORT", default=0, type=port_or_zero,
             help="serve /healthcheck and /metrics on this port (0: off)")
-    env.add("--log-level", "LOG_LEVEL", default="info", help="log level")
-    env.add("--log-format", "LOG_FORMAT", default="text", help="text or json")
+    env.add("--log-level", "LOG_LEVEL", default="info", type=log_level, help="log level")
+    env.add("--log-format", "LOG_FORMAT", default="text", type=log_format, help="text or json")
     watch.set_defaults(func=_watch, _watch_env=env)
 
 
@@ -83,8 +102,9 @@ def _redis(url: str):  # type: ignore[no-untyped-def]
 
 def _redis_failure(url: str, exc: Exception) -> Exception:
     from igw.cli import CommandError
+    from igw.redis_conn import masked_url  # the line lands in terminals, CI logs and Pod logs
 
-    return CommandError(f"cannot reach Redis at {url}: {exc}")
+    return CommandError(f"cannot reach Redis at {masked_url(url)}: {exc}")
 
 
 def _versions(specs: list[str], ready: int | None) -> tuple[dict[str, int], int]:
@@ -102,6 +122,8 @@ def _versions(specs: list[str], ready: int | None) -> tuple[dict[str, int], int]
         name, sep, number = spec.partition("=")
         if not sep or not name:
             raise CommandError(f"--version {spec!r}: with several versions write each as VERSION=COUNT")
+        if name in versions:  # the later count would silently replace the earlier one
+            raise CommandError(f"--version {spec!r}: version {name!r} is given twice")
         try:
             versions[name] = non_negative_int(number)
         except argparse.ArgumentTypeError as exc:
@@ -193,13 +215,7 @@ def _watch(args: argparse.Namespace) -> int:
     from igw.replica_watcher import ReplicaWatcher, WatcherSettings, api_client, discovery_api
 
     env: EnvDefaults = args._watch_env
-    if env.env_errors:
-        raise CommandError("; ".join(env.env_errors))
-    level = args.log_level.upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR"):
-        raise CommandError(f"invalid log level {args.log_level!r} (debug, info, warn, error)")
-    if args.log_format not in ("text", "json"):
-        raise CommandError(f"invalid log format {args.log_format!r} (text or json)")
+    env.check()
     try:
         settings = WatcherSettings(namespace=args.namespace or None, selector=args.selector,
                                    model_label=args.model_label, version_label=args.version_label,
@@ -211,7 +227,7 @@ def _watch(args: argparse.Namespace) -> int:
                             context=args.context)
     except Exception as exc:  # the kubernetes config loaders raise several unrelated types
         raise CommandError(f"no Kubernetes API configuration: {exc}") from None
-    setup_logging("WARNING" if level == "WARN" else level, args.log_format)
+    setup_logging(args.log_level, args.log_format)
     watcher = ReplicaWatcher(discovery_api(client), _redis(args.redis_url), settings)
     if args.http_port:
         _start_admin(args.http_port, watcher)
@@ -243,7 +259,7 @@ def _start_admin(port: int, watcher: object) -> None:
     async def serve() -> None:
         try:
             await start_admin_server("0.0.0.0", port, health)
-        except OSError as exc:
+        except Exception as exc:  # whatever stops the listener is reported, not left dying in this thread
             failure.append(exc)
             ready.set()
             return

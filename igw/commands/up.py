@@ -12,7 +12,7 @@ import signal
 import threading
 from pathlib import Path
 
-from igw.runtime import parse_port, positive_int
+from igw.runtime import parse_port, path_arg, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,15 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--admin-port", type=parse_port, default=None, help="Envoy admin port (default 9901)")
     up.add_argument("--free-ports", action="store_true",
                     help="pick free loopback ports for everything not given, instead of the documented ports")
-    up.add_argument("--state-file", type=Path, default=None,
+    up.add_argument("--state-file", type=path_arg, default=None,
                     help="write a JSON description of the running bed here once it is healthy")
-    up.add_argument("--log-dir", type=Path, default=None,
+    up.add_argument("--log-dir", type=path_arg, default=None,
                     help="directory for every process's log (default: a temp dir)")
-    up.add_argument("--rate-limit-config", type=Path, default=None,
+    up.add_argument("--rate-limit-config", type=path_arg, default=None,
                     help="rate-limit config directory, domain igw (default: config/testbed/ratelimit)")
     up.add_argument("--ext-proc-workers", type=positive_int, default=1, help="--workers of each ext_proc replica")
     up.add_argument("--envoy-concurrency", type=positive_int, default=1, help="Envoy worker threads")
-    up.set_defaults(func=_up)
+    up.set_defaults(func=_up, _parser=up)
 
 
 def _models(text: str) -> tuple[str, ...]:
@@ -53,6 +53,44 @@ def _models(text: str) -> tuple[str, ...]:
     return names
 
 
+def port_conflict(args: argparse.Namespace) -> str | None:
+    """Envoy would refuse one port for both listeners, but only after every other process started."""
+    from igw.topology import ADMIN_PORT, GATEWAY_PORT
+
+    envoy = args.envoy_port or (None if args.free_ports else GATEWAY_PORT)
+    admin = args.admin_port or (None if args.free_ports else ADMIN_PORT)
+    if envoy is not None and envoy == admin:
+        given = "--envoy-port and --admin-port are" if args.envoy_port and args.admin_port else (
+            "--envoy-port is the default admin port" if args.envoy_port else "--admin-port is the default gateway port")
+        return f"{given} {envoy}"
+    return None
+
+
+def paths_problem(args: argparse.Namespace) -> str | None:
+    """What would make the bed fail only after everything started (the state file written over a directory)
+    or fail with a traceback (a log directory that is a file): found before any process starts, as one line
+    naming the flag."""
+    if args.state_file is not None:
+        if args.state_file.is_dir():
+            return f"--state-file {args.state_file} is a directory"
+        if parent := _first_existing_non_directory(args.state_file.parent):
+            return f"--state-file {args.state_file}: {parent} is not a directory"
+    if args.log_dir is not None and (blocker := _first_existing_non_directory(args.log_dir)):
+        return f"--log-dir {args.log_dir}: {blocker} is not a directory"
+    config = args.rate_limit_config
+    if config is not None and config.exists() and not config.is_dir():
+        return f"--rate-limit-config {config} is not a directory"
+    return None
+
+
+def _first_existing_non_directory(path: Path) -> Path | None:
+    """The path itself or the nearest ancestor that exists, if that is not a directory (mkdir would fail)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
 def _up(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -61,6 +99,10 @@ def _up(args: argparse.Namespace) -> int:
     from igw.procs import ProcessError
     from igw.topology import DEFAULT_MODELS
 
+    if conflict := port_conflict(args):
+        args._parser.error(conflict)
+    if problem := paths_problem(args):
+        raise CommandError(problem)
     console = Console(stderr=False)
     options = BedOptions(
         models=args.models or DEFAULT_MODELS,
@@ -84,10 +126,12 @@ def _up(args: argparse.Namespace) -> int:
             bed = GatewayBed(options)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
+        except OSError as exc:
+            raise CommandError(f"cannot prepare the test bed: {exc}") from None
         console.print(f"igw up: starting the test bed, logs in {bed.log_dir}")
         try:
             state = bed.start()
-        except ProcessError as exc:
+        except (ProcessError, OSError) as exc:
             raise CommandError(f"the test bed did not start: {exc}") from None
         try:
             console.print(_table(bed, state))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 
-from igw.procs import VENV_BIN
+import pytest
+
+from igw.procs import VENV_BIN, free_port
 from tests.ext_proc.helpers import ExtProcClient, allowed_headers, denial, request_headers
 from tests.helpers import ServiceFactory
 
@@ -141,3 +143,72 @@ def test_an_alias_cannot_take_a_registered_model_name(redis_url: str) -> None:
     igw(redis_url, "models", "register", "mistral")
     result = igw(redis_url, "models", "alias", "mistral", "llama-3-8b")
     assert result.returncode == 1 and "'mistral' is a registered model" in result.stderr
+
+
+def tenant_ids(redis_url: str) -> list[str]:
+    return [t["id"] for t in json.loads(igw(redis_url, "tenants", "list", "--output", "json").stdout)]
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--timeout", "1200h", "is more than 4294967295ms"),
+    ("--timeout", "0.1ms", "is under 1ms"),
+    ("--timeout", "9" * 400, "too large"),
+    ("--max-body-bytes", "4294967296", "4294967296 is more than 4294967295"),
+    ("--priority", "1001", "1001 is more than 1000"),
+], ids=["timeout past what Envoy reads", "timeout under a millisecond", "endless timeout", "body limit",
+        "priority"])
+def test_a_tenant_value_outside_the_policy_bounds_exits_2_and_creates_nothing(
+        redis_url: str, flag: str, value: str, message: str) -> None:
+    result = igw(redis_url, "tenants", "create", "acme", "--department", "d", "--tier", "free", "--models", "*",
+                 flag, value)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"argument {flag}: " in result.stderr and message in result.stderr
+    assert tenant_ids(redis_url) == []
+
+
+def test_a_tenant_update_outside_the_bounds_keeps_the_stored_value(redis_url: str) -> None:
+    igw(redis_url, "tenants", "create", "acme", "--department", "d", "--tier", "free", "--models", "*")
+    result = igw(redis_url, "tenants", "update", "acme", "--priority", "99999999999999999999")
+    assert result.returncode == 2 and "argument --priority" in result.stderr
+    shown = json.loads(igw(redis_url, "tenants", "show", "acme", "--output", "json").stdout)
+    assert shown["priority"] == 0
+
+
+def test_a_key_lifetime_beyond_a_century_exits_2_and_issues_no_key(redis_url: str) -> None:
+    igw(redis_url, "tenants", "create", "acme", "--department", "d", "--tier", "free", "--models", "*")
+    result = igw(redis_url, "keys", "issue", "acme", "--expires-in", "999999999999999999999h")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --expires-in: lifetime '999999999999999999999h' is more than 100 years" in result.stderr
+    assert json.loads(igw(redis_url, "keys", "list", "--output", "json").stdout) == []
+
+
+def test_an_empty_key_secret_exits_2_and_issues_no_key(redis_url: str) -> None:
+    igw(redis_url, "tenants", "create", "acme", "--department", "d", "--tier", "free", "--models", "*")
+    result = igw(redis_url, "keys", "issue", "acme", "--key-secret", "")
+    assert result.returncode == 2 and "argument --key-secret: key secret must not be empty" in result.stderr
+    assert json.loads(igw(redis_url, "keys", "list", "--output", "json").stdout) == []
+
+
+def test_listing_keys_survives_an_expiry_no_date_can_show(redis_url: str) -> None:
+    from ext_proc import store
+
+    igw(redis_url, "tenants", "create", "acme", "--department", "d", "--tier", "free", "--models", "*")
+    issued = json.loads(igw(redis_url, "keys", "issue", "acme", "--output", "json").stdout)
+    client = store.connect(redis_url)
+    digest = client.get(store.api_key_id_key(issued["key_id"]))
+    client.hset(store.api_key_key(digest), "expires_at", "1e30")  # as an older igw wrote for --expires-in 1e21h
+    client.close()
+    listed = igw(redis_url, "keys", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert f"{issued['key_id']}  tenant=acme" in listed.stdout and "expires=1e+30" in listed.stdout
+
+
+def test_an_unreachable_redis_is_named_without_its_password() -> None:
+    result = igw(f"redis://ops:s3cret@127.0.0.1:{free_port()}/0", "tenants", "list")
+    assert result.returncode == 1 and "cannot use Redis at redis://ops:***@127.0.0.1:" in result.stderr
+    assert "s3cret" not in result.stderr
+
+
+def test_revoking_an_empty_key_exits_2_naming_the_flag(redis_url: str) -> None:
+    result = igw(redis_url, "keys", "revoke", "--key", "")
+    assert result.returncode == 2 and "argument --key: key must not be empty" in result.stderr

@@ -66,3 +66,16 @@ def test_a_missing_directory_is_named(tmp_path: Path) -> None:
     proc = check(str(tmp_path / "nope"))
     assert proc.returncode == 1
     assert f"config directory '{tmp_path / 'nope'}' does not exist" in proc.stderr
+
+
+def test_a_file_given_as_the_directory_is_named_as_not_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "d.yaml").write_text(ADAPTIVE)
+    proc = check(str(tmp_path / "d.yaml"))
+    assert proc.returncode == 1
+    assert proc.stderr == f"igw: error: config directory '{tmp_path / 'd.yaml'}' is not a directory\n"
+
+
+def test_an_empty_directory_argument_exits_2_instead_of_checking_the_current_directory(tmp_path: Path) -> None:
+    proc = subprocess.run([str(VENV_BIN / "igw"), "ratelimit", "check", ""], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and "argument config_dir: empty path" in proc.stderr

@@ -41,9 +41,10 @@ def test_cli_set_splits_counts_between_versions(redis_url: str, rclient: redis.R
     (["--ready", "3", "--version", "a=1", "--version", "b=1"], "does not match the version counts"),
     (["--version", "a=1", "--version", "b"], "VERSION=COUNT"),
     (["--replica", "a", "--replica", "a"], "the same identity is given twice"),
+    (["--version", "a=1", "--version", "a=2"], "version 'a' is given twice"),
     ([], "give --ready N"),
 ], ids=["ready disagrees with replicas", "ready disagrees with versions", "mixed version forms",
-        "duplicate replica", "nothing to publish"])
+        "duplicate replica", "duplicate version", "nothing to publish"])
 def test_cli_set_rejects_inconsistent_input_with_exit_1(redis_url: str, args: list[str], message: str,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert igw(redis_url, "set", "llama", *args) == 1
@@ -51,8 +52,14 @@ def test_cli_set_rejects_inconsistent_input_with_exit_1(redis_url: str, args: li
 
 
 @pytest.mark.parametrize("args", [["set", "bad name", "--ready", "1"], ["set", "m", "--ready", "-1"],
-                                  ["set", "m", "--ready", "1", "--ttl", "0s"], ["list", "--output", "xml"]],
-                         ids=["space in model", "negative count", "ttl under a second", "unknown output"])
+                                  ["set", "m", "--ready", "1", "--ttl", "0s"], ["list", "--output", "xml"],
+                                  ["set", "m", "--replica", ""], ["list", "--stale-after", "9" * 400],
+                                  ["watch", "--kubeconfig", "/no/such/kubeconfig", "--http-port", "70000"],
+                                  ["watch", "--kubeconfig", "/no/such/kubeconfig", "--log-format", "xml"],
+                                  ["watch", "--kubeconfig", "/no/such/kubeconfig", "--selector", ""]],
+                         ids=["space in model", "negative count", "ttl under a second", "unknown output",
+                              "empty replica identity", "endless stale-after", "admin port out of range",
+                              "unknown log format", "empty selector (every EndpointSlice)"])
 def test_cli_bad_arguments_exit_2(redis_url: str, args: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         igw(redis_url, *args)
@@ -120,3 +127,28 @@ def test_cli_watch_rejects_a_ttl_shorter_than_two_heartbeats(redis_url: str,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     assert igw(redis_url, "watch", "--api-server", "http://127.0.0.1:1", "--heartbeat", "5s", "--ttl", "6") == 1
     assert "at least twice the heartbeat" in capsys.readouterr().err
+
+
+def test_cli_set_with_a_ttl_redis_cannot_take_exits_2_and_writes_no_count_without_expiry(
+        redis_url: str, rclient: redis.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        igw(redis_url, "set", "llama", "--ready", "3", "--ttl", "99999999999999h")
+    assert exc.value.code == 2 and "argument --ttl: TTL '99999999999999h' is more than 365 days" in \
+        capsys.readouterr().err
+    assert not rclient.exists(replica_key("llama"))
+
+
+def test_cli_watch_names_a_bad_log_level_from_the_environment_in_one_line(
+        redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOG_LEVEL", "verbose")
+    with pytest.raises(SystemExit) as exc:
+        igw(redis_url, "watch", "--kubeconfig", "/no/such/kubeconfig")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "environment variable LOG_LEVEL='verbose': invalid log level 'verbose'" in err
+
+
+def test_cli_unreachable_redis_is_named_without_its_password(capsys: pytest.CaptureFixture[str]) -> None:
+    assert igw(f"redis://ops:s3cret@127.0.0.1:{free_port()}/0", "list") == 1
+    err = capsys.readouterr().err
+    assert "cannot reach Redis at redis://ops:***@127.0.0.1:" in err and "s3cret" not in err

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from igw.runtime import EnvDefaults, parse_bool
+from igw.runtime import EnvDefaults, parse_bool, parse_duration
+from tests.helpers import assert_one_line_error
 
 
 @pytest.mark.parametrize("module", ["ext_proc", "ratelimit_svc"])
@@ -48,3 +49,35 @@ def test_the_services_accept_boolean_flags_alone(module: str, flag: str) -> None
     proc = subprocess.run([sys.executable, "-m", module, flag, "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert f"{flag} [BOOL]" in proc.stdout
+
+
+def test_a_duration_too_long_to_represent_is_refused() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="too large"):
+        parse_duration("9" * 400)  # float() makes it inf, which no consumer can store or sleep on
+
+
+@pytest.mark.parametrize("module", ["ext_proc", "ratelimit_svc"])
+def test_a_bad_environment_variable_is_one_line_without_the_usage_text(module: str) -> None:
+    env = {"PATH": "/usr/bin:/bin", "WORKERS": "0"}
+    proc = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, timeout=30, env=env)
+    assert_one_line_error(proc.returncode, proc.stderr, "WORKERS='0'", "at least 1")
+
+
+def test_an_endless_duration_from_the_environment_stops_the_start_naming_the_variable() -> None:
+    env = {"PATH": "/usr/bin:/bin", "STALE_IF_ERROR": "9" * 400}
+    proc = subprocess.run([sys.executable, "-m", "ext_proc"], capture_output=True, text=True, timeout=30, env=env)
+    assert_one_line_error(proc.returncode, proc.stderr, "STALE_IF_ERROR", "too large")
+
+
+@pytest.mark.parametrize(("flag", "what"), [("--key-secret", "key secret"), ("--host", "host")])
+def test_ext_proc_refuses_an_empty_value_for_a_flag_that_needs_one(flag: str, what: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ext_proc", flag, ""], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"argument {flag}: {what} must not be empty" in proc.stderr
+
+
+def test_ext_proc_refuses_one_port_for_grpc_and_http_before_binding() -> None:
+    env = {"PATH": "/usr/bin:/bin", "GRPC_PORT": "9003"}  # HTTP_PORT's default
+    proc = subprocess.run([sys.executable, "-m", "ext_proc"], capture_output=True, text=True, timeout=30, env=env)
+    assert_one_line_error(proc.returncode, proc.stderr, "--grpc-port (GRPC_PORT) and --http-port (HTTP_PORT) are "
+                                                        "both 9003")
