@@ -11,10 +11,15 @@ In this mode Envoy enforces token buckets locally and only streams usage reports
 - no_assignment_behavior: ALLOW_ALL. A token bucket there crashes Envoy 1.40; DENY_ALL would reject
   the first request of every new bucket until the first assignment arrives (~ms). ALLOW_ALL admits
   that first round trip's requests, which the server counts in its first report.
-- expired_assignment_behavior: reuse the last assignment (for EXPIRED_REUSE_S after expiry), so a dead
-  RLQS server leaves the last pushed budgets enforced instead of opening or closing the gate.
-- reporting_interval is required but Envoy 1.40 reports every 5 s whatever it says; assignments carry
-  a 60 s TTL and the server pushes changes at once.
+- Assignments carry a 600 s TTL (refreshed every 20 s): that TTL is how long a dead RLQS server's last
+  budgets stay enforced. Envoy 1.40 ignores expired_assignment_behavior `reuse_last_assignment` (an
+  expired bucket admits everything; tests/quota/test_rlqs_stream.py), so it is not configured; past the
+  TTL the bucket is ALLOW_ALL, said explicitly: fail open, as the per-request filter (failure_mode_deny
+  false) does at once.
+- reporting_interval is required but Envoy 1.40 reports every 5 s whatever it says; the server pushes
+  changes at once.
+- deny response: 429, a JSON body of ext_proc's error shape, and `x-envoy-ratelimited: true` as the
+  per-request mode's 429s carry (not its draft-03 x-ratelimit-* headers: the quota filter has no such option).
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ HEADER_INPUT_TYPE = _TYPE + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput"
 RLQS_CLUSTER = "rlqs"
 RLQS_HEALTH_SERVICE = "envoy.service.rate_limit_quota.v3.RateLimitQuotaService"
 DEFAULT_BUCKET_TENANT = "_default"
-EXPIRED_REUSE_S = 600
 DENY_BODY = '{"error":{"code":429,"message":"rate limit exceeded"}}'
+# x-envoy-ratelimited is what Envoy's per-request ratelimit filter marks its 429s with; clients and
+# dashboards that tell a rate-limit 429 by it must see it in both modes.
+DENY_HEADERS = {"content-type": "application/json", "x-envoy-ratelimited": "true"}
 
 
 def _header_input(header: str) -> Config:
@@ -57,14 +64,13 @@ def _bucket_settings(name: str, id_builder: Config) -> Config:
             "deny_response_settings": {
                 "http_status": {"code": 429},
                 "http_body": base64.b64encode(DENY_BODY.encode()).decode(),  # a BytesValue in Envoy's JSON
-                "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
-                                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "response_headers_to_add": [
+                    {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                    for key, value in DENY_HEADERS.items()
+                ],
             },
             "no_assignment_behavior": {"fallback_rate_limit": {"blanket_rule": "ALLOW_ALL"}},
-            "expired_assignment_behavior": {
-                "expired_assignment_behavior_timeout": f"{EXPIRED_REUSE_S}s",
-                "reuse_last_assignment": {},
-            },
+            "expired_assignment_behavior": {"fallback_rate_limit": {"blanket_rule": "ALLOW_ALL"}},
         },
     }
 

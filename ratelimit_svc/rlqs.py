@@ -6,6 +6,9 @@ pushed. This server computes each bucket's global budget from the same rate-limi
 (adaptive limits and tenant shares included), splits it between the gateways that report the bucket
 (ratelimit_svc.quota_split), and pushes a new assignment to a gateway as soon as its slice changes:
 on a replica change, a config reload, or a gateway joining or leaving, not only on the next report.
+A stream that stops reporting (a frozen Envoy keeps its connection open) is closed and its slices go to
+the others; a bucket without requests for a while is abandoned, in Envoy and here. Reports no Envoy
+sends (no domain, invalid or too many bucket ids) end the stream with a status naming the problem.
 
 Gateway streams live in this process's memory; demand per bucket and stream is kept in Redis
 (`igw:rlqs:demand:<domain>|<bucket>` hashes with a TTL), so several server replicas see every gateway and
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,8 +46,15 @@ log = logging.getLogger("ratelimit_svc.rlqs")
 DEMAND_PREFIX = "igw:rlqs:demand:"
 DEMAND_TTL = 30  # seconds a stream's demand stays visible to other server replicas
 DEMAND_MAX_AGE = 15.0  # reports come every 5 s; three missed reports and the stream no longer counts
-ASSIGNMENT_TTL = 60  # whole seconds (Envoy 1.40: unset means "expire now")
+# Whole seconds (Envoy 1.40: unset means "expire now"). Also how long a dead server's last budgets stay
+# enforced: Envoy 1.40 ignores expired_assignment_behavior reuse_last_assignment and opens an expired bucket.
+ASSIGNMENT_TTL = 600
 REFRESH_EVERY = 20.0  # re-send unchanged assignments well before their TTL runs out
+STALE_AFTER = DEMAND_MAX_AGE  # a stream holding buckets that sent nothing for this long is a dead Envoy: closed
+ABANDON_IDLE_AFTER = 300.0  # a bucket without a request for this long is abandoned (Envoy drops it)
+MAX_BUCKETS_PER_STREAM = 10_000  # far above tenants x models; bounds what one stream can make us hold
+MAX_BUCKET_ENTRIES = 8
+MAX_BUCKET_ID_CHARS = 512  # keys and values together
 DEMAND_SMOOTHING = 0.5  # weight of the newest report in a stream's demand estimate
 FLOOR_FRACTION = 0.2  # share of a budget split evenly between the gateways that report the bucket
 TENANT_KEY, MODEL_KEY, GATEWAY_KEY = "tenant", "model", "gw"
@@ -69,11 +80,64 @@ def domain_bucket_key(domain: str, bucket_id: rlqs_pb2.BucketId) -> BucketKey:
     return f"{domain}|{bucket_key(bucket_id)}"
 
 
+class ReportError(Exception):
+    """A report no Envoy would send: the stream is ended with this status and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_bucket_id(bucket_id: rlqs_pb2.BucketId) -> str | None:
+    """Why a bucket id is refused, or None. The proto requires one entry and non-empty keys and values
+    (Envoy checks its config against that); the size limits keep one stream from making the server hold
+    (and write to Redis) arbitrarily large ids."""
+    entries = bucket_id.bucket
+    if not entries:
+        return "bucket_id has no entries"
+    if any(not k or not v for k, v in entries.items()):
+        return "bucket_id has an empty key or value"
+    if len(entries) > MAX_BUCKET_ENTRIES:
+        return f"bucket_id has {len(entries)} entries, at most {MAX_BUCKET_ENTRIES} are accepted"
+    size = sum(len(k) + len(v) for k, v in entries.items())
+    if size > MAX_BUCKET_ID_CHARS:
+        return f"bucket_id has {size} characters, at most {MAX_BUCKET_ID_CHARS} are accepted"
+    return None
+
+
+def report_domain(current: str, report: rlqs_pb2.RateLimitQuotaUsageReports) -> str:
+    """The stream's domain after this report. Without one the budgets cannot be looked up (every bucket would
+    be unlimited), and a stream's buckets are keyed by one domain, so it may not change midway."""
+    if not current:
+        if not report.domain:
+            raise ReportError(grpc.StatusCode.INVALID_ARGUMENT, "the first usage report has no domain")
+        return report.domain
+    if report.domain and report.domain != current:
+        raise ReportError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"domain changed from {current!r} to {report.domain!r} within one stream")
+    return current
+
+
+def parse_demand(value: str) -> tuple[float, float] | None:
+    """(demand per second, time reported) from a `<demand>:<time>` field, or None when it is not one: a
+    value another replica (another version, a hand edit) wrote must cost its own entry, not every stream
+    (NaN or infinity would turn every slice into NaN)."""
+    demand, _, at = value.partition(":")
+    try:
+        parsed = float(demand), float(at)
+    except ValueError:
+        return None
+    if not all(math.isfinite(v) and v >= 0 for v in parsed):
+        return None
+    return parsed
+
+
 @dataclass
 class BucketState:
     bucket_id: rlqs_pb2.BucketId
     demand: float = 0.0
     reported_at: float = 0.0
+    active_at: float = 0.0  # last report with a request in it (or the bucket's first)
 
 
 @dataclass
@@ -83,6 +147,8 @@ class GatewayStream:
     buckets: dict[BucketKey, BucketState] = field(default_factory=dict)
     sent: dict[BucketKey, tuple[Assignment, float]] = field(default_factory=dict)
     outbox: asyncio.Queue[rlqs_pb2.RateLimitQuotaResponse] = field(default_factory=asyncio.Queue)
+    last_report: float = field(default_factory=time.time)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set: the server closes the stream
 
 
 class QuotaBudgets:
@@ -129,7 +195,8 @@ def assignment_for(rate: float | None) -> Assignment:
     return ("tokens", bucket.max_tokens, bucket.tokens_per_fill, bucket.fill_interval_s)
 
 
-def bucket_action(bucket_id: rlqs_pb2.BucketId, assignment: Assignment) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
+def bucket_action(bucket_id: rlqs_pb2.BucketId, assignment: Assignment,
+                  ttl_s: int = ASSIGNMENT_TTL) -> rlqs_pb2.RateLimitQuotaResponse.BucketAction:
     kind, max_tokens, per_fill, interval = assignment
     strategy = ratelimit_strategy_pb2.RateLimitStrategy()
     if kind == "allow":
@@ -141,18 +208,25 @@ def bucket_action(bucket_id: rlqs_pb2.BucketId, assignment: Assignment) -> rlqs_
             max_tokens=max_tokens, tokens_per_fill=wrappers_pb2.UInt32Value(value=per_fill),
             fill_interval=duration_pb2.Duration(seconds=interval)))
     action = rlqs_pb2.RateLimitQuotaResponse.BucketAction(bucket_id=bucket_id)
-    action.quota_assignment_action.assignment_time_to_live.CopyFrom(duration_pb2.Duration(seconds=ASSIGNMENT_TTL))
+    action.quota_assignment_action.assignment_time_to_live.CopyFrom(duration_pb2.Duration(seconds=ttl_s))
     action.quota_assignment_action.rate_limit_strategy.CopyFrom(strategy)
     return action
 
 
 class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
     def __init__(self, budgets: QuotaBudgets, redis_url: str | SentinelTarget | None,
-                 floor_fraction: float = FLOOR_FRACTION) -> None:
+                 floor_fraction: float = FLOOR_FRACTION, *, stale_after: float = STALE_AFTER,
+                 abandon_idle_after: float = ABANDON_IDLE_AFTER,
+                 max_buckets_per_stream: int = MAX_BUCKETS_PER_STREAM, assignment_ttl: int = ASSIGNMENT_TTL) -> None:
         """`redis_url` None: no state Redis, demand is this process's streams alone (not shared); a
         SentinelTarget: the master its sentinels name (REDIS_TYPE=sentinel)."""
         self.budgets = budgets
         self.floor_fraction = floor_fraction
+        self.stale_after = stale_after
+        self.abandon_idle_after = abandon_idle_after
+        self.max_buckets_per_stream = max_buckets_per_stream
+        self.assignment_ttl = assignment_ttl
+        self.refresh_every = min(REFRESH_EVERY, assignment_ttl / 3)
         self.streams: dict[str, GatewayStream] = {}
         self.redis = (state_redis_client(redis_url, socket_timeout=1, socket_connect_timeout=1)
                       if redis_url is not None else None)
@@ -160,6 +234,7 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         # Per bucket, the other server replicas' streams as last read from Redis: while Redis is down they
         # still count, so the replicas together stay within the budget instead of each handing out all of it.
         self._remote: dict[BucketKey, dict[str, float]] = {}
+        self._gauged: set[BucketKey] = set()  # buckets with a BUDGET series, removed when no stream holds them
 
     # -- gRPC ---------------------------------------------------------------------------------
 
@@ -171,20 +246,31 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         STREAMS.set(len(self.streams))
         log.info("gateway stream opened: %s", stream.stream_id)
         reader = asyncio.create_task(self._read(stream, request_iterator))
+        ender = asyncio.create_task(stream.ended.wait())
+        getter: asyncio.Task[rlqs_pb2.RateLimitQuotaResponse] | None = None
         try:
             while True:
                 getter = asyncio.create_task(stream.outbox.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({getter, reader, ender}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     yield getter.result()
                     continue
                 getter.cancel()
                 while not stream.outbox.empty():
                     yield stream.outbox.get_nowait()
-                reader.result()  # re-raise a protocol error
+                if not reader.done():  # ended by sweep(): a gateway alive after all reconnects and reports anew
+                    log.info("gateway stream %s sent nothing for %.0f s: closing it", stream.stream_id,
+                             self.stale_after)
+                    return
+                if isinstance(error := reader.exception(), ReportError):
+                    log.warning("gateway stream %s refused: %s", stream.stream_id, error)
+                    await context.abort(error.code, str(error))
+                reader.result()  # re-raise anything else
                 return
         finally:
-            reader.cancel()
+            for task in (reader, ender, getter):
+                if task is not None:
+                    task.cancel()
             self.streams.pop(stream.stream_id, None)
             STREAMS.set(len(self.streams))
             await self._forget(stream)
@@ -196,18 +282,26 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         async for report in request_iterator:
             REPORTS.inc()
             now = time.time()
-            if report.domain:
-                stream.domain = report.domain
+            stream.last_report = now
+            stream.domain = report_domain(stream.domain, report)
+            for usage in report.bucket_quota_usages:
+                if (why := check_bucket_id(usage.bucket_id)) is not None:
+                    raise ReportError(grpc.StatusCode.INVALID_ARGUMENT, f"{why}: {dict(usage.bucket_id.bucket)!r:.200}")
             new = False
             for usage in report.bucket_quota_usages:
                 key = domain_bucket_key(stream.domain, usage.bucket_id)
                 state = stream.buckets.get(key)
                 new_bucket = state is None
                 if state is None:
-                    state = stream.buckets[key] = BucketState(usage.bucket_id)
+                    if len(stream.buckets) >= self.max_buckets_per_stream:
+                        raise ReportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                          f"more than {self.max_buckets_per_stream} buckets on one stream")
+                    state = stream.buckets[key] = BucketState(usage.bucket_id, active_at=now)
                     new = True
                 elapsed = usage.time_elapsed.seconds + usage.time_elapsed.nanos / 1e9
                 count = usage.num_requests_allowed + usage.num_requests_denied
+                if count:
+                    state.active_at = now
                 demand = count / elapsed if elapsed >= 0.5 else float(count)
                 # Smoothed: two gateways' 5 s report windows never line up, and every shift of slices
                 # lets the growing side spend its new rate while the shrinking side already spent its old.
@@ -233,20 +327,49 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                 pipe.expire(DEMAND_PREFIX + key, DEMAND_TTL)
             await pipe.execute()
 
-    async def _forget(self, stream: GatewayStream) -> None:
+    async def _forget(self, stream: GatewayStream, keys: list[BucketKey] | None = None) -> None:
         if self.redis is None:
             return
         with contextlib.suppress(OSError, aioredis.RedisError):
             pipe = self.redis.pipeline(transaction=False)
-            for key in stream.buckets:
+            for key in stream.buckets if keys is None else keys:
                 pipe.hdel(DEMAND_PREFIX + key, stream.stream_id)
             await pipe.execute()
+
+    def _live(self) -> list[GatewayStream]:
+        """Streams that count: one the server is closing no longer holds a slice, even before its closing ends."""
+        return [s for s in self.streams.values() if not s.ended.is_set()]
+
+    async def sweep(self, now: float) -> None:
+        """Close the streams of Envoys that went silent, and abandon the buckets nobody uses.
+
+        A stream whose Envoy froze or lost its network stays open on our side (no keepalive ends it),
+        and would keep its slices forever; other server replicas already stop counting it after
+        DEMAND_MAX_AGE. An idle bucket keeps its floor on every gateway that ever saw it, taken from the
+        busy ones, and stays in Envoy's cache; abandoning it gives both back (a new request makes it anew)."""
+        for stream in self._live():
+            if stream.buckets and now - stream.last_report > self.stale_after:
+                stream.ended.set()  # StreamRateLimitQuotas closes it and forgets its demand
+                self._wake.set()
+                continue
+            idle = [k for k, st in stream.buckets.items() if now - st.active_at > self.abandon_idle_after]
+            if not idle:
+                continue
+            response = rlqs_pb2.RateLimitQuotaResponse()
+            for key in idle:
+                action = response.bucket_action.add(bucket_id=stream.buckets.pop(key).bucket_id)
+                action.abandon_action.SetInParent()
+                stream.sent.pop(key, None)
+            stream.outbox.put_nowait(response)
+            PUSHES.labels("abandon").inc(len(idle))
+            log.debug("abandon %s on %s (idle)", idle, stream.stream_id)
+            await self._forget(stream, idle)
+            self._wake.set()
 
     async def _global_demands(self, keys: list[BucketKey], now: float) -> dict[BucketKey, dict[str, float]]:
         """Demand of every stream (on any server replica) per bucket. While Redis is down: the local streams
         plus the other replicas' streams as last seen (an under-estimate of what is free, never an over-)."""
-        local = {k: {s.stream_id: s.buckets[k].demand for s in self.streams.values() if k in s.buckets}
-                 for k in keys}
+        local = {k: {s.stream_id: s.buckets[k].demand for s in self._live() if k in s.buckets} for k in keys}
         if self.redis is None:
             return local
         try:
@@ -261,9 +384,9 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
             demands = dict(local[key])
             for sid, value in raw.items():
                 sid = sid.decode() if isinstance(sid, bytes) else sid
-                demand, _, at = (value.decode() if isinstance(value, bytes) else value).partition(":")
-                if sid not in demands and now - float(at or 0) <= DEMAND_MAX_AGE:
-                    demands[sid] = float(demand)
+                parsed = parse_demand(value.decode(errors="replace") if isinstance(value, bytes) else value)
+                if sid not in demands and parsed is not None and now - parsed[1] <= DEMAND_MAX_AGE:
+                    demands[sid] = parsed[0]
             result[key] = demands
             self._remote[key] = {sid: d for sid, d in demands.items() if sid not in local[key]}
         return result
@@ -272,8 +395,14 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         """Compute the slices of the given buckets (all by default) for every local gateway holding them
         and push the ones that changed, shrinking slices first so that the sum never overshoots."""
         now = time.time()
-        targets = list(self.streams.values())
+        targets = self._live()
         wanted = sorted({k for s in targets for k in s.buckets} if keys is None else keys)
+        if keys is None:  # buckets no local stream holds any more: their series and other replicas' view go
+            self._remote = {k: v for k, v in self._remote.items() if k in wanted}
+            for key in self._gauged - set(wanted):
+                with contextlib.suppress(KeyError):
+                    BUDGET.remove(key)
+            self._gauged &= set(wanted)
         if not wanted:
             return
         demands = await self._global_demands(wanted, now)
@@ -285,6 +414,7 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
             entries = dict(holders[0].buckets[key].bucket_id.bucket)
             budget = self.budgets.budget(holders[0].domain, entries, now)
             BUDGET.labels(key).set(-1 if budget is None else budget)
+            self._gauged.add(key)
             slices = self._slices(budget, demands[key])
             for stream in holders:
                 rate = None if budget is None else slices.get(stream.stream_id, 0.0)
@@ -308,10 +438,10 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
 
     def _send(self, stream: GatewayStream, key: BucketKey, assignment: Assignment, now: float, reason: str) -> None:
         previous = stream.sent.get(key)
-        if previous is not None and previous[0] == assignment and now - previous[1] < REFRESH_EVERY:
+        if previous is not None and previous[0] == assignment and now - previous[1] < self.refresh_every:
             return
         response = rlqs_pb2.RateLimitQuotaResponse()
-        response.bucket_action.append(bucket_action(stream.buckets[key].bucket_id, assignment))
+        response.bucket_action.append(bucket_action(stream.buckets[key].bucket_id, assignment, self.assignment_ttl))
         stream.outbox.put_nowait(response)
         stream.sent[key] = (assignment, now)
         log.debug("push %s to %s: %s (%s)", key, stream.stream_id, assignment, reason)
@@ -329,6 +459,7 @@ class QuotaServer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
             self._wake.clear()
             try:
+                await self.sweep(time.time())
                 await self.recompute(reason="change")
             except Exception:  # keep the loop alive; the next round retries
                 log.exception("quota recompute failed")

@@ -125,3 +125,28 @@ def _metrics(service: Service) -> str:
     import urllib.request
 
     return urllib.request.urlopen(f"{service.http_base}/metrics", timeout=5).read().decode()
+
+
+def test_a_denied_request_gets_429_with_the_json_error_and_the_ratelimited_header_of_per_request_mode(
+        gateways) -> None:  # type: ignore[no-untyped-def]
+    """Clients and dashboards tell a rate-limit 429 by `x-envoy-ratelimited: true` in per-request mode (Envoy's
+    ratelimit filter sets it); switching to quota push must not change that, nor the body's shape."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    _, start = gateways
+    gw = start("gw-a")
+    warm(gw)
+    deadline = time.time() + 10
+    while True:  # 40 tokens a second: one after the other, the bucket runs dry within a second
+        assert time.time() < deadline, "no request was denied"
+        try:
+            urllib.request.urlopen(urllib.request.Request(gw.url, headers=HEADERS), timeout=5).read()
+        except urllib.error.HTTPError as denied:
+            body, headers, status = denied.read(), denied.headers, denied.code
+            break
+    assert status == 429
+    assert json.loads(body) == {"error": {"code": 429, "message": "rate limit exceeded"}}
+    assert headers["content-type"] == "application/json"
+    assert headers["x-envoy-ratelimited"] == "true"
