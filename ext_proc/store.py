@@ -283,8 +283,12 @@ def revoke_key(
     digest = _digest_for(client, key_id, key, secret)
     record = api_key_from_hash(client.hgetall(api_key_key(digest)))
     if record is None:
-        shown = key_id or key_id_of(key or "") or "given"
-        raise NotFound(f"API key {shown!r} does not exist (or was issued with another key secret)")
+        if key is None:
+            raise NotFound(f"API key {key_id!r} does not exist")
+        # Never echo the key: it is a secret. The id embedded in a key of our format is not.
+        embedded = key_id_of(key)
+        named = f", whose id is {embedded!r}," if embedded else ""
+        raise NotFound(f"no API key matches the key given{named} (or it was issued with another key secret)")
     now = time.time()
     pipe = client.pipeline()
     if not record.revoked_at:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -147,18 +148,38 @@ def _plan(args: argparse.Namespace, do_apply: bool) -> Any:
 
     policy = _load(args.file)
     client = store.connect(args.redis_url)
+    # Every failure but IncompleteApply happens before anything is written.
+    failed = "nothing applied: " if do_apply else ""
     try:
         step = policy_apply.apply if do_apply else policy_apply.plan
         return step(policy, client, args.rate_limit_config_dir, prune=args.prune, merge_domains=args.merge_domains)
+    except policy_apply.IncompleteApply as exc:
+        raise CommandError(_incomplete(args, exc)) from None
     except policy_apply.ApplyError as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(f"{failed}{exc}") from None
     except (redis.RedisError, OSError) as exc:
-        raise CommandError(f"nothing applied: {exc}") from None
-    except UnicodeDecodeError as exc:  # a file of the directory read as the service would read it
-        raise CommandError(f"nothing applied: a file in {args.rate_limit_config_dir} is not UTF-8 text: {exc}") \
-            from None
+        raise CommandError(f"{failed}{exc}") from None
     finally:
         client.close()
+
+
+def _incomplete(args: argparse.Namespace, exc: Any) -> str:
+    """The error of an apply that may be half live: what is live, what is not, and the command that
+    finishes (a re-run applies what is missing) or shows where things stand (diff)."""
+    flags = [str(args.file), "--rate-limit-config-dir", str(args.rate_limit_config_dir)]
+    flags += ["--prune"] * args.prune + ["--merge-domains"] * args.merge_domains
+    command = " ".join(shlex.quote(f) for f in flags)
+    if exc.redis_applied:
+        done = [c.render() for c in exc.plan.record_changes if c.action != "extra"]
+        pending = [c.render() for c in exc.plan.limit_changes]
+        for title, lines in (("applied (Redis):", done), ("not applied (rate-limit config):", pending)):
+            if lines:
+                print("\n  ".join([title, *lines]))
+        detail = f"; not applied: {len(pending)} limit changes" if pending else ""
+        return (f"partly applied: {exc}{detail}. To finish, fix that and re-run "
+                f"`igw policy apply {command}` (with the same --redis-url)")
+    return (f"outcome unknown: {exc}. Run `igw policy diff {command}` (with the same --redis-url) to see what "
+            f"is live, then apply again")
 
 
 def _diff(args: argparse.Namespace) -> int:

@@ -1,22 +1,37 @@
 """`igw policy diff` / `apply`: compare a policy with what is live (the rate-limit config directory and
-the records in Redis) and make it live, whole or not at all.
+the records in Redis) and make it live, whole or not at all; where that cannot be promised (a failure
+after Redis committed), say exactly which half is live.
 
-Order of `apply`: load and validate the policy; render the rate-limit file and parse it together with
-every other file of the directory exactly as the service will (an invalid result stops here, before
-anything is written); read Redis; write the file under a temporary name; run the Redis transaction;
-rename the file into place. The rename is atomic, so the service's hot reload (which polls the
-directory) sees the old file or the new one, never half of one; and if Redis fails, the temporary
-file is removed and nothing has changed.
+Order of `apply`, chosen so that the only step left after the Redis commit is one atomic rename in the
+same directory: load and validate the policy; render the rate-limit file and parse it together with
+every other file of the directory exactly as the service will (an invalid result stops here); WATCH
+the Redis keys the plan reads (and a counter every apply bumps), read Redis, and read it again under
+WATCH so a change made meanwhile is caught; write and fsync the file under a temporary name; run the
+Redis transaction (MULTI/EXEC); rename the file into place. The service's hot reload sees the old file
+or the new one, never half of one.
+
+Failures, and what they mean for the operator:
+- anything before EXEC, a concurrent change (the WATCH fails) or a transaction Redis refused as a whole:
+  `ApplyError`, nothing changed;
+- EXEC sent but no answer (timeout, connection lost), or Redis ran it and a command in it failed:
+  `IncompleteApply` with `redis_applied=None`: Redis may or may not hold the new records, the file is
+  untouched;
+- Redis committed, then the rename failed (a directory in the way, read-only or full file system):
+  `IncompleteApply` with `redis_applied=True`: Redis is new, the file is old; re-running apply finishes.
+Rolling Redis back instead was rejected: the rollback can fail the same way, and the records' timestamps
+and the processors' invalidations cannot be undone, so the report would be no more true.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ext_proc import store
 from igw.policy import ratelimit, records, spec
 from ratelimit_svc.config import ConfigError, RateLimitConfig, describe_limit, parse_config
 from ratelimit_svc.loader import config_files
@@ -25,8 +40,23 @@ if TYPE_CHECKING:
     import redis
 
 
+# Bumped by every apply inside its transaction and WATCHed from before its reads: of two overlapping applies
+# the second to commit fails, even where their Redis records do not differ (the rate-limit files may).
+APPLY_COUNTER = "igw:policy:applies"
+
+
 class ApplyError(Exception):
     """The policy cannot be applied; nothing was changed."""
+
+
+class IncompleteApply(Exception):
+    """Part of the apply may be live: `redis_applied` is True (Redis committed, the file was not replaced)
+    or None (the transaction was sent and its outcome is unknown); the rate-limit file is never replaced."""
+
+    def __init__(self, message: str, *, redis_applied: bool | None, plan: Plan) -> None:
+        super().__init__(message)
+        self.redis_applied = redis_applied
+        self.plan = plan
 
 
 @dataclass(frozen=True)
@@ -76,12 +106,25 @@ def _read_dir(directory: Path, replace: str | None, merge_domains: bool) -> Rate
     for path in config_files(directory):
         if path == target:
             continue
-        pairs.append((str(path.relative_to(directory)), path.read_text()))
+        pairs.append((str(path.relative_to(directory)), _read_text(directory, path)))
     if replace is not None:
         pairs.append((ratelimit.FILE_NAME, replace))
     elif target.exists():
-        pairs.append((ratelimit.FILE_NAME, target.read_text()))
+        pairs.append((ratelimit.FILE_NAME, _read_text(directory, target)))
     return parse_config(sorted(pairs), merge_domains=merge_domains)
+
+
+def _read_text(directory: Path, path: Path) -> str:
+    """A file the service would fail to read fails the config as the service's loader fails it: a
+    ConfigError naming the file, which diff reports as "does not load" and apply refuses."""
+    name = str(path.relative_to(directory))
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") \
+            from None
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read file: {exc.strerror or exc}") from None
 
 
 def current_config(directory: Path, merge_domains: bool = False) -> RateLimitConfig | None:
@@ -139,21 +182,88 @@ def plan(policy: spec.Policy, client: redis.Redis, directory: Path, *, prune: bo
     return Plan(limits_diff(live, new), records.diff(want, have, prune=prune), text, want, have, live_error)
 
 
+def _watched_keys(plan: Plan) -> Iterator[str]:
+    """Every key the plan read or the transaction writes: a change to any of them after the WATCH fails
+    the EXEC."""
+    yield from (store.TENANTS, store.MODELS, store.ALIASES)
+    for records_ in (plan.have, plan.want):
+        yield from map(store.tenant_key, records_.tenants)
+        for name in (*records_.models, *records_.aliases):  # a name may turn from model into alias
+            yield store.model_key(name)
+            yield store.alias_key(name)
+
+
+def _discard(temporary: Path) -> str:
+    """Remove our temporary file; if that fails too, say so rather than leave it unmentioned."""
+    try:
+        temporary.unlink(missing_ok=True)
+    except OSError as exc:
+        return f" (the temporary file {temporary} is left behind: {exc.strerror or exc})"
+    return ""
+
+
 def apply(policy: spec.Policy, client: redis.Redis, directory: Path, *, prune: bool = False,
           merge_domains: bool = False) -> Plan:
-    the_plan = plan(policy, client, directory, prune=prune, merge_domains=merge_domains)
+    """Make the policy live. `ApplyError` (and any Redis or OS error) means nothing was changed;
+    `IncompleteApply` says which half may be live."""
+    import redis as redis_lib
+
     target = directory / ratelimit.FILE_NAME
     # Not *.yaml: the service ignores the temporary file until the rename.
     temporary = directory / f".{ratelimit.FILE_NAME}.{os.getpid()}.tmp"
+    with client.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(APPLY_COUNTER)
+            the_plan = plan(policy, client, directory, prune=prune, merge_domains=merge_domains)
+            pipe.watch(*sorted(set(_watched_keys(the_plan))))
+            if records.live(client) != the_plan.have:  # changed between the plan's read and the WATCH
+                raise ApplyError(CONCURRENT)
+            if target.exists() and not target.is_file():
+                raise ApplyError(f"cannot replace {target}: not a regular file")
+            with open(temporary, "w", encoding="utf-8") as fh:
+                fh.write(the_plan.text)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise
+        try:
+            pipe.multi()  # from here commands are queued, not sent: the only I/O left is EXEC
+            pipe.incr(APPLY_COUNTER)
+            records.queue(pipe, the_plan.want, the_plan.have, prune=prune)
+            pipe.execute()
+        except redis_lib.WatchError as exc:
+            left = _discard(temporary)
+            if isinstance(exc.__context__, redis_lib.ConnectionError | redis_lib.TimeoutError):
+                raise _unknown(exc.__context__, "its outcome is unknown", target, left, the_plan) from None
+            raise ApplyError(CONCURRENT + left) from None
+        except redis_lib.ResponseError as exc:
+            left = _discard(temporary)
+            if isinstance(exc, redis_lib.ExecAbortError) or isinstance(exc.__context__, redis_lib.ExecAbortError):
+                # refused while queueing: Redis discarded the whole transaction
+                raise ApplyError(f"Redis refused the transaction: {exc}{left}") from None
+            raise _unknown(exc, "a command in it failed", target, left, the_plan) from None
+        except BaseException as exc:  # no answer (timeout, lost connection) or interrupted while waiting for one
+            raise _unknown(exc, "its outcome is unknown", target, _discard(temporary), the_plan) from None
     try:
-        with open(temporary, "w") as fh:
-            fh.write(the_plan.text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        records.apply(client, the_plan.want, the_plan.have, prune=prune)
         os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise
+    except OSError as exc:
+        left = _discard(temporary)
+        changed = sum(c.action != "extra" for c in the_plan.record_changes)
+        raise IncompleteApply(
+            f"Redis is up to date ({changed} record changes committed) but the rate-limit config is not: cannot "
+            f"replace {target}: {exc.strerror or exc}{left}; the rate-limit service still enforces the previous "
+            "limits", redis_applied=True, plan=the_plan) from None
     return the_plan
+
+
+CONCURRENT = ("Redis changed while this apply ran (another `igw policy apply`, or records edited meanwhile); "
+              "see `igw policy diff` for the state now")
+
+
+def _unknown(exc: BaseException, what: str, target: Path, left: str, the_plan: Plan) -> IncompleteApply:
+    return IncompleteApply(
+        f"the Redis transaction was sent but {what} ({type(exc).__name__}: {exc}): Redis may hold the new "
+        f"records, the old ones or some of each; the rate-limit config was not changed ({target} is as "
+        f"before{left})", redis_applied=None, plan=the_plan)

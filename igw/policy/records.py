@@ -109,11 +109,11 @@ def diff(want: Records, have: Records, *, prune: bool = False) -> list[Change]:
     return changes
 
 
-def apply(client: redis.Redis, want: Records, have: Records, *, prune: bool = False) -> list[Change]:
-    """Write every change in one transaction; returns the changes (the same list `diff` gives)."""
+def queue(pipe: redis.client.Pipeline, want: Records, have: Records, *, prune: bool = False) -> list[Change]:
+    """Queue every change on `pipe`, a transaction the caller executes (apply.py runs it under WATCH, with
+    its own bookkeeping in the same MULTI); returns the changes (the same list `diff` gives)."""
     changes = diff(want, have, prune=prune)
     now = time.time()
-    pipe = client.pipeline(transaction=True)
     for change in changes:
         if change.action == "extra":
             continue
@@ -143,6 +143,4 @@ def apply(client: redis.Redis, want: Records, have: Records, *, prune: bool = Fa
                 pipe.set(store.alias_key(change.name), want.aliases[change.name])
                 pipe.sadd(store.ALIASES, change.name)
             pipe.publish(store.INVALIDATION_CHANNEL, f"model:{change.name}")
-    if len(pipe):
-        pipe.execute()
     return changes

@@ -212,3 +212,9 @@ def test_an_unreachable_redis_is_named_without_its_password() -> None:
 def test_revoking_an_empty_key_exits_2_naming_the_flag(redis_url: str) -> None:
     result = igw(redis_url, "keys", "revoke", "--key", "")
     assert result.returncode == 2 and "argument --key: key must not be empty" in result.stderr
+
+
+def test_revoking_an_unknown_key_says_no_key_matches_without_echoing_it(redis_url: str) -> None:
+    result = igw(redis_url, "keys", "revoke", "--key", "garbage-3f9a")
+    assert result.returncode == 1
+    assert "no API key matches the key given" in result.stderr and "garbage-3f9a" not in result.stderr

@@ -182,3 +182,103 @@ def test_cli_diff_then_apply_then_diff(tmp_path: Path, config_dir: Path, redis_u
     assert applied.returncode == 0, applied.stderr
     again = igw("policy", "diff", *args, "--exit-code", redis_url=redis_url)
     assert (again.returncode, again.stdout.strip()) == (0, "no changes")
+
+
+def test_a_file_of_the_directory_that_is_not_utf8_is_a_config_error_naming_it(config_dir: Path) -> None:
+    from ratelimit_svc.config import ConfigError
+
+    (config_dir / "other.yaml").write_bytes(b"domain: other\n\xff\n")
+    with pytest.raises(ConfigError, match=r"^other\.yaml: not UTF-8 text \(byte 0xff at offset 14\)$"):
+        policy_apply._read_dir(config_dir, None, merge_domains=False)
+
+
+def test_a_directory_where_the_rate_limit_file_goes_is_refused_before_redis_is_written(
+        client, config_dir: Path) -> None:
+    (config_dir / ratelimit.FILE_NAME).mkdir()
+    with pytest.raises(policy_apply.ApplyError, match="not a regular file"):
+        policy_apply.apply(load(BASE), client, config_dir)
+    assert store.list_tenants(client) == []
+    assert sorted(p.name for p in config_dir.iterdir()) == [ratelimit.FILE_NAME]
+
+
+def start_apply(policy_file: Path, config_dir: Path, redis_url: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "igw.cli", "--redis-url", redis_url, "policy", "apply",
+                             str(policy_file), "--rate-limit-config-dir", str(config_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+
+
+def wait_for_blocked_clients(admin, count: int) -> None:
+    """Until `count` clients wait in a transaction that CLIENT PAUSE WRITE holds (flag b: blocked)."""
+    deadline = time.monotonic() + 30
+    while sum("b" in c["flags"] for c in admin.client_list()) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {count} clients reached EXEC within 30 s")
+        time.sleep(0.01)
+
+
+def test_a_rename_that_fails_after_the_redis_commit_reports_redis_applied_and_the_file_not(
+        own_redis, config_dir: Path, tmp_path: Path) -> None:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(BASE)
+    admin = store.connect(own_redis.url)
+    admin.client_pause(60_000, all=False)  # writes (the EXEC) wait; the plan's reads and WATCH go through
+    try:
+        proc = start_apply(policy_file, config_dir, own_redis.url)
+        wait_for_blocked_clients(admin, 1)
+        (config_dir / ratelimit.FILE_NAME).mkdir()  # in the way of the rename, even for root
+    finally:
+        admin.client_unpause()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, (out, err)
+    assert err.startswith("igw: error: partly applied: Redis is up to date (5 record changes committed)")
+    assert out.startswith("applied (Redis):\n  + tenant acme: ") and "not applied (rate-limit config):" in out
+    assert f"cannot replace {config_dir / ratelimit.FILE_NAME}: Is a directory" in err
+    assert f"re-run `igw policy apply {policy_file} --rate-limit-config-dir {config_dir}`" in err
+    assert {t.id for t in store.list_tenants(admin)} == {"acme", "beta"}
+    assert sorted(p.name for p in config_dir.iterdir()) == [ratelimit.FILE_NAME]
+    assert (config_dir / ratelimit.FILE_NAME).is_dir()
+    admin.close()
+
+
+def test_an_exec_without_answer_is_reported_as_unknown_and_the_file_is_left_alone(
+        own_redis, config_dir: Path, tmp_path: Path) -> None:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(BASE)
+    admin = store.connect(own_redis.url)
+    admin.client_pause(60_000, all=False)  # the EXEC waits past the CLI's socket timeout
+    try:
+        result = igw("policy", "apply", str(policy_file), "--rate-limit-config-dir", str(config_dir),
+                     redis_url=own_redis.url)
+    finally:
+        admin.client_unpause()
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith("igw: error: outcome unknown: the Redis transaction was sent but its outcome "
+                                    "is unknown (TimeoutError")
+    assert f"Run `igw policy diff {policy_file} --rate-limit-config-dir {config_dir}`" in result.stderr
+    assert "nothing applied" not in result.stderr
+    assert list(config_dir.iterdir()) == []
+    admin.close()
+
+
+def test_of_two_concurrent_applies_the_second_to_commit_is_refused_and_changes_nothing(
+        own_redis, config_dir: Path, tmp_path: Path) -> None:
+    texts = {"free": BASE, "standard": BASE.replace("tier: free", "tier: standard\n    limit: 7")}
+    files = {}
+    for name, text in texts.items():
+        files[name] = tmp_path / f"{name}.yaml"
+        files[name].write_text(text)
+    admin = store.connect(own_redis.url)
+    admin.client_pause(60_000, all=False)  # both read and WATCH, then both wait at EXEC
+    try:
+        procs = {name: start_apply(path, config_dir, own_redis.url) for name, path in files.items()}
+        wait_for_blocked_clients(admin, 2)
+    finally:
+        admin.client_unpause()
+    results = {name: (p.wait(timeout=60), *p.communicate()) for name, p in procs.items()}
+    (winner,) = [name for name, (code, _, _) in results.items() if code == 0]
+    (loser,) = [name for name, (code, _, _) in results.items() if code != 0]
+    assert results[loser][2].startswith("igw: error: nothing applied: Redis changed while this apply ran")
+    assert store.get_tenant(admin, "beta").tier == winner
+    assert (config_dir / ratelimit.FILE_NAME).read_text() == ratelimit.render_file(load_policy_file(files[winner]))
+    assert sorted(p.name for p in config_dir.iterdir()) == [ratelimit.FILE_NAME]
+    admin.close()

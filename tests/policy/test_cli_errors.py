@@ -110,7 +110,7 @@ def test_apply_beside_a_file_that_is_not_text_applies_nothing(capsys, tmp_path: 
     code, out, err = run(capsys, "--redis-url", redis_url, "policy", "apply", str(DEMO),
                          "--rate-limit-config-dir", str(tmp_path))
     assert code == 1 and out == "" and err.count("\n") == 1
-    assert f"nothing applied: a file in {tmp_path} is not UTF-8 text" in err
+    assert f"nothing applied: the rate-limit config would not load in {tmp_path}: other.yaml: not UTF-8 text" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.yaml"]
     client = redis.Redis.from_url(redis_url)
     try:
