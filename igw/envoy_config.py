@@ -22,6 +22,11 @@ Choices that matter (and why):
   at 1,000 models, bench/scale_bench.py). One cluster per model stays: circuit breakers, stats and the
   access log's upstream_cluster are per model; one shared cluster with subset load balancing measured only
   ~8 µs/request cheaper and would share the breakers between models (README, "Envoy configuration").
+- Replies Envoy makes itself (no healthy replica, upstream or processor timeout, processor unreachable, 431,
+  426, the rate-limit filter's 429, ...) carry the processor's JSON error shape through the HCM's
+  local_reply_config, status unchanged. Its first mapper lets our own replies (the processor's
+  ImmediateResponses, the JSON 404, the quota filter's deny) through untouched, told apart by their
+  response_code_details with a CEL filter; responses from model servers never pass through it.
 - gRPC service clusters speak HTTP/2, use active gRPC health checks (also while idle) and outlier
   detection, and disable panic routing: a dead or unready replica gets no traffic. Without them one
   dead endpoint among 8 failed 1 request in 8 (PERF_NOTES.md).
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ipaddress
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,6 +337,119 @@ def access_log(path: str = "/dev/stdout") -> list[Config]:
     }]
 
 
+# ------------------------------------------------------------------------------------------ local replies
+
+CEL_FILTER_TYPE = _TYPE + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+JSON_CONTENT_TYPE = "application/json"
+
+# Local replies whose body we wrote, told apart by their response_code_details: the processor's
+# ImmediateResponses (`igw_<reason>`, ext_proc/responses.py), the route config's JSON 404
+# (`direct_response`) and the quota filter's deny response (igw/envoy_quota.py). Never rewritten.
+OWN_REPLY_DETAILS_PREFIX = "igw_"
+OWN_REPLY_DETAILS: tuple[str, ...] = ("direct_response", "rate_limited_by_quota")
+
+
+@dataclass(frozen=True)
+class LocalReply:
+    """A reply Envoy makes itself, and the JSON error (ext_proc's shape) it is sent with. Matched on the status
+    Envoy chose, which is kept, and where the status alone is ambiguous (503) on response flags or a
+    response_code_details prefix as well; `status` None matches every status from 400 on."""
+
+    code: str
+    message: str
+    status: int | None
+    flags: tuple[str, ...] = ()
+    details_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.code or not self.message:
+            raise ValueError("LocalReply needs a code and a message")
+        if self.status is not None and not 400 <= self.status <= 599:
+            raise ValueError(f"LocalReply {self.code!r}: status must be an error status (400-599), got {self.status}")
+
+
+# First match wins: the processor's errors (which may be 504) before the status-only mappers, the catch-all last.
+LOCAL_REPLIES: tuple[LocalReply, ...] = (
+    # The ext_proc filter's own errors: the processor unreachable or its stream failed (503, status_on_error),
+    # or message_timeout missed (504 in Envoy 1.40, whatever status_on_error says).
+    LocalReply("processor_unavailable", "the gateway cannot check requests right now; retry shortly", None,
+               details_prefix="ext_proc_error"),
+    LocalReply("no_healthy_upstream", "no replica of this model is ready to serve; retry shortly", 503, ("UH",)),
+    LocalReply("upstream_overloaded", "this model has too many requests in flight; retry shortly", 503, ("UO",)),
+    LocalReply("upstream_unavailable",
+               "the model server could not be reached or closed the connection before answering; retry shortly",
+               503, ("UF", "URX", "UC", "UR", "LR")),
+    LocalReply("upstream_timeout", "the model server did not answer in time", 504),
+    LocalReply("bad_upstream_response", "the model server sent a response the gateway cannot forward", 502),
+    # Same meaning, same code as the processor's own 413 (ext_proc/decisions.py).
+    LocalReply("request_too_large", "the request body exceeds the gateway's buffer limit", 413),
+    LocalReply("headers_too_large", "the request headers are too many or too large", 431),
+    LocalReply("upgrade_required", "HTTP/1.0 is not supported: use HTTP/1.1 or HTTP/2", 426),
+    LocalReply("rate_limited", "rate limit exceeded", 429),
+    LocalReply("request_timeout", "the request timed out before the gateway could answer", 408),
+    # An Istio gateway's route_not_found; the test bed answers this with its own JSON 404 (direct_response).
+    LocalReply("no_route", "no model route: x-igw-model is missing or names no served model", 404),
+    LocalReply("bad_request", "the request is not valid HTTP", 400),
+    LocalReply("gateway_error", "the gateway could not complete this request", None),
+)
+
+
+def local_reply_body(reply: LocalReply) -> str:
+    """The error body in the processor's exact bytes (compact JSON, code then message)."""
+    return json.dumps({"error": {"code": reply.code, "message": reply.message}}, separators=(",", ":"))
+
+
+def _cel_quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _cel_filter(expression: str) -> Config:
+    return {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel",
+                                 "typed_config": {"@type": CEL_FILTER_TYPE, "expression": expression}}}
+
+
+def own_reply_filter() -> Config:
+    """Matches the local replies whose body we wrote (OWN_REPLY_DETAILS*)."""
+    details = "response.code_details"
+    listed = ", ".join(_cel_quote(d) for d in OWN_REPLY_DETAILS)
+    return _cel_filter(f"{details}.startsWith({_cel_quote(OWN_REPLY_DETAILS_PREFIX)}) || {details} in [{listed}]")
+
+
+def _status_filter(op: str, status: int, code: str) -> Config:
+    # Envoy requires a runtime key; none is ever set, so the status is the one written here.
+    return {"status_code_filter": {"comparison": {"op": op, "value": {
+        "default_value": status, "runtime_key": f"igw.local_reply.{code}.status"}}}}
+
+
+def local_reply_mapper(reply: LocalReply) -> Config:
+    """One ResponseMapper: the reply's status (and flags / details prefix) in, its JSON body, content-type and
+    the request's x-request-id out (absent when Envoy refused the request before reading its headers)."""
+    filters = [_status_filter("GE", 400, reply.code) if reply.status is None
+               else _status_filter("EQ", reply.status, reply.code)]
+    if reply.flags:
+        filters.append({"response_flag_filter": {"flags": list(reply.flags)}})
+    if reply.details_prefix:
+        filters.append(_cel_filter(f"response.code_details.startsWith({_cel_quote(reply.details_prefix)})"))
+    return {
+        "filter": filters[0] if len(filters) == 1 else {"and_filter": {"filters": filters}},
+        "headers_to_add": [{"header": {"key": "x-request-id", "value": "%REQ(X-REQUEST-ID)%"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "body_format_override": {
+            "text_format_source": {"inline_string": local_reply_body(reply).replace("%", "%%")},
+            "content_type": JSON_CONTENT_TYPE,
+        },
+    }
+
+
+def local_reply_config(replies: tuple[LocalReply, ...] = LOCAL_REPLIES) -> Config:
+    """The HCM's local_reply_config: every reply Envoy makes itself becomes a JSON error of ext_proc's shape
+    (ext_proc/responses.py) with content-type application/json and the request's x-request-id, its status
+    unchanged. The first mapper matches our own replies (OWN_REPLY_DETAILS*) and rewrites nothing, so they
+    pass byte for byte; there is no top-level body_format, which would apply to them too. Upstream
+    responses never pass through local_reply_config."""
+    return {"mappers": [{"filter": own_reply_filter()}, *(local_reply_mapper(r) for r in replies)]}
+
+
 # ---------------------------------------------------------------------------------------------- clusters
 
 
@@ -574,6 +693,7 @@ def bootstrap(
         "stream_idle_timeout": duration(timeouts.stream_idle),
         "request_headers_timeout": duration(timeouts.request_headers),
         "access_log": access_log(access_log_path),
+        "local_reply_config": local_reply_config(),
         "route_config": route_config(models, timeouts),
         "http_filters": http_filters(EXT_PROC_CLUSTER, limiter_cluster["name"], timeouts,
                                      rate_limit_mode=rate_limit_mode, gateway_name=gateway_name),

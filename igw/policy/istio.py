@@ -11,10 +11,12 @@ failure modes, rate-limit actions, gRPC clusters and access log are those the lo
   apply); a STRICT_DNS cluster per gRPC service, named by its Service's FQDN and pointing at a
   headless Service, so Envoy balances HTTP/2 streams over every pod (a ClusterIP would pin each
   connection to one pod) and health-checks each; the JSON access log merged into the HTTP connection
-  manager (a separate EnvoyFilter, so it can be left out). With `enforcement: quota_push` (per gateway)
-  the rate_limit_quota filter (igw/envoy_quota.py, bucket ids carrying the gateway's name) takes the
-  rate-limit filter's place, its RLQS server being the rate-limit service's cluster, and the virtual
-  hosts get no rate-limit actions: Envoy then enforces the budgets the service pushes.
+  manager (a separate EnvoyFilter, so it can be left out); the test bed's local_reply_config merged into
+  it too (in the filters' EnvoyFilter), so the gateway's own replies are JSON errors. With
+  `enforcement: quota_push` (per gateway) the rate_limit_quota filter (igw/envoy_quota.py, bucket ids
+  carrying the gateway's name) takes the rate-limit filter's place, its RLQS server being the rate-limit
+  service's cluster, and the virtual hosts get no rate-limit actions: Envoy then enforces the budgets the
+  service pushes.
 - VirtualService routes on x-igw-model (set by ext_proc to the canonical name) to each model's
   Service, with the test bed's route timeout and retry policy. Routes are split across several
   VirtualServices when one would grow past ROUTES_BYTES: Istio merges VirtualServices bound to the
@@ -150,6 +152,11 @@ def gateway_envoy_filter(name: str, namespace: str, selector: dict[str, str], ho
          "patch": {"operation": "INSERT_BEFORE", "value": f}}
         for f in gateway_http_filters(names, enforcement, gateway_name)
     ]
+    # The replies Envoy makes itself as JSON errors, as on the test bed; they belong with ext_proc, whose
+    # failures they answer and whose own refusals they let through.
+    patches.append({"applyTo": "NETWORK_FILTER", "match": _filter_chain_match(),
+                    "patch": {"operation": "MERGE", "value": {"typed_config": {
+                        "@type": HCM_TYPE, "local_reply_config": envoy_config.local_reply_config()}}}})
     patches += [{"applyTo": "CLUSTER", "match": {"context": "GATEWAY"}, "patch": {"operation": "ADD", "value": c}}
                 for c in gateway_clusters(names, tls, enforcement)]
     if enforcement == "quota_push":

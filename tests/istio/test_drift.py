@@ -154,3 +154,14 @@ def test_destination_rules_keep_the_test_beds_outlier_detection(policy) -> None:
             od["interval"], od["baseEjectionTime"], od["maxEjectionPercent"]) == (
         local["consecutive_gateway_failure"], local["consecutive_5xx"], local["consecutive_local_origin_failure"],
         local["interval"], local["base_ejection_time"], local["max_ejection_percent"])
+
+
+
+@pytest.mark.parametrize(("manifest", "dedicated"), [("20-gateway.yaml", None), ("40-dedicated-secure-gw.yaml",
+                                                                                 "secure-gw")])
+def test_the_gateway_answers_its_own_replies_with_the_test_beds_local_reply_config(
+        policy, testbed, manifest: str, dedicated: str | None) -> None:
+    gw = policy.dedicated_gateways[dedicated] if dedicated else policy.gateway
+    filters = [o for o in istio.render(policy)[manifest] if o["kind"] == "EnvoyFilter"]
+    gateway = gateway_check.gateway_bootstrap(policy, filters, gw.hosts, gw.port)
+    assert hcm_of(gateway)["local_reply_config"] == hcm_of(testbed)["local_reply_config"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -220,3 +221,51 @@ def test_access_log_is_one_json_object_with_the_documented_fields() -> None:
     assert set(fmt) >= {"time", "request_id", "tenant", "model", "method", "path", "status", "response_flags",
                         "rate_limited", "response_code_details", "upstream_host", "bytes_received", "bytes_sent",
                         "duration_ms", "upstream_service_time_ms"}
+
+
+def _hcm(config: dict) -> dict:
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def test_the_bed_renders_envoys_own_replies_with_local_reply_config_and_no_catch_all_body_format() -> None:
+    # A top-level body_format would reformat every local reply, the processor's and the JSON 404 among them.
+    config = _hcm(envoy_config.bootstrap(free_topology()))["local_reply_config"]
+    assert config == envoy_config.local_reply_config()
+    assert "body_format" not in config
+
+
+def test_the_first_local_reply_mapper_lets_our_own_replies_through_unchanged() -> None:
+    first = envoy_config.local_reply_config()["mappers"][0]
+    assert set(first) == {"filter"}  # matched, nothing rewritten: later mappers are not tried
+    expression = first["filter"]["extension_filter"]["typed_config"]["expression"]
+    assert "startsWith('igw_')" in expression
+    assert all(f"'{details}'" in expression for details in ("direct_response", "rate_limited_by_quota"))
+
+
+def test_every_mapped_local_reply_is_the_processors_json_error_with_the_request_id() -> None:
+    mappers = envoy_config.local_reply_config()["mappers"][1:]
+    assert len(mappers) == len(envoy_config.LOCAL_REPLIES)
+    for reply, mapper in zip(envoy_config.LOCAL_REPLIES, mappers, strict=True):
+        body = mapper["body_format_override"]
+        assert body["content_type"] == "application/json"
+        assert json.loads(body["text_format_source"]["inline_string"]) == {
+            "error": {"code": reply.code, "message": reply.message}}
+        assert mapper["headers_to_add"][0]["header"] == {"key": "x-request-id", "value": "%REQ(X-REQUEST-ID)%"}
+        assert "status_code" not in mapper  # Envoy's status is kept
+
+
+def test_local_reply_codes_are_distinct_and_the_catch_all_comes_last() -> None:
+    codes = [r.code for r in envoy_config.LOCAL_REPLIES]
+    assert len(set(codes)) == len(codes)
+    assert envoy_config.LOCAL_REPLIES[-1].status is None and not envoy_config.LOCAL_REPLIES[-1].flags
+
+
+def test_a_percent_sign_in_a_local_reply_message_is_escaped_for_envoys_formatter() -> None:
+    reply = envoy_config.LocalReply("odd", "100% sure", 500)
+    text = envoy_config.local_reply_mapper(reply)["body_format_override"]["text_format_source"]["inline_string"]
+    assert text == '{"error":{"code":"odd","message":"100%% sure"}}'  # %% is Envoy's literal %
+
+
+def test_a_local_reply_with_a_status_that_is_no_error_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"'ok'.*400-599.*200"):
+        envoy_config.LocalReply("ok", "fine", 200)
