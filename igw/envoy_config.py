@@ -252,7 +252,7 @@ def unknown_model_route() -> Config:
         "match": {"prefix": "/"},
         "direct_response": {
             "status": 404,
-            "body": {"inline_string": '{"error":"no model route: x-igw-model is missing or names no served model"}'},
+            "body": {"inline_string": local_reply_body(local_reply("no_route"))},  # what an Istio gateway sends
         },
         "response_headers_to_add": [{
             "header": {"key": "content-type", "value": "application/json"},
@@ -392,6 +392,11 @@ LOCAL_REPLIES: tuple[LocalReply, ...] = (
     LocalReply("bad_request", "the request is not valid HTTP", 400),
     LocalReply("gateway_error", "the gateway could not complete this request", None),
 )
+
+
+def local_reply(code: str) -> LocalReply:
+    """The reply with this error code: the one wording every path that answers it uses."""
+    return next(reply for reply in LOCAL_REPLIES if reply.code == code)
 
 
 def local_reply_body(reply: LocalReply) -> str:

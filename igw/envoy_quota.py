@@ -27,7 +27,15 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from igw.envoy_config import DEFAULT_TIMEOUTS, MODEL_HEADER, TENANT_HEADER, Timeouts, duration
+from igw.envoy_config import (
+    DEFAULT_TIMEOUTS,
+    MODEL_HEADER,
+    TENANT_HEADER,
+    Timeouts,
+    duration,
+    local_reply,
+    local_reply_body,
+)
 
 Config = dict[str, Any]
 
@@ -38,7 +46,7 @@ HEADER_INPUT_TYPE = _TYPE + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput"
 RLQS_CLUSTER = "rlqs"
 RLQS_HEALTH_SERVICE = "envoy.service.rate_limit_quota.v3.RateLimitQuotaService"
 DEFAULT_BUCKET_TENANT = "_default"
-DENY_BODY = '{"error":{"code":429,"message":"rate limit exceeded"}}'
+DENY_BODY = local_reply_body(local_reply("rate_limited"))  # byte for byte the per-request mode's 429 body
 # x-envoy-ratelimited is what Envoy's per-request ratelimit filter marks its 429s with; clients and
 # dashboards that tell a rate-limit 429 by it must see it in both modes.
 DENY_HEADERS = {"content-type": "application/json", "x-envoy-ratelimited": "true"}

@@ -48,6 +48,6 @@ def test_a_tenant_on_a_model_gets_its_pushed_budget_per_second_under_overload(rl
     assert statuses <= {200, 429}, statuses
     assert abs(rate - BUDGET) <= 0.1 * BUDGET, f"mean admitted {rate:.1f}/s over {steady}, budget {BUDGET}/s"
     denied = next(r for r in results if r.status == 429)
-    assert denied.json() == {"error": {"code": 429, "message": "rate limit exceeded"}}
+    assert denied.json() == {"error": {"code": "rate_limited", "message": "rate limit exceeded"}}
     admitted = next(r for r in results if r.status == 200)
     assert admitted.headers["x-igw-replica"] in {r["name"] for r in rlqs_bed.state["models"]["demo-linear"]}

@@ -147,6 +147,6 @@ def test_a_denied_request_gets_429_with_the_json_error_and_the_ratelimited_heade
             body, headers, status = denied.read(), denied.headers, denied.code
             break
     assert status == 429
-    assert json.loads(body) == {"error": {"code": 429, "message": "rate limit exceeded"}}
+    assert json.loads(body) == {"error": {"code": "rate_limited", "message": "rate limit exceeded"}}
     assert headers["content-type"] == "application/json"
     assert headers["x-envoy-ratelimited"] == "true"

@@ -83,7 +83,7 @@ def test_an_unknown_or_missing_model_gets_the_json_404(gateway: str, headers: di
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/json"
     assert "x-igw-replica" not in response.headers
-    assert "no model route" in response.json()["error"]
+    assert response.json()["error"]["code"] == "no_route"
 
 
 def _raw_get(gateway: str, path: str) -> tuple[int, str | None]:
