@@ -105,12 +105,15 @@ def redirect_target(target: str, sender: str) -> str:
 
 class RedisCluster:
     """The masters of one Redis Cluster, each behind its own pipelined connection. Every node is reached
-    with the credentials and TLS settings of the first seed (a cluster's nodes share them)."""
+    with the credentials and TLS settings of the first seed (a cluster's nodes share them). `label` names the
+    cluster in logs and errors, so that a service with two clusters (the rate-limit service's main and
+    per-second ones) says which one a line is about."""
 
     def __init__(self, seeds: Sequence[RedisAddress | str], *, timeout: float = 0.5, connect_timeout: float = 0.5,
-                 scripts: Sequence[str] = ()) -> None:
+                 scripts: Sequence[str] = (), label: str = "redis cluster") -> None:
         if not seeds:
             raise ValueError("a Redis Cluster needs at least one seed node")
+        self.label = label
         self.seeds = [parse_redis_url(seed) if isinstance(seed, str) else seed for seed in seeds]
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -206,7 +209,7 @@ class RedisCluster:
 
     def _install(self, owners: list[str | None], masters: list[str]) -> None:
         if masters != self.masters:
-            log.info("redis cluster masters: %s", ", ".join(masters))
+            log.info("%s masters: %s", self.label, ", ".join(masters))
         self.owners, self.masters = owners, masters
         for name in [name for name in self.nodes if name not in masters]:
             self.nodes.pop(name).close()

@@ -17,7 +17,9 @@ counters: their current windows restart from zero, nothing else.
 Per-second Redis (upstream's REDIS_PERSECOND): counters of limits whose unit is second churn the most
 (a new key every second), so upstream lets them live on a Redis of their own. When one is given, every
 hit marked `per_second` goes there and the shards keep the rest; it is one more target of the same
-spreading, so a request touching both writes to both concurrently.
+spreading, so a request touching both writes to both concurrently. The per-second Redis may be a Redis
+Cluster of its own (REDIS_PERSECOND_TYPE=cluster), beside main counters of any kind: its hits are then
+placed by slot and master as below, and a request's writes to both go out concurrently all the same.
 
 Redis Cluster (REDIS_TYPE=cluster, `ClusterCounters`): the targets are slots instead of shards. Upstream's
 keys carry no hash tag, so each counter is on the slot of its own key, and one script (which in a cluster
@@ -140,21 +142,22 @@ class PartialCount(RedisError):
 
 
 def _gathered(count: int, groups: list[list[int]], parts: list[list[Counted] | BaseException],
-              what: str) -> list[Counted]:
+              whats: list[str]) -> list[Counted]:
     """The results of hits sent in groups (hit indexes per group, in send order) from each group's part;
-    PartialCount when a part is a RedisError, with None for its hits."""
+    PartialCount when a part is a RedisError, with None for its hits, named by that group's `whats` entry."""
     results: list[Counted | None] = [None] * count
-    failure: BaseException | None = None
-    for indexes, part in zip(groups, parts, strict=True):
+    failure: tuple[str, BaseException] | None = None
+    for indexes, part, what in zip(groups, parts, whats, strict=True):
         if isinstance(part, BaseException):
-            failure = failure or part
+            failure = failure or (what, part)
             continue
         for i, value in zip(indexes, part, strict=True):
             results[i] = value
     if failure is not None:
-        if not isinstance(failure, RedisError):
-            raise failure
-        raise PartialCount(f"{what}: {failure}", results)
+        what, exc = failure
+        if not isinstance(exc, RedisError):
+            raise exc
+        raise PartialCount(f"{what}: {exc}", results)
     return results  # type: ignore[return-value]
 
 
@@ -162,55 +165,103 @@ def shard_of(group: str, shards: int) -> int:
     return zlib.crc32(group.encode()) % shards
 
 
+# Where a kind of counter lives: Redis shards (one, or REDIS_SHARDS; a sentinel-managed master is one too), or
+# a Redis Cluster. The main store holds every counter but those of unit=second when there is a per-second one.
+Store = tuple[CommandRunner, ...] | RedisCluster
+MAIN, PER_SECOND = 0, 1
+# A hit's target: (store, where in it): the shard's index, or in a cluster the key's slot.
+Target = tuple[int, int]
+
+
 class RedisCounters:
-    def __init__(self, *shards: CommandRunner, per_second: CommandRunner | None = None) -> None:
+    """Counters on Redis shards (REDIS_TYPE single or sentinel), the per-second ones on their own Redis or
+    Redis Cluster when there is one (REDIS_PERSECOND)."""
+
+    def __init__(self, *shards: CommandRunner, per_second: CommandRunner | RedisCluster | None = None) -> None:
         if not shards:
             raise ValueError("RedisCounters needs at least one Redis")
-        self.shards = shards
-        self.per_second = per_second
-        # Where hits go: the shards, then the per-second Redis (if any) as one more target.
-        self.targets: tuple[CommandRunner, ...] = (*shards, per_second) if per_second is not None else shards
+        self._place(shards, per_second)
 
-    def _target_of(self, hit: Hit) -> int:
-        if hit.per_second and self.per_second is not None:
-            return len(self.shards)
-        shards = len(self.shards)
-        return 0 if shards == 1 else shard_of(hit.group, shards)
+    def _place(self, main: Store, per_second: CommandRunner | RedisCluster | None) -> None:
+        """Every combination of main and per-second store goes through the same targets, so a request
+        with counters on both writes to each concurrently, whatever kind each is."""
+        self.shards = main if isinstance(main, tuple) else ()
+        self.per_second = per_second
+        stores: list[Store] = [main]
+        if per_second is not None:
+            stores.append(per_second if isinstance(per_second, RedisCluster) else (per_second,))
+        self.stores: tuple[Store, ...] = tuple(stores)
+        # The Redis connections that are not a cluster's (tests close them between event loops).
+        self.targets: tuple[CommandRunner, ...] = tuple(
+            runner for store in self.stores if isinstance(store, tuple) for runner in store)
+        # One Redis and nothing else: every call goes straight to it, with no placing at all.
+        self._sole = self.targets[0] if len(self.targets) == 1 and len(self.stores) == 1 else None
+
+    def _target_of(self, hit: Hit) -> Target:
+        store = PER_SECOND if hit.per_second and len(self.stores) > 1 else MAIN
+        where = self.stores[store]
+        if isinstance(where, RedisCluster):
+            return store, key_slot(hit.key)
+        return store, 0 if len(where) == 1 else shard_of(hit.group, len(where))
 
     async def apply(self, hits: list[Hit], increment: Increment = Increment.ALL) -> list[Counted]:
-        if len(self.targets) == 1:
-            return await self._apply_on(self.targets[0], hits, increment)
-        placed: dict[int, list[int]] = {}
+        if self._sole is not None:
+            return await self._apply_on(self._sole, hits, increment)
+        placed: dict[Target, list[int]] = {}
         for i, hit in enumerate(hits):
             placed.setdefault(self._target_of(hit), []).append(i)
         if len(placed) == 1:
-            ((target, _),) = placed.items()
-            return await self._apply_on(self.targets[target], hits, increment)
+            ((store, index),) = placed
+            where = self.stores[store]
+            if isinstance(where, tuple):
+                return await self._apply_on(where[index], hits, increment)
         if increment is Increment.ONLY_OVER:
             fixed_on = {t for t, indexes in placed.items() if any(hits[i].algorithm != "gcra" for i in indexes)}
-            if len(fixed_on) > 1:
+            if len(fixed_on) > 1:  # several Redis, or several slots (one script cannot span slots: CROSSSLOT)
                 return await self._only_over_across(hits, placed)
-        # NONE is decided by each Redis alone (read only), and so is ONLY_OVER when one Redis holds every
-        # fixed-window counter of the request.
+        # NONE is decided by each Redis alone (read only), and so is ONLY_OVER when one Redis (one slot) holds
+        # every fixed-window counter of the request.
         return await self._spread(hits, placed, increment)
 
-    async def _spread(self, hits: list[Hit], placed: dict[int, list[int]], increment: Increment) -> list[Counted]:
-        """One pipelined write to each target, concurrently. A target that fails leaves None for its hits
-        (PartialCount), so fail-open can still enforce the ones counted elsewhere."""
-        parts = await asyncio.gather(*(self._apply_on(self.targets[target], [hits[i] for i in indexes], increment)
-                                       for target, indexes in placed.items()), return_exceptions=True)
-        return _gathered(len(hits), list(placed.values()), parts, "a counter shard failed")
+    async def _spread(self, hits: list[Hit], placed: dict[Target, list[int]],
+                      increment: Increment) -> list[Counted]:
+        """One pipelined write to each Redis, concurrently: a shard, or a cluster master with every slot of the
+        request it holds. A Redis that fails leaves None for its hits (PartialCount), so fail-open can still
+        enforce the ones counted elsewhere."""
+        by_redis: dict[tuple[int, int | str | None], list[Target]] = {}
+        for target in placed:
+            store, index = target
+            where = self.stores[store]
+            redis = (store, where.node_of(index)) if isinstance(where, RedisCluster) else target
+            by_redis.setdefault(redis, []).append(target)
+        groups: list[list[int]] = []
+        whats: list[str] = []
+        calls = []
+        for (store, node), targets in by_redis.items():
+            where = self.stores[store]
+            groups.append([i for target in targets for i in placed[target]])
+            slot_hits = [[hits[i] for i in placed[target]] for target in targets]
+            kind = "per-second " if store == PER_SECOND else ""
+            if isinstance(where, RedisCluster):
+                whats.append(f"a {kind}redis cluster node failed")
+                calls.append(self._apply_on_node(where, node, [slot for _, slot in targets],  # type: ignore[arg-type]
+                                                 slot_hits, increment))
+            else:
+                whats.append("the per-second redis failed" if kind else "a counter shard failed")
+                calls.append(self._apply_on(where[node], slot_hits[0], increment))  # type: ignore[index]
+        parts = await asyncio.gather(*calls, return_exceptions=True)
+        return _gathered(len(hits), groups, parts, whats)
 
-    async def _only_over_across(self, hits: list[Hit], placed: dict[int, list[int]]) -> list[Counted]:
-        """Increment.ONLY_OVER with fixed-window counters on several Redis: read them all (one round trip to
-        each, concurrently), decide, then write, as upstream does. A request in between can be counted in
-        the read of one and not the other; upstream has the same window.
+    async def _only_over_across(self, hits: list[Hit], placed: dict[Target, list[int]]) -> list[Counted]:
+        """Increment.ONLY_OVER with fixed-window counters on several Redis (or slots): read them all (one round
+        trip to each, concurrently), decide, then write, as upstream does. A request in between can be counted
+        in the read of one and not the other; upstream has the same window.
 
         A Redis whose read fails is left out of the rest: the decision is made among the counters that were
         read and only the Redis that answered are written to, then PartialCount names the hits left without a
         count, so --fail-open still enforces the limits of the Redis that answer (as without the setting)."""
         fixed = [i for i, hit in enumerate(hits) if hit.algorithm != "gcra"]
-        read_placed: dict[int, list[int]] = {}
+        read_placed: dict[Target, list[int]] = {}
         for j, i in enumerate(fixed):
             read_placed.setdefault(self._target_of(hits[i]), []).append(j)
         failure: PartialCount | None = None
@@ -226,7 +277,7 @@ class RedisCounters:
                    and (hit.algorithm == "gcra" or not over or i in over)]
         results: list[Counted | None] = [counts.get(i) for i in range(len(hits))]
         if written:
-            write_placed: dict[int, list[int]] = {}
+            write_placed: dict[Target, list[int]] = {}
             for j, i in enumerate(written):
                 write_placed.setdefault(self._target_of(hits[i]), []).append(j)
             try:
@@ -251,6 +302,80 @@ class RedisCounters:
             for i, reply in zip(missing, await redis.execute_many([commands[i] for i in missing]), strict=True):
                 replies[i] = reply
         return _counted(hits, replies, has_fixed)
+
+    async def _apply_on_node(self, cluster: RedisCluster, node: str | None, slots: list[int],
+                             slot_hits: list[list[Hit]], increment: Increment) -> list[Counted]:
+        """Every slot's commands in one write to the master `node` of `cluster`; the results in slot order."""
+        if node is None:
+            cluster.refresh_soon()
+            raise RedisError(f"no {cluster.label} node serves slot {slots[0]} (the cluster map is empty or "
+                             f"incomplete: {cluster.last_error or 'slot not assigned'})")
+        commands: list[tuple[object, ...]] = []
+        spans: list[tuple[int, int, bool]] = []
+        for hits in slot_hits:
+            slot_commands, has_fixed = _commands(hits, increment)
+            spans.append((len(commands), len(slot_commands), has_fixed))
+            commands += slot_commands
+        replies = await cluster.execute_many(node, commands)  # type: ignore[arg-type]
+        # A slot being migrated: its fixed-window script (the last command of the slot, the only one with
+        # several keys) is refused with TRYAGAIN; its GCRA commands have one key each and already ran.
+        refused = [k for k, (start, length, has_fixed) in enumerate(spans)
+                   if has_fixed and _is_tryagain(replies[start + length - 1])]
+        if refused:
+            redone = await self._key_by_key(
+                cluster, [(slots[k], [hit for hit in slot_hits[k] if hit.algorithm != "gcra"]) for k in refused],
+                increment)
+            for k, counts in zip(refused, redone, strict=True):
+                start, length, _ = spans[k]
+                replies[start + length - 1] = counts
+        results: list[Counted] = []
+        for hits, (start, length, has_fixed) in zip(slot_hits, spans, strict=True):
+            results += _counted(hits, replies[start:start + length], has_fixed)
+        return results
+
+    async def _key_by_key(self, cluster: RedisCluster, slot_hits: list[tuple[int, list[Hit]]],
+                          increment: Increment) -> list[list[int]]:
+        """The counts of fixed-window hits whose slot refused their multi-key script, one key per script,
+        sent to the slot's master (which serves the keys it still has and answers ASK for the others). Each
+        key is counted atomically, as upstream's INCRBY + EXPIRE; under Increment.ONLY_OVER every counter is
+        read first and only then are the chosen ones written, as upstream and as counters on several Redis.
+        RedisError when a key is refused even alone."""
+        if increment is Increment.ONLY_OVER:
+            current = await self._key_by_key(cluster, slot_hits, Increment.NONE)
+            over = [[j for j, (hit, count) in enumerate(zip(hits, counts, strict=True)) if count + hit.hits > hit.limit]
+                    for (_, hits), counts in zip(slot_hits, current, strict=True)]
+            picked = over if any(over) else [list(range(len(hits))) for _, hits in slot_hits]
+            written = await self._key_by_key(
+                cluster, [(slot, [hits[j] for j in js]) for (slot, hits), js in zip(slot_hits, picked, strict=True)],
+                Increment.ALL)
+            for counts, js, done in zip(current, picked, written, strict=True):
+                for j, count in zip(js, done, strict=True):
+                    counts[j] = count
+            return current
+        by_node: dict[str, list[int]] = {}
+        for k, (slot, hits) in enumerate(slot_hits):
+            if not hits:
+                continue
+            node = cluster.node_of(slot)
+            if node is None:
+                raise RedisError(f"no {cluster.label} node serves slot {slot} any more (it was being migrated)")
+            by_node.setdefault(node, []).append(k)
+
+        async def on(node: str, ks: list[int]) -> list[object]:
+            return await cluster.execute_many(node, [_single_key(hit, increment)  # type: ignore[misc]
+                                                     for k in ks for hit in slot_hits[k][1]])
+
+        parts = await asyncio.gather(*(on(node, ks) for node, ks in by_node.items()))
+        counts: list[list[int]] = [[] for _ in slot_hits]
+        for ks, replies in zip(by_node.values(), parts, strict=True):
+            flat = iter(replies)
+            for k in ks:
+                for _ in slot_hits[k][1]:
+                    reply = next(flat)
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise RedisError(f"redis rejected a counter update: {reply}")
+                    counts[k].append(reply[0])  # type: ignore[index]
+        return counts
 
 
 def _commands(hits: list[Hit], increment: Increment) -> tuple[list[tuple[object, ...]], bool]:
@@ -306,120 +431,15 @@ def _counted(hits: list[Hit], replies: list[object], has_fixed: bool) -> list[Co
 
 
 class ClusterCounters(RedisCounters):
-    """Counters in a Redis Cluster. A hit's target is its key's slot (the multi-key scripts need their
-    keys in one slot, and upstream's keys carry no hash tag, so each key is on its own); the slots of a
-    request are then grouped by the master that holds them, and each master gets one pipelined write,
-    concurrently, as shards do. Target -1 is the per-second Redis, when there is one."""
+    """Counters in a Redis Cluster (REDIS_TYPE=cluster). A hit's target is its key's slot (the multi-key
+    scripts need their keys in one slot, and upstream's keys carry no hash tag, so each key is on its own);
+    the slots of a request are then grouped by the master that holds them, and each master gets one
+    pipelined write, concurrently, as shards do. The per-second counters go to their own Redis or Redis
+    Cluster when there is one."""
 
-    def __init__(self, cluster: RedisCluster, per_second: CommandRunner | None = None) -> None:
+    def __init__(self, cluster: RedisCluster, per_second: CommandRunner | RedisCluster | None = None) -> None:
         self.cluster = cluster
-        self.shards = ()
-        self.per_second = per_second
-        self.targets = ()
-
-    def _target_of(self, hit: Hit) -> int:
-        if hit.per_second and self.per_second is not None:
-            return -1
-        return key_slot(hit.key)
-
-    async def apply(self, hits: list[Hit], increment: Increment = Increment.ALL) -> list[Counted]:
-        placed: dict[int, list[int]] = {}
-        for i, hit in enumerate(hits):
-            placed.setdefault(self._target_of(hit), []).append(i)
-        if increment is Increment.ONLY_OVER:
-            fixed_on = {t for t, indexes in placed.items() if any(hits[i].algorithm != "gcra" for i in indexes)}
-            if len(fixed_on) > 1:  # one script cannot span slots, even slots of one master (CROSSSLOT)
-                return await self._only_over_across(hits, placed)
-        return await self._spread(hits, placed, increment)
-
-    async def _spread(self, hits: list[Hit], placed: dict[int, list[int]], increment: Increment) -> list[Counted]:
-        by_node: dict[str | None, list[int]] = {}
-        for target in placed:
-            node = "" if target == -1 else self.cluster.node_of(target)
-            by_node.setdefault(node, []).append(target)
-        groups: list[list[int]] = []
-        calls = []
-        for node, targets in by_node.items():
-            groups.append([i for target in targets for i in placed[target]])
-            slot_hits = [[hits[i] for i in placed[target]] for target in targets]
-            if node == "":
-                calls.append(self._apply_on(self.per_second, slot_hits[0], increment))  # type: ignore[arg-type]
-            else:
-                calls.append(self._apply_on_node(node, targets, slot_hits, increment))
-        parts = await asyncio.gather(*calls, return_exceptions=True)
-        return _gathered(len(hits), groups, parts, "a redis cluster node failed")
-
-    async def _apply_on_node(self, node: str | None, slots: list[int], slot_hits: list[list[Hit]],
-                             increment: Increment) -> list[Counted]:
-        """Every slot's commands in one write to the master `node`; the results in slot order."""
-        if node is None:
-            self.cluster.refresh_soon()
-            raise RedisError(f"no redis cluster node serves slot {slots[0]} (the cluster map is empty or "
-                             f"incomplete: {self.cluster.last_error or 'slot not assigned'})")
-        commands: list[tuple[object, ...]] = []
-        spans: list[tuple[int, int, bool]] = []
-        for hits in slot_hits:
-            slot_commands, has_fixed = _commands(hits, increment)
-            spans.append((len(commands), len(slot_commands), has_fixed))
-            commands += slot_commands
-        replies = await self.cluster.execute_many(node, commands)  # type: ignore[arg-type]
-        # A slot being migrated: its fixed-window script (the last command of the slot, the only one with
-        # several keys) is refused with TRYAGAIN; its GCRA commands have one key each and already ran.
-        refused = [k for k, (start, length, has_fixed) in enumerate(spans)
-                   if has_fixed and _is_tryagain(replies[start + length - 1])]
-        if refused:
-            redone = await self._key_by_key(
-                [(slots[k], [hit for hit in slot_hits[k] if hit.algorithm != "gcra"]) for k in refused], increment)
-            for k, counts in zip(refused, redone, strict=True):
-                start, length, _ = spans[k]
-                replies[start + length - 1] = counts
-        results: list[Counted] = []
-        for hits, (start, length, has_fixed) in zip(slot_hits, spans, strict=True):
-            results += _counted(hits, replies[start:start + length], has_fixed)
-        return results
-
-    async def _key_by_key(self, slot_hits: list[tuple[int, list[Hit]]], increment: Increment) -> list[list[int]]:
-        """The counts of fixed-window hits whose slot refused their multi-key script, one key per script,
-        sent to the slot's master (which serves the keys it still has and answers ASK for the others). Each
-        key is counted atomically, as upstream's INCRBY + EXPIRE; under Increment.ONLY_OVER every counter is
-        read first and only then are the chosen ones written, as upstream and as counters on several Redis.
-        RedisError when a key is refused even alone."""
-        if increment is Increment.ONLY_OVER:
-            current = await self._key_by_key(slot_hits, Increment.NONE)
-            over = [[j for j, (hit, count) in enumerate(zip(hits, counts, strict=True)) if count + hit.hits > hit.limit]
-                    for (_, hits), counts in zip(slot_hits, current, strict=True)]
-            picked = over if any(over) else [list(range(len(hits))) for _, hits in slot_hits]
-            written = await self._key_by_key(
-                [(slot, [hits[j] for j in js]) for (slot, hits), js in zip(slot_hits, picked, strict=True)],
-                Increment.ALL)
-            for counts, js, done in zip(current, picked, written, strict=True):
-                for j, count in zip(js, done, strict=True):
-                    counts[j] = count
-            return current
-        by_node: dict[str, list[int]] = {}
-        for k, (slot, hits) in enumerate(slot_hits):
-            if not hits:
-                continue
-            node = self.cluster.node_of(slot)
-            if node is None:
-                raise RedisError(f"no redis cluster node serves slot {slot} any more (it was being migrated)")
-            by_node.setdefault(node, []).append(k)
-
-        async def on(node: str, ks: list[int]) -> list[object]:
-            return await self.cluster.execute_many(node, [_single_key(hit, increment)  # type: ignore[misc]
-                                                          for k in ks for hit in slot_hits[k][1]])
-
-        parts = await asyncio.gather(*(on(node, ks) for node, ks in by_node.items()))
-        counts: list[list[int]] = [[] for _ in slot_hits]
-        for ks, replies in zip(by_node.values(), parts, strict=True):
-            flat = iter(replies)
-            for k in ks:
-                for _ in slot_hits[k][1]:
-                    reply = next(flat)
-                    if isinstance(reply, hiredis.ReplyError):
-                        raise RedisError(f"redis rejected a counter update: {reply}")
-                    counts[k].append(reply[0])  # type: ignore[index]
-        return counts
+        self._place(cluster, per_second)
 
 
 class MemoryCounters:

@@ -58,14 +58,20 @@ def _masked(url: str) -> str:
 
 
 def _cluster_down(cluster: RedisCluster, masters: dict[str, bool]) -> str:
-    """What /healthcheck says about the cluster: "" when every master of the map answered a PING."""
+    """What /healthcheck says about a cluster (by its label: the main or the per-second one): "" when every
+    master of the map answered a PING."""
     if not masters:
         seeds = ", ".join(f"{seed.host}:{seed.port}" for seed in cluster.seeds)
-        return f"redis cluster (seeds {seeds}): {cluster.last_error or 'slot map not read yet'}"
+        return f"{cluster.label} (seeds {seeds}): {cluster.last_error or 'slot map not read yet'}"
     down = [cluster.shown(name) for name, ok in masters.items() if not ok]
     if down:
-        return f"redis cluster node(s) {', '.join(down)}"
-    return "" if cluster.complete else f"redis cluster: {cluster.last_error}"
+        return f"{cluster.label} node(s) {', '.join(down)}"
+    return "" if cluster.complete else f"{cluster.label}: {cluster.last_error}"
+
+
+def _cluster_shown(seeds: tuple[str, ...]) -> str:
+    """A cluster in the startup log line: its seeds, passwords masked."""
+    return "cluster:" + ",".join(_masked(seed) for seed in seeds)
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
@@ -132,18 +138,25 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     cluster = (RedisCluster(settings.redis_cluster, timeout=settings.redis_timeout,
                             connect_timeout=settings.redis_timeout, scripts=SCRIPTS)
                if settings.redis_type == "cluster" and settings.backend == "redis" else None)
+    # REDIS_PERSECOND_TYPE=cluster: the same cluster client, on the per-second cluster's seeds.
+    persecond_cluster = (RedisCluster(settings.redis_persecond_cluster, timeout=settings.redis_persecond_timeout,
+                                      connect_timeout=settings.redis_persecond_timeout, scripts=SCRIPTS,
+                                      label="per-second redis cluster")
+                         if settings.redis_persecond_cluster and settings.backend == "redis" else None)
+    clusters = [each for each in (cluster, persecond_cluster) if each is not None]
     counters: RedisCounters | MemoryCounters
     if settings.backend == "memory":
         counters = MemoryCounters()
     elif cluster is not None:
-        counters = ClusterCounters(cluster, per_second=per_second)
-        try:
-            await cluster.refresh()
-        except RedisError as exc:  # as a single Redis that is down: start unhealthy, the probe keeps trying
-            log.warning("redis cluster: cannot read the slot map yet: %s", exc)
+        counters = ClusterCounters(cluster, per_second=persecond_cluster or per_second)
     else:
         # A SentinelRedis is a CommandRunner, as a PipelinedRedis is: the counters take either.
-        counters = RedisCounters(*shards, per_second=per_second)
+        counters = RedisCounters(*shards, per_second=persecond_cluster or per_second)
+    for each in clusters:
+        try:
+            await each.refresh()
+        except RedisError as exc:  # as a single Redis that is down: start unhealthy, the probe keeps trying
+            log.warning("%s: cannot read the slot map yet: %s", each.label, exc)
     for sentinel in sentinels:
         try:
             await sentinel.discover()
@@ -173,9 +186,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     backend = AioBackend(server, tls.credentials(log) if tls else None, settings.grpc_uds)
     runtime = ServiceRuntime(backend, HEALTH_NAMES, log)
     probed = [*shards, per_second] if per_second is not None else shards
+    # What /healthcheck names, in this order: the main cluster, the shards, the per-second Redis or cluster.
     redis_down: list[str] = [_shown(redis, redis is per_second) for redis in probed]
     if cluster is not None:
         redis_down.insert(0, _cluster_down(cluster, {}))
+    if persecond_cluster is not None:
+        redis_down.append(_cluster_down(persecond_cluster, {}))
     need_a_domain = settings.healthy_with_at_least_one_config_loaded
 
     async def health_state() -> tuple[bool, str]:
@@ -197,21 +213,23 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     async def probe_redis() -> None:
         nonlocal redis_down
         while not stop.is_set():
-            masters: dict[str, bool] = {}
-            if cluster is not None:
-                masters, up = await asyncio.gather(cluster.ping_all(), asyncio.gather(*(r.ping() for r in probed)))
-            else:
-                up = await asyncio.gather(*(redis.ping() for redis in probed))
+            *maps, up = await asyncio.gather(*(each.ping_all() for each in clusters),
+                                             asyncio.gather(*(redis.ping() for redis in probed)))
+            cluster_down = {each: _cluster_down(each, masters) for each, masters in zip(clusters, maps, strict=True)}
             down = [_shown(redis, redis is per_second) for redis, ok in zip(probed, up, strict=True) if not ok]
             if cluster is not None:
-                if cluster_down := _cluster_down(cluster, masters):
-                    down.insert(0, cluster_down)
-                metrics.REDIS_UP.set(0 if cluster_down else 1)
+                if main_down := cluster_down[cluster]:
+                    down.insert(0, main_down)
+                metrics.REDIS_UP.set(0 if main_down else 1)
             else:
                 metrics.REDIS_UP.set(1 if all(up[:len(shards)]) else 0)
-            redis_down = down
-            if per_second is not None:
+            if persecond_cluster is not None:
+                if persecond_down := cluster_down[persecond_cluster]:
+                    down.append(persecond_down)
+                _persecond_up().set(0 if persecond_down else 1)
+            elif per_second is not None:
                 _persecond_up().set(1 if up[-1] else 0)
+            redis_down = down
             await runtime.set_serving((not redis_down or settings.backend == "memory")
                                       and holder.unhealthy_reason(need_a_domain=need_a_domain) is None)
             with contextlib.suppress(TimeoutError):
@@ -232,9 +250,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         "pid=%d", runtime.address, settings.host, settings.http_port, settings.config_dir,
         (_masked(state_url) if isinstance(state_url, str) else f"sentinel:{state_url.master_name}") if state_url
         else "-",
-        ",".join(_shown(shard) for shard in shards) if cluster is None
-        else "cluster:" + ",".join(_masked(seed) for seed in settings.redis_cluster),
-        _shown(per_second) if per_second else "-",
+        ",".join(_shown(shard) for shard in shards) if cluster is None else _cluster_shown(settings.redis_cluster),
+        _shown(per_second) if per_second
+        else _cluster_shown(settings.redis_persecond_cluster) if persecond_cluster else "-",
         settings.local_cache_size_bytes, os.getpid(),
     )
     await stop.wait()
@@ -246,8 +264,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         upstream_http.close()
     for redis in probed:
         redis.close()
-    if cluster is not None:
-        cluster.close()
+    for each in clusters:
+        each.close()
     await adaptive.close()
     await quota.close()
     return 0

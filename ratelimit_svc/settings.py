@@ -6,7 +6,7 @@ import argparse
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -165,12 +165,31 @@ def _redis_seeds(text: str) -> list[str]:
     """REDIS_URL with REDIS_TYPE=cluster: the seed nodes, comma-separated, each in --redis-url's forms
     (upstream's bare host:port with REDIS_AUTH, or a redis:// / rediss:// URL). A cluster has database 0
     only and its nodes speak TCP, so a database number or a socket path is an error, not a surprise later."""
+    return _cluster_seeds(text, _redis_url)
+
+
+_SEEDS_FORM = "host:port,host:port,... (e.g. 10.0.0.1:6379,10.0.0.2:6379) or redis:// / rediss:// URLs"
+
+
+def _persecond_seeds(text: str) -> list[str]:
+    """REDIS_PERSECOND_URL with REDIS_PERSECOND_TYPE=cluster: the per-second cluster's seed nodes, in the forms
+    of REDIS_URL's seeds, with the per-second Redis's own REDIS_PERSECOND_AUTH. A bare seed must name its
+    port, as upstream's cluster client needs: `10.0.0.1` alone would quietly mean port 6379."""
+    for seed in (part.strip() for part in text.split(",") if part.strip()):
+        if "://" not in seed and _host_port(seed) is None:
+            raise argparse.ArgumentTypeError(f"seed {masked_url(seed)!r} is not host:port ({_SEEDS_FORM})")
+    return _cluster_seeds(text, _persecond_redis_url)
+
+
+def _cluster_seeds(text: str, url_of: Callable[[str], str]) -> list[str]:
+    """The URLs of a cluster's comma-separated seed nodes, each read by `url_of` (the URL forms of the Redis
+    they stand for, with its own auth and socket-type variables)."""
     seeds = [part.strip() for part in text.split(",") if part.strip()]
     if not seeds:
         raise argparse.ArgumentTypeError("give at least one seed node of the cluster (host:port, comma-separated)")
     urls = []
     for seed in seeds:
-        url = _redis_url(seed)
+        url = url_of(seed)
         address = parse_redis_url(url)
         if address.unix_path:
             raise argparse.ArgumentTypeError(f"cluster seed {masked_url(url)!r}: cluster nodes are reached over "
@@ -189,6 +208,10 @@ def _backend(text: str) -> str:
     if text not in ("redis", "memory"):
         raise argparse.ArgumentTypeError(f"invalid backend {text!r} (redis or memory)")
     return text
+
+
+# The per-second Redis as settings name it: one server's URL, a sentinel-managed master, or a cluster's seed URLs.
+PerSecondTarget = str | SentinelTarget | tuple[str, ...]
 
 
 def _persecond_redis_url(text: str) -> str:
@@ -229,10 +252,11 @@ UPSTREAM_SETTINGS: tuple[UpstreamSetting, ...] = (
                     "not a redis type: single (REDIS_URL names one redis-server, REDIS_SHARDS may spread the "
                     "counters over several), cluster (REDIS_URL lists seed nodes of a Redis Cluster) or sentinel "
                     "(REDIS_URL is the master's name and its sentinels: mymaster,host1:26379,host2:26379)"),
-    UpstreamSetting("REDIS_PERSECOND_TYPE", True, ("single", "sentinel"),
-                    "Redis Cluster is not supported for the per-second Redis; REDIS_PERSECOND_URL names one "
-                    "redis-server (single) or a master and its sentinels (sentinel); with REDIS_TYPE=cluster "
-                    "and REDIS_PERSECOND unset, per-second counters live in the cluster with the others",
+    UpstreamSetting("REDIS_PERSECOND_TYPE", True, ("single", "cluster", "sentinel"),
+                    "not a redis type for the per-second Redis: single (REDIS_PERSECOND_URL names one "
+                    "redis-server), cluster (REDIS_PERSECOND_URL lists seed nodes of a Redis Cluster) or "
+                    "sentinel (REDIS_PERSECOND_URL is the master's name and its sentinels: "
+                    "mymaster,host1:26379,host2:26379)",
                     persecond_only=True),
     UpstreamSetting("CONFIG_TYPE", True, ("file",),
                     "an xDS config server is not supported; limits are read from YAML files (CONFIG_DIR or "
@@ -365,8 +389,9 @@ class Settings:
     redis_persecond_timeout: float = 0.25
     upstream_warnings: tuple[str, ...] = ()  # upstream settings set here that change nothing: logged at startup
     # gRPC socket and TLS (upstream's GRPC_UDS, GRPC_MAX_CONNECTION_AGE*, GRPC_SERVER_USE_TLS and friends).
-    # Redis TLS has no field: REDIS_TLS* turn redis_url, redis_shards and redis_persecond_url into rediss://
-    # URLs that carry the options (igw/redis_conn.py), which every Redis client of the service understands.
+    # Redis TLS has no field: REDIS_TLS* turn redis_url, redis_shards, redis_persecond_url and the cluster seeds
+    # into rediss:// URLs that carry the options (igw/redis_conn.py), which every Redis client of the service
+    # understands.
     grpc_uds: str = ""  # serve gRPC on this unix socket instead of host:grpc_port
     grpc_max_connection_age: float = 86400.0  # seconds; 0: never
     grpc_max_connection_age_grace: float = 3600.0
@@ -377,6 +402,8 @@ class Settings:
     redis_cluster: tuple[str, ...] = ()  # REDIS_TYPE=cluster: the seed nodes' URLs (TLS folded in)
     redis_sentinel: SentinelTarget | None = None  # REDIS_TYPE=sentinel: the master and its sentinels
     redis_persecond_sentinel: SentinelTarget | None = None  # REDIS_PERSECOND_TYPE=sentinel, with REDIS_PERSECOND
+    # REDIS_PERSECOND_TYPE=cluster, with REDIS_PERSECOND: the per-second cluster's seed URLs (TLS folded in)
+    redis_persecond_cluster: tuple[str, ...] = ()
     # Replica counts (adaptive limits) and RLQS demand: --state-redis-url, else redis_url in single mode;
     # None (cluster mode without it): not shared, adaptive limits stay at their min. In sentinel mode without
     # it: None here, and the sentinel-managed master (redis_sentinel) holds them (see `state_redis`).
@@ -394,8 +421,10 @@ class Settings:
 def build_parser(redis_type: str = "single", persecond_type: str = "single") -> tuple[argparse.ArgumentParser,
                                                                                      EnvDefaults]:
     """`redis_type` picks how --redis-url is read: one server, (cluster) a comma-separated seed list or
-    (sentinel) a master's name and its sentinels; `persecond_type` (sentinel or not) the same for
-    --redis-persecond-url."""
+    (sentinel) a master's name and its sentinels; `persecond_type` the same for --redis-persecond-url, whose
+    cluster seeds are read as text here and checked in parse_settings (only with REDIS_PERSECOND, as
+    upstream reads them, and refused in one line naming the setting)."""
+    persecond_url_type = {"cluster": str, "sentinel": _persecond_sentinel}.get(persecond_type, _persecond_redis_url)
     url_type = {"cluster": _redis_seeds, "sentinel": _redis_sentinel}.get(redis_type, _redis_url)
     parser = argparse.ArgumentParser(
         prog="python -m ratelimit_svc",
@@ -471,10 +500,11 @@ def build_parser(redis_type: str = "single", persecond_type: str = "single") -> 
     env.add("--redis-persecond", "REDIS_PERSECOND", default=False, type=parse_bool,
             help="keep the counters of limits whose unit is second on the --redis-persecond-url Redis")
     env.add("--redis-persecond-url", "REDIS_PERSECOND_URL", default=None,
-            type=_persecond_sentinel if persecond_type == "sentinel" else _persecond_redis_url,
+            type=persecond_url_type,
             help="the per-second Redis, in --redis-url's forms (upstream's uses REDIS_PERSECOND_SOCKET_TYPE, "
                  "REDIS_PERSECOND_AUTH); with REDIS_PERSECOND_TYPE=sentinel, a master's name and its sentinels "
-                 "(REDIS_PERSECOND_SENTINEL_AUTH)")
+                 "(REDIS_PERSECOND_SENTINEL_AUTH); with REDIS_PERSECOND_TYPE=cluster, the per-second cluster's "
+                 "seed nodes, comma-separated")
     env.add("--redis-persecond-timeout", "REDIS_PERSECOND_TIMEOUT", default=None, type=parse_duration,
             help="per-call deadline on the per-second Redis; default --redis-timeout")
     env.add("--replica-max-age", "REPLICA_MAX_AGE", default=10.0, type=parse_duration,
@@ -694,13 +724,19 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         parser.error(f"config directory {str(config_dir)!r} does not exist or is not a directory")
     if not os.access(config_dir, os.R_OK | os.X_OK):
         parser.error(f"config directory {str(config_dir)!r} is not readable")
-    persecond_url: str | SentinelTarget | None = None
+    persecond_url: PerSecondTarget | None = None
     if args.redis_persecond:
         if args.redis_persecond_url is None:
             parser.error("REDIS_PERSECOND=true (--redis-persecond) needs REDIS_PERSECOND_URL (--redis-persecond-url), "
                          "the Redis for the counters of limits whose unit is second")
         if args.backend == "memory":
             warnings.append("REDIS_PERSECOND=true is ignored: BACKEND_TYPE=memory keeps every counter in this process")
+        elif persecond_type == "cluster":
+            try:
+                persecond_url = tuple(_persecond_seeds(args.redis_persecond_url))
+            except argparse.ArgumentTypeError as exc:
+                startup_error(parser, f"REDIS_PERSECOND_URL (--redis-persecond-url) with REDIS_PERSECOND_TYPE="
+                                      f"cluster: {exc}")
         else:
             persecond_url = args.redis_persecond_url  # a SentinelTarget with REDIS_PERSECOND_TYPE=sentinel
     elif args.redis_persecond_url is not None:
@@ -746,6 +782,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         redis_cluster=redis_urls.shards if cluster else (),
         redis_sentinel=redis_urls.sentinel,
         redis_persecond_sentinel=redis_urls.persecond_sentinel,
+        redis_persecond_cluster=redis_urls.persecond if isinstance(redis_urls.persecond, tuple) else (),
         state_redis_url=redis_urls.state,
         grpc_uds=_grpc_uds(parser, args),
         grpc_max_connection_age=args.grpc_max_connection_age,
@@ -864,13 +901,13 @@ def _grpc_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
 class _RedisUrls:
     main: str
     shards: tuple[str, ...]  # with a cluster: its seeds; with sentinel: none
-    persecond: str | SentinelTarget | None
+    persecond: PerSecondTarget | None
     state: str | None
     sentinel: SentinelTarget | None = None
     persecond_sentinel: SentinelTarget | None = None
 
 
-def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persecond: str | SentinelTarget | None,
+def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persecond: PerSecondTarget | None,
                warnings: list[str]) -> _RedisUrls:
     """The Redis URLs with REDIS_TLS* folded in: REDIS_TLS makes --redis-url and the shards rediss://,
     REDIS_PERSECOND_TLS the per-second one, and the file settings apply to every rediss:// URL (a URL that
@@ -927,6 +964,9 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
     if isinstance(persecond, SentinelTarget):
         persecond = persecond_target = secured_target(persecond, args.redis_persecond_tls,
                                                       "REDIS_PERSECOND_TLS=true (--redis-persecond-tls)")
+    elif isinstance(persecond, tuple):
+        persecond = tuple(secured(url, args.redis_persecond_tls, "REDIS_PERSECOND_TLS=true (--redis-persecond-tls)")
+                          for url in persecond)
     elif persecond is not None:
         persecond = secured(persecond, args.redis_persecond_tls, "REDIS_PERSECOND_TLS=true (--redis-persecond-tls)")
     elif args.redis_persecond_tls:
@@ -936,7 +976,8 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
         state = secured(state, False, "IGW_STATE_REDIS_URL (--state-redis-url)")
     elif args.redis_type == "single":
         state = main
-    urls = [main, *shards, *([persecond] if isinstance(persecond, str) else []), *([state] if state else [])]
+    urls = [main, *shards, *([persecond] if isinstance(persecond, str) else []),
+            *(persecond if isinstance(persecond, tuple) else ()), *([state] if state else [])]
     for each in (target, persecond_target):
         if each is not None:
             urls += [*each.sentinels, each.master_url]
@@ -944,11 +985,18 @@ def _redis_tls(parser: argparse.ArgumentParser, args: argparse.Namespace, persec
         startup_error(parser, f"{options[0]} is set but no Redis is reached over TLS: set REDIS_TLS=true "
                                "(--redis-tls) or give rediss:// URLs")
     if args.redis_type == "cluster":
-        first = parse_redis_url(shards[0])
-        for seed in shards[1:]:
-            address = parse_redis_url(seed)
-            if (address.username, address.password, address.tls) != (first.username, first.password, first.tls):
-                startup_error(parser, f"REDIS_URL (--redis-url): cluster seeds {first.url} and {address.url} "
-                                       "differ in credentials or TLS settings; every node of a cluster is reached "
-                                       "with the same ones")
+        _same_node_settings(parser, shards, "REDIS_URL (--redis-url)")
+    if isinstance(persecond, tuple):
+        _same_node_settings(parser, persecond, "REDIS_PERSECOND_URL (--redis-persecond-url)")
     return _RedisUrls(main, tuple(shards), persecond, state, target, persecond_target)
+
+
+def _same_node_settings(parser: argparse.ArgumentParser, seeds: Sequence[str], setting: str) -> None:
+    """The cluster client reaches every node with the first seed's credentials and TLS settings, so seeds
+    that differ in them are refused rather than half used."""
+    first = parse_redis_url(seeds[0])
+    for seed in seeds[1:]:
+        address = parse_redis_url(seed)
+        if (address.username, address.password, address.tls) != (first.username, first.password, first.tls):
+            startup_error(parser, f"{setting}: cluster seeds {first.url} and {address.url} differ in credentials "
+                                   "or TLS settings; every node of a cluster is reached with the same ones")

@@ -16,6 +16,14 @@ import redis
 from igw.procs import RedisServer, RedisTlsFiles, free_port, redis_server_binary
 
 
+def _current_epoch(client: redis.Redis) -> int:
+    info = client.execute_command("CLUSTER", "INFO")
+    if isinstance(info, bytes | str):  # unparsed by this redis-py: "key:value" lines
+        text = info.decode() if isinstance(info, bytes) else info
+        info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return int(info["cluster_current_epoch"])
+
+
 def redis_tls_missing() -> str | None:
     """Why this machine's redis-server cannot serve TLS, or None when it can: the TLS tests skip naming it
     rather than fail at a server that never listens. A build without TLS does not know the tls-port directive;
@@ -117,6 +125,22 @@ class RedisClusterProcs:
             if start <= slot <= end:
                 return int(master[1])
         raise AssertionError(f"slot {slot} is not assigned")
+
+    def wait_agreed(self, slot: int, port: int, timeout: float = 10) -> None:
+        """Until every master says `port` holds `slot` and all share one current epoch. Two migrations of a
+        slot in a row race the cluster bus otherwise: a master that has not heard of the first one's epoch
+        bump may not bump its own for the second, and gossip then hands the slot back to the first target."""
+        deadline = time.monotonic() + timeout
+        while True:
+            owners, epochs = set(), set()
+            for node in self.ports:
+                epochs.add(_current_epoch(self.client(node)))
+                owners.update(int(master[1]) for start, end, master, *_ in
+                              self.client(node).execute_command("CLUSTER", "SLOTS") if start <= slot <= end)
+            if owners == {port} and len(epochs) == 1:
+                return
+            assert time.monotonic() < deadline, f"slot {slot}: masters say {owners}, epochs {epochs}"
+            time.sleep(0.02)
 
     def owners(self) -> list[int]:
         """The port of each slot's master, from one CLUSTER SLOTS."""

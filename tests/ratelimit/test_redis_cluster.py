@@ -605,8 +605,10 @@ def test_ask_to_a_master_that_answers_moved_ends_on_the_master_serving_the_slot_
 
     def move_on() -> None:
         clean_cluster.finish_migration(slot, second)
+        clean_cluster.wait_agreed(slot, second)
         clean_cluster.begin_migration(slot, third)
         clean_cluster.finish_migration(slot, third)
+        clean_cluster.wait_agreed(slot, third)
 
     async def across_the_moves() -> tuple[list[Counted], str | None]:
         client = RedisCluster([f"redis://127.0.0.1:{first}"], scripts=SCRIPTS, timeout=10)

@@ -50,13 +50,13 @@ def test_a_setting_that_would_change_behaviour_stops_the_service_with_one_line(
     assert reason in line
 
 
-def test_a_per_second_redis_of_an_unsupported_type_stops_the_service_with_one_line(config_dir: Path) -> None:
-    proc = run(config_dir, {"REDIS_PERSECOND_TYPE": "CLUSTER", "REDIS_PERSECOND": "true",
+def test_a_per_second_redis_of_an_unknown_type_stops_the_service_with_one_line(config_dir: Path) -> None:
+    proc = run(config_dir, {"REDIS_PERSECOND_TYPE": "RING", "REDIS_PERSECOND": "true",
                             "REDIS_PERSECOND_URL": "127.0.0.1:1"})
     assert proc.returncode == 2
     (line,) = proc.stderr.splitlines()
-    assert line.startswith("python -m ratelimit_svc: error: REDIS_PERSECOND_TYPE=CLUSTER: ")
-    assert "Redis Cluster is not supported for the per-second Redis" in line
+    assert line.startswith("python -m ratelimit_svc: error: REDIS_PERSECOND_TYPE=RING: ")
+    assert "not a redis type for the per-second Redis: single" in line and "cluster (" in line
 
 
 def test_the_per_second_redis_type_without_a_per_second_redis_is_only_named_in_a_warning(
@@ -64,9 +64,9 @@ def test_the_per_second_redis_type_without_a_per_second_redis_is_only_named_in_a
 ) -> None:
     # Upstream reads REDIS_PERSECOND_TYPE only with REDIS_PERSECOND=true: a deployment that sets it (a chart
     # exporting every variable) and keeps per-second counters with the others starts there, so it must here.
-    svc = services.ratelimit(config_dir, redis_url, env={"REDIS_PERSECOND_TYPE": "cluster"})
+    svc = services.ratelimit(config_dir, redis_url, env={"REDIS_PERSECOND_TYPE": "ring"})
     warnings = [line for line in svc.proc.log_path.read_text().splitlines() if " WARNING " in line]
-    assert [w for w in warnings if "REDIS_PERSECOND_TYPE=cluster is ignored: " in w and "REDIS_PERSECOND" in w]
+    assert [w for w in warnings if "REDIS_PERSECOND_TYPE=ring is ignored: " in w and "REDIS_PERSECOND" in w]
 
 
 def test_every_refused_setting_gets_its_own_line(config_dir: Path) -> None:
@@ -131,6 +131,11 @@ def test_redis_type_sentinel_is_accepted_by_the_table() -> None:
     assert refusals == []
     refusals, _ = upstream_settings_in({"REDIS_PERSECOND_TYPE": "sentinel"}, persecond=True)
     assert refusals == []
+
+
+@pytest.mark.parametrize("value", ["cluster", "CLUSTER", "single", "sentinel"])
+def test_every_per_second_redis_type_upstream_has_is_accepted_by_the_table(value: str) -> None:
+    assert upstream_settings_in({"REDIS_PERSECOND_TYPE": value}, persecond=True) == ([], [])
 
 
 def test_a_sentinel_auth_without_sentinel_is_named_in_one_warning(
