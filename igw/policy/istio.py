@@ -25,6 +25,12 @@ failure modes, rate-limit actions, gRPC clusters and access log are those the lo
   LEAST_REQUEST, the test bed's outlier detection and connect timeout, connection-pool limits.
 - Tenants with `gateway:` are served only by their dedicated gateway: its routes match their
   x-igw-tenant, and the shared gateway's routes exclude them (withoutHeaders).
+- NetworkPolicies: model pods (labelled igw.ai/model) and the gRPC ports of ext_proc and the rate-limit
+  service accept connections from the gateways' pods only. Model pods have no sidecar and trust the
+  x-igw-* headers ext_proc sets, so a caller reaching them past the gateway could forge them.
+- Model pods stop without cutting requests: a preStop sleep keeps them serving until istiod has pushed
+  the gateways an EDS update without them, and their grace period (like a dedicated gateway's drain)
+  covers the longest request a tenant may make (route timeout, tier and tenant timeouts).
 - services.tls: ext_proc and the rate-limit service serve gRPC over TLS (mutual by default) from a
   mounted Secret, and every gateway's clusters to them carry an UpstreamTlsContext whose certificates
   come from Istio's gateway SDS (envoy_config.upstream_tls_sds_socket); the HTTP admin port (probes)
@@ -39,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from ext_proc.records import TIERS
 from igw import envoy_config
 from igw.envoy_config import DEFAULT_TIMEOUTS, HCM_TYPE, MODEL_HEADER, TENANT_HEADER, Endpoint
 from igw.envoy_quota import RLQS_HEALTH_SERVICE
@@ -59,6 +66,12 @@ HCM_FILTER = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER = "envoy.filters.http.router"
 LABEL_PART = "app.kubernetes.io/part-of"
 MODEL_LABEL = "igw.ai/model"  # the replica watcher's selector (igw/replica_counting.MODEL_LABEL)
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server
+# How long a stopping pod keeps serving after Kubernetes marks it terminating: istiod must push the gateways
+# an EDS update without it (debounced, slower on a large mesh) before the server closes its port.
+PRESTOP_SLEEP_SECONDS = 10
+MODELS_NETWORK_POLICY = "igw-models-from-gateways"
+DRAIN_MARGIN_SECONDS = 5  # on top of the longest request a stopping pod or gateway lets finish
 
 try:
     _DUMPER: type = yaml.CSafeDumper
@@ -188,6 +201,58 @@ def access_log_envoy_filter(name: str, namespace: str, selector: dict[str, str])
             }]}}
 
 
+# -------------------------------------------------------------------------------- network policies
+
+
+def gateway_peers(policy: spec.Policy) -> list[Obj]:
+    """Every gateway's pods (the shared one's and each dedicated one's) as NetworkPolicy peers: namespace and
+    pod labels both, so a pod elsewhere that copies a gateway's labels is still not one."""
+    gateways = [(policy.gateway.namespace, policy.gateway.selector),
+                *((gw.namespace, gw.selector) for gw in policy.dedicated_gateways.values())]
+    return [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: ns}},
+             "podSelector": {"matchLabels": dict(selector)}} for ns, selector in gateways]
+
+
+def _tcp_ports(*ports: int) -> list[Obj]:
+    return [{"protocol": "TCP", "port": p} for p in ports]
+
+
+def _network_policy(name: str, namespace: str, pod_selector: Obj, ingress: list[Obj]) -> Obj:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(name, namespace),
+            "spec": {"podSelector": pod_selector, "policyTypes": ["Ingress"], "ingress": ingress}}
+
+
+def service_network_policy(name: str, namespace: str, labels: dict[str, str], grpc_port: int, admin_port: int,
+                           peers: list[Obj]) -> Obj:
+    """Only the gateways may open gRPC streams to ext_proc or the rate-limit service: another caller could probe
+    API keys, read tenants' remaining quota or spend it. The admin port stays open to all: it answers probes
+    and /metrics only, and a scraper's namespace is the operator's choice."""
+    return _network_policy(name, namespace, {"matchLabels": dict(labels)},
+                           [{"from": peers, "ports": _tcp_ports(grpc_port)}, {"ports": _tcp_ports(admin_port)}])
+
+
+def model_network_policies(policy: spec.Policy) -> list[Obj]:
+    """One per model namespace: model pods (labelled igw.ai/model) accept connections from the gateways only.
+    They run without sidecars and trust the x-igw-* headers ext_proc sets, so any pod reaching them directly
+    would bypass authentication and rate limits, and could forge those headers."""
+    peers = gateway_peers(policy)
+    selector = {"matchExpressions": [{"key": MODEL_LABEL, "operator": "Exists"}]}
+    # namespace -> its models' container ports; None once one model there has no rendered Deployment: a model
+    # deployed elsewhere may listen on any port behind its Service, so then only the callers are restricted.
+    ports: dict[str, set[int] | None] = {}
+    for m in policy.models.values():
+        known = ports.setdefault(m.namespace, set())
+        if known is not None:
+            ports[m.namespace] = None if m.deployment is None else known | {m.deployment.container_port}
+    out = []
+    for ns, known in sorted(ports.items()):
+        rule: Obj = {"from": peers}
+        if known is not None:
+            rule["ports"] = _tcp_ports(*sorted(known))
+        out.append(_network_policy(MODELS_NETWORK_POLICY, ns, selector, [rule]))
+    return out
+
+
 # ------------------------------------------------------------------------------ gateways and routes
 
 
@@ -280,8 +345,10 @@ def _label_value(text: str) -> str:
 
 
 def _security_context() -> Obj:
+    # Everything Pod Security's "restricted" level asks of a container (seccomp included), so the pods are
+    # admitted in namespaces that enforce it.
     return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-            "runAsUser": 65534, "capabilities": {"drop": ["ALL"]}}
+            "runAsUser": 65534, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def _http_probe(path: str, port: int, period: int, failures: int) -> Obj:
@@ -291,16 +358,20 @@ def _http_probe(path: str, port: int, period: int, failures: int) -> Obj:
 
 def _deployment(name: str, namespace: str, labels: dict[str, str], replicas: int, container: Obj,
                 service_account: str | None = None, volumes: list[Obj] | None = None,
-                pod_annotations: dict[str, str] | None = None, spread: bool = True) -> Obj:
-    pod_spec: Obj = {"containers": [container], "terminationGracePeriodSeconds": 30}
+                pod_annotations: dict[str, str] | None = None, spread: bool = True,
+                grace_seconds: int = 30) -> Obj:
+    pod_spec: Obj = {"containers": [container], "terminationGracePeriodSeconds": grace_seconds}
     if service_account:
         pod_spec["serviceAccountName"] = service_account
     if volumes:
         pod_spec["volumes"] = volumes
     if spread:
+        # Across zones first (a zone outage must not take every replica), then nodes. ScheduleAnyway: a
+        # single-zone cluster, or nodes without the label, only lose the preference.
         pod_spec["topologySpreadConstraints"] = [{
-            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
-            "labelSelector": {"matchLabels": dict(labels)}}]
+            "maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": dict(labels)}}
+            for key in ("topology.kubernetes.io/zone", "kubernetes.io/hostname")]
     template_meta: Obj = {"labels": {LABEL_PART: "igw", **labels}}
     if pod_annotations:
         template_meta["annotations"] = pod_annotations
@@ -401,6 +472,7 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
     s = policy.services
     ns = s.namespace
     redis_env = [{"name": "REDIS_URL", "value": s.redis_url}]
+    peers = gateway_peers(policy)
     objects: list[Obj] = []
 
     ext_labels = {"app": "ext-proc"}
@@ -420,6 +492,7 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
                                               _port("http-admin", EXT_PROC_HTTP_PORT, "http")], headless=True),
         _hpa("ext-proc", ns, s.ext_proc.replicas, s.ext_proc.max_replicas),
         _pdb("ext-proc", ns, ext_labels),
+        service_network_policy("ext-proc", ns, ext_labels, EXT_PROC_GRPC_PORT, EXT_PROC_HTTP_PORT, peers),
     ]
 
     rl_labels = {"app": "ratelimit"}
@@ -443,6 +516,7 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
                                               _port("http-admin", RATELIMIT_HTTP_PORT, "http")], headless=True),
         _hpa("ratelimit", ns, s.ratelimit.replicas, s.ratelimit.max_replicas),
         _pdb("ratelimit", ns, rl_labels),
+        service_network_policy("ratelimit", ns, rl_labels, RATELIMIT_GRPC_PORT, RATELIMIT_HTTP_PORT, peers),
     ]
 
     w_labels = {"app": "replica-watcher"}
@@ -470,7 +544,22 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
     return objects
 
 
-def model_objects(model: spec.Model) -> list[Obj]:
+def longest_request_seconds(policy: spec.Policy) -> int:
+    """The longest a request may hold a model replica or a gateway: the route timeout, or a tenant's own
+    timeout (ext_proc sets x-envoy-upstream-rq-timeout-ms), the policy's tenants' or any tier's (tenants
+    created outside the policy get their tier's)."""
+    longest_ms = max([int(DEFAULT_TIMEOUTS.route * 1000), *(t.timeout_ms for t in TIERS.values()),
+                      *(t.timeout_ms for t in policy.tenants.values())])
+    return -(-longest_ms // 1000)
+
+
+def model_grace_seconds(policy: spec.Policy) -> int:
+    """terminationGracePeriodSeconds of a model pod: it covers the preStop sleep and then the requests in flight
+    when SIGTERM arrives; a shorter grace would SIGKILL a replica in the middle of an answer."""
+    return PRESTOP_SLEEP_SECONDS + longest_request_seconds(policy) + DRAIN_MARGIN_SECONDS
+
+
+def model_objects(model: spec.Model, grace_seconds: int) -> list[Obj]:
     objects = [destination_rule(model)]
     dep = model.deployment
     if dep is None:
@@ -487,11 +576,20 @@ def model_objects(model: spec.Model) -> list[Obj]:
         "readinessProbe": _http_probe(envoy_config.MODEL_READY_PATH, dep.container_port,
                                       max(1, int(DEFAULT_TIMEOUTS.health_interval)), 2),
         "livenessProbe": {"tcpSocket": {"port": dep.container_port}, "periodSeconds": 10, "failureThreshold": 6},
+        # Keep serving while the gateways learn the pod is going (it left the EndpointSlice when it turned
+        # terminating); only then does SIGTERM make the server close its port and finish what it holds.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
     }
-    objects.append(_deployment(model.service, model.namespace, labels, dep.replicas, container))
+    deployment = _deployment(model.service, model.namespace, labels, dep.replicas, container,
+                             grace_seconds=grace_seconds)
+    # Model servers never call the API server: no token in the pod (they run as the namespace's default account).
+    deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] = False
+    objects.append(deployment)
     # The Service carries the model label: EndpointSlices inherit it and the replica watcher selects on it.
     objects.append(_service(model.service, model.namespace, {"app": model.service},
                             [_port("http", model.port, "http", dep.container_port)], labels=labels))
+    # A node drain takes one replica at a time, so a model keeps serving while its nodes are replaced.
+    objects.append(_pdb(model.service, model.namespace, labels))
     return objects
 
 
@@ -507,8 +605,13 @@ def dedicated_gateway_objects(policy: spec.Policy, gw: spec.DedicatedGateway, na
                  "ports": [{"name": "http", "containerPort": GATEWAY_CONTAINER_PORT, "protocol": "TCP"}],
                  "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
                                      "capabilities": {"drop": ["ALL"]}}}
+    # On SIGTERM the proxy drains its listeners, then exits after terminationDrainDuration (Istio's default 5 s
+    # would cut inference requests at every rollout or scale-down): let the longest request finish first.
+    drain = longest_request_seconds(policy)
     deployment = _deployment(gw.name, ns, labels, gw.replicas, container, gw.name,
-                             pod_annotations={"inject.istio.io/templates": "gateway"})
+                             pod_annotations={"inject.istio.io/templates": "gateway",
+                                              "proxy.istio.io/config": f"terminationDrainDuration: {drain}s"},
+                             grace_seconds=drain + DRAIN_MARGIN_SECONDS)
     deployment["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] = "true"
     sa = _service_account(gw.name, ns)
     sa["automountServiceAccountToken"] = True
@@ -570,6 +673,7 @@ def render(policy: spec.Policy) -> dict[str, list[Obj]]:
                              g.enforcement, g.name),
         access_log_envoy_filter("igw-gateway-access-log", g.namespace, g.selector),
     ]
+    model_grace = model_grace_seconds(policy)
     files = {
         "00-namespaces.yaml": namespaces,
         "10-services.yaml": service_objects(policy, config_maps),
@@ -577,7 +681,8 @@ def render(policy: spec.Policy) -> dict[str, list[Obj]]:
         "20-gateway.yaml": gateway_objects,
         "21-virtual-services.yaml": _virtual_services(g.name, policy.services.namespace,
                                                       f"{policy.services.namespace}/{g.name}", g.hosts, routes),
-        "30-models.yaml": [o for m in policy.models.values() for o in model_objects(m)],
+        "30-models.yaml": [*(o for m in policy.models.values() for o in model_objects(m, model_grace)),
+                           *model_network_policies(policy)],
     }
     for gw in policy.dedicated_gateways.values():
         files[f"40-dedicated-{gw.name}.yaml"] = dedicated_gateway_objects(policy, gw, names)

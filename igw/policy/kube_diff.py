@@ -24,6 +24,7 @@ PLURALS = {
     "Role": "roles", "RoleBinding": "rolebindings", "ClusterRole": "clusterroles",
     "ClusterRoleBinding": "clusterrolebindings", "Gateway": "gateways", "VirtualService": "virtualservices",
     "DestinationRule": "destinationrules", "EnvoyFilter": "envoyfilters", "Telemetry": "telemetries",
+    "NetworkPolicy": "networkpolicies",
 }
 IGNORED_TOP = {"apiVersion", "kind", "status"}
 IGNORED_METADATA = {"annotations"}  # kubectl keeps its last-applied annotation there

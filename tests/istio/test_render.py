@@ -109,6 +109,18 @@ def test_routes_match_the_model_header_and_keep_dedicated_tenants_off_the_shared
     assert dedicated["spec"]["gateways"] == ["team-secure/secure-gw"]
 
 
+@pytest.mark.parametrize("file", ["20-gateway.yaml", "40-dedicated-secure-gw.yaml"])
+def test_ext_proc_on_every_gateway_clears_the_route_cache_so_routes_see_its_model_header(demo, file: str) -> None:
+    # Istio's gateway picks the route before ext_proc runs; only a cleared cache makes the router match the
+    # VirtualService's x-igw-model header on the canonical name ext_proc set (an alias would find no route).
+    (ef,) = [o for o in demo[file] if o["kind"] == "EnvoyFilter" and "access-log" not in o["metadata"]["name"]]
+    (ext_proc,) = [p["patch"]["value"] for p in ef["spec"]["configPatches"]
+                   if p["applyTo"] == "HTTP_FILTER" and p["patch"]["value"]["name"] == "envoy.filters.http.ext_proc"]
+    assert ext_proc["typed_config"]["route_cache_action"] == "CLEAR"
+    first = next(p["patch"]["value"]["name"] for p in ef["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER")
+    assert first == "envoy.filters.http.ext_proc"  # before the rate-limit filter, which reads x-igw-tenant
+
+
 def test_dedicated_gateway_has_its_own_workload_and_filters(demo) -> None:
     objects = demo["40-dedicated-secure-gw.yaml"]
     kinds = sorted(o["kind"] for o in objects)
@@ -118,7 +130,7 @@ def test_dedicated_gateway_has_its_own_workload_and_filters(demo) -> None:
     for ef in (o for o in objects if o["kind"] == "EnvoyFilter"):
         assert ef["spec"]["workloadSelector"]["labels"] == {"istio": "secure-gw"}
     deployment = next(o for o in objects if o["kind"] == "Deployment")
-    assert deployment["spec"]["template"]["metadata"]["annotations"] == {"inject.istio.io/templates": "gateway"}
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["inject.istio.io/templates"] == "gateway"
 
 
 def test_services_have_deployments_services_and_disruption_budgets(demo) -> None:
