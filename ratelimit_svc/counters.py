@@ -59,14 +59,19 @@ GCRA_SHA = hashlib.sha1(LUA.encode()).hexdigest()
 
 # INCRBY + EXPIRE for every fixed-window key of a request in one command: the same effect as upstream's
 # pipelined pairs, but one command to encode and one reply to parse on the request path, and the TTL is
-# set only when the increment created the key (the script is atomic, so no key is left without one).
+# set only when the increment created the key (the script is atomic, so no key is left without one). A TTL
+# that Redis refuses (out of its range) must not leave a counter that never expires: the key just created is
+# deleted again and the script answers EXPIRE's error (a script's writes before an error are not undone).
 # KEYS: counter keys. ARGV: hits_1, ttl_1, hits_2, ttl_2, ...  Returns the counts after increment.
 FIXED_LUA = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local hits = tonumber(ARGV[2 * i - 1])
   local n = redis.call('INCRBY', key, hits)
-  if n == hits then redis.call('EXPIRE', key, ARGV[2 * i]) end
+  if n == hits then
+    local set = redis.pcall('EXPIRE', key, ARGV[2 * i])
+    if type(set) == 'table' and set.err then redis.call('DEL', key) return set end
+  end
   out[i] = n
 end
 return out
@@ -92,7 +97,10 @@ if not read_only then
     local hits = tonumber(ARGV[3 * i - 1])
     if not over or counts[i] + hits > tonumber(ARGV[3 * i + 1]) then
       local n = redis.call('INCRBY', key, hits)
-      if n == hits then redis.call('EXPIRE', key, ARGV[3 * i]) end
+      if n == hits then
+        local set = redis.pcall('EXPIRE', key, ARGV[3 * i])
+        if type(set) == 'table' and set.err then redis.call('DEL', key) return set end
+      end
       counts[i] = n
     end
   end

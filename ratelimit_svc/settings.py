@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import ssl
@@ -18,6 +19,7 @@ from igw.runtime import (
     EnvDefaults,
     add_common_flags,
     add_server_tls_flags,
+    non_empty,
     non_negative_int,
     parse_bool,
     parse_duration,
@@ -31,12 +33,48 @@ if TYPE_CHECKING:
     from igw.service_runtime import ServerTls
 
 
+# Go's time.Duration is int64 nanoseconds: upstream refuses a longer duration at startup, and a longer one here
+# would only be a value nothing can wait for (digit strings past float's range even become infinity).
+GO_MAX_DURATION_S = (2**63 - 1) / 1e9
+_GO_MAX_DURATION_TEXT = "2562047h47m16.854775807s"
+# Counter keys get EXPIRE window + jitter; Redis refuses an expiry beyond about 9.2e15 seconds (its milliseconds
+# must fit an int64), and then the key it just created would never expire. A year's window fits beside this.
+MAX_EXPIRATION_JITTER_S = 10**15
+GO_MAX_INT = 2**63 - 1  # upstream's integer settings are Go ints: a larger value stops it at startup
+
+
+def _within_go_duration(seconds: float) -> float:
+    if not math.isfinite(seconds) or seconds > GO_MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(f"too large: at most {_GO_MAX_DURATION_TEXT} (Go's longest duration, "
+                                         "as upstream reads it)")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    """parse_duration's forms, bounded as upstream's Go durations are, so that every duration setting of the
+    service refuses the same values."""
+    return _within_go_duration(parse_duration(text))
+
+
+def _int_at_most(limit: int, why: str) -> Callable[[str], int]:
+    """A non-negative integer setting with an upper bound, named `why` in the refusal: a value past what its
+    consumer (Redis, upstream's Go int) takes would otherwise be accepted and fail later, far from the setting."""
+    def parse(text: str) -> int:
+        value = non_negative_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"{value} is too large: at most {limit} ({why})")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid ratio {text!r}") from None
-    if not 0 < value <= 1:
+    if not 0 < value <= 1:  # also refuses nan and inf, which compare false
         raise argparse.ArgumentTypeError(f"ratio {value} must be in (0, 1]")
     return value
 
@@ -99,6 +137,15 @@ def _redis_type(text: str) -> str:
 _SENTINEL_FORM = "<master name>,<sentinel host:port>,... (e.g. mymaster,10.0.0.1:26379,10.0.0.2:26379)"
 
 
+def _port_number(text: str) -> int | None:
+    """A port from 1 to 65535 in ASCII digits, else None: str.isdigit() also takes characters such as "²"
+    that int() then refuses with a traceback."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
+        return None
+    return int(text)
+
+
 def _host_port(text: str) -> tuple[str, int] | None:
     """(host, port) of `host:port` or `[v6]:port`; None when `text` is not of that form."""
     if text.startswith("["):
@@ -108,9 +155,10 @@ def _host_port(text: str) -> tuple[str, int] | None:
         host, _, port = text.rpartition(":")
         if ":" in host:
             return None
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    number = _port_number(port)
+    if not host or number is None:
         return None
-    return host, int(port)
+    return host, number
 
 
 def _userinfo(auth_env: str) -> str:
@@ -164,7 +212,8 @@ def _persecond_sentinel(text: str) -> SentinelTarget:
 def _redis_seeds(text: str) -> list[str]:
     """REDIS_URL with REDIS_TYPE=cluster: the seed nodes, comma-separated, each in --redis-url's forms
     (upstream's bare host:port with REDIS_AUTH, or a redis:// / rediss:// URL). A cluster has database 0
-    only and its nodes speak TCP, so a database number or a socket path is an error, not a surprise later."""
+    only and its nodes speak TCP, so a database number or a socket path is an error, not a surprise later;
+    a bare seed names its port, as for the per-second cluster (see _cluster_seeds)."""
     return _cluster_seeds(text, _redis_url)
 
 
@@ -173,20 +222,25 @@ _SEEDS_FORM = "host:port,host:port,... (e.g. 10.0.0.1:6379,10.0.0.2:6379) or red
 
 def _persecond_seeds(text: str) -> list[str]:
     """REDIS_PERSECOND_URL with REDIS_PERSECOND_TYPE=cluster: the per-second cluster's seed nodes, in the forms
-    of REDIS_URL's seeds, with the per-second Redis's own REDIS_PERSECOND_AUTH. A bare seed must name its
-    port, as upstream's cluster client needs: `10.0.0.1` alone would quietly mean port 6379."""
-    for seed in (part.strip() for part in text.split(",") if part.strip()):
-        if "://" not in seed and _host_port(seed) is None:
-            raise argparse.ArgumentTypeError(f"seed {masked_url(seed)!r} is not host:port ({_SEEDS_FORM})")
+    of REDIS_URL's seeds, with the per-second Redis's own REDIS_PERSECOND_AUTH."""
     return _cluster_seeds(text, _persecond_redis_url)
 
 
 def _cluster_seeds(text: str, url_of: Callable[[str], str]) -> list[str]:
     """The URLs of a cluster's comma-separated seed nodes, each read by `url_of` (the URL forms of the Redis
-    they stand for, with its own auth and socket-type variables)."""
+    they stand for, with its own auth and socket-type variables). A bare seed must name its port: upstream
+    hands each seed to its cluster client, which dials it as host:port and fails on `10.0.0.1` alone, where
+    the URL form would quietly mean port 6379 (a redis:// seed, our own form, keeps that default)."""
     seeds = [part.strip() for part in text.split(",") if part.strip()]
     if not seeds:
         raise argparse.ArgumentTypeError("give at least one seed node of the cluster (host:port, comma-separated)")
+    for seed in seeds:
+        if "://" in seed or _host_port(seed) is not None:
+            continue
+        if seed.startswith("/"):
+            raise argparse.ArgumentTypeError(f"cluster seed {seed!r} is not host:port: cluster nodes are reached "
+                                             "over TCP, not a unix socket")
+        raise argparse.ArgumentTypeError(f"seed {masked_url(seed)!r} is not host:port ({_SEEDS_FORM})")
     urls = []
     for seed in seeds:
         url = url_of(seed)
@@ -432,7 +486,8 @@ def build_parser(redis_type: str = "single", persecond_type: str = "single") -> 
         "envoyproxy/ratelimit's YAML config, with adaptive per-replica quotas.",
     )
     env = EnvDefaults(parser)
-    env.add("--config-dir", "CONFIG_DIR", default=None,
+    # An empty --config-dir is refused; an empty CONFIG_DIR counts as unset, as every empty variable (EnvDefaults).
+    env.add("--config-dir", "CONFIG_DIR", default=None, type=non_empty("config directory"),
             help="directory of *.yaml configs; default RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY")
     # No default master and sentinels: with REDIS_TYPE=sentinel, REDIS_URL must be given (parse_settings).
     env.add("--redis-url", "REDIS_URL", default=None if redis_type == "sentinel" else "redis://127.0.0.1:6379/0",
@@ -458,7 +513,7 @@ def build_parser(redis_type: str = "single", persecond_type: str = "single") -> 
     env.add("--host", "GRPC_HOST", default="0.0.0.0", help="address to bind")
     env.add("--grpc-port", "GRPC_PORT", default=8081, type=parse_port, help="gRPC port")
     env.add("--http-port", "PORT", default=8080, type=parse_port, help="HTTP port for /healthcheck and /metrics")
-    env.add("--redis-timeout", "REDIS_TIMEOUT", default=0.25, type=parse_duration,
+    env.add("--redis-timeout", "REDIS_TIMEOUT", default=0.25, type=_duration,
             help="per-call Redis deadline; a slower Redis makes the call fail (or pass with --fail-open)")
     env.add("--fail-open", "FAIL_OPEN", default=False, type=parse_bool,
             help="answer OK instead of a gRPC error when Redis is unavailable")
@@ -467,7 +522,8 @@ def build_parser(redis_type: str = "single", persecond_type: str = "single") -> 
     env.add("--merge-domain-config", "MERGE_DOMAIN_CONFIG", default=False, type=parse_bool,
             help="merge files that declare the same domain instead of rejecting them")
     env.add("--expiration-jitter-max-seconds", "EXPIRATION_JITTER_MAX_SECONDS", default=300,
-            type=non_negative_int, help="random extra TTL on counter keys, spreads expiry load")
+            type=_int_at_most(MAX_EXPIRATION_JITTER_S, "Redis refuses a longer TTL on the counter keys"),
+            help="random extra TTL on counter keys, spreads expiry load")
     env.add("--response-headers", "LIMIT_RESPONSE_HEADERS_ENABLED", default=False, type=parse_bool,
             help="add draft RateLimit-* headers to responses")
     env.add("--limit-header", "LIMIT_LIMIT_HEADER", default="RateLimit-Limit", help="limit header name")
@@ -482,9 +538,10 @@ def build_parser(redis_type: str = "single", persecond_type: str = "single") -> 
             help="treat every limit as quota_mode")
     env.add("--ignore-dotfiles", "RUNTIME_IGNOREDOTFILES", default=False, type=parse_bool,
             help="skip config files whose name starts with a dot")
-    env.add("--config-poll-interval", "CONFIG_POLL_INTERVAL", default=0.5, type=parse_duration,
+    env.add("--config-poll-interval", "CONFIG_POLL_INTERVAL", default=0.5, type=_duration,
             help="how often the config directory is checked for changes")
-    env.add("--local-cache-size-in-bytes", "LOCAL_CACHE_SIZE_IN_BYTES", default=0, type=non_negative_int,
+    env.add("--local-cache-size-in-bytes", "LOCAL_CACHE_SIZE_IN_BYTES", default=0,
+            type=_int_at_most(GO_MAX_INT, "a Go int, as upstream reads it"),
             help="memory for keys seen over their fixed-window limit, answered OVER_LIMIT without Redis "
                  "until their window ends (about 260 bytes + key length each; at least 512 KiB, as upstream); "
                  "0 turns it off")
@@ -505,9 +562,9 @@ def build_parser(redis_type: str = "single", persecond_type: str = "single") -> 
                  "REDIS_PERSECOND_AUTH); with REDIS_PERSECOND_TYPE=sentinel, a master's name and its sentinels "
                  "(REDIS_PERSECOND_SENTINEL_AUTH); with REDIS_PERSECOND_TYPE=cluster, the per-second cluster's "
                  "seed nodes, comma-separated")
-    env.add("--redis-persecond-timeout", "REDIS_PERSECOND_TIMEOUT", default=None, type=parse_duration,
+    env.add("--redis-persecond-timeout", "REDIS_PERSECOND_TIMEOUT", default=None, type=_duration,
             help="per-call deadline on the per-second Redis; default --redis-timeout")
-    env.add("--replica-max-age", "REPLICA_MAX_AGE", default=10.0, type=parse_duration,
+    env.add("--replica-max-age", "REPLICA_MAX_AGE", default=10.0, type=_duration,
             help="replica data older than this is stale; adaptive limits fall back to their min")
     _add_tls_flags(env)
     env.add("--use-prometheus", "USE_PROMETHEUS", default=False, type=parse_bool,
@@ -616,7 +673,8 @@ def _statsd(parser: argparse.ArgumentParser, args: argparse.Namespace, warnings:
     USE_STATSD=false. Here an unset USE_STATSD is false beside either, so our own USE_PROMETHEUS deployments
     keep working; USE_STATSD=true with USE_PROMETHEUS sends both (they go to different places)."""
     port_text = args.statsd_port
-    if not port_text.strip().isdigit() or not 0 < int(port_text) < 65536:
+    statsd_port = _port_number(port_text)
+    if statsd_port is None:
         startup_error(parser, f"STATSD_PORT (--statsd-port) {port_text!r}: not a port number from 1 to 65535")
     protocol = args.statsd_protocol.strip().lower()
     if protocol not in STATSD_PROTOCOLS:
@@ -647,7 +705,7 @@ def _statsd(parser: argparse.ArgumentParser, args: argparse.Namespace, warnings:
         return None
     if not (use_statsd or args.use_dog_statsd):
         return None
-    return StatsdTarget(host, int(port_text), interval, args.use_dog_statsd, tags, mogrifiers, protocol)
+    return StatsdTarget(host, statsd_port, interval, args.use_dog_statsd, tags, mogrifiers, protocol)
 
 
 _ADDR_EXAMPLES = "examples: :9090, 127.0.0.1:9090, [::1]:9090"
@@ -679,19 +737,49 @@ def _upstream_prometheus(parser: argparse.ArgumentParser, args: argparse.Namespa
         host, colon, port_text = addr.rpartition(":")
         if not colon or ":" in host:
             startup_error(parser, f"{setting}: not host:port ({_ADDR_EXAMPLES}; an IPv6 host goes in brackets)")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    port = _port_number(port_text)
+    if port is None or port_text != port_text.strip():
         startup_error(parser, f"{setting}: port {port_text!r} is not a number from 1 to 65535 ({_ADDR_EXAMPLES})")
     path = args.prometheus_path
     if not path.startswith("/"):
         startup_error(parser, f"PROMETHEUS_PATH (--prometheus-path) {path!r}: must start with / (default /metrics)")
-    return UpstreamPrometheus(host, int(port_text), path)
+    return UpstreamPrometheus(host, port, path)
+
+
+_ANY_HOST = ("", "0.0.0.0", "::")
+
+
+def _port_collision(args: argparse.Namespace, prometheus: UpstreamPrometheus | None) -> str | None:
+    """Two of the service's own listeners on one port: the second bind would fail after the config load, as
+    "address already in use" by ourselves (or, with SO_REUSEPORT, share the port). Port 0 (any free port)
+    never collides; listeners on different specific addresses do not either; GRPC_UDS leaves the gRPC port
+    unbound."""
+    listeners: list[tuple[str, str, int]] = []
+    if not args.grpc_uds:
+        listeners.append(("GRPC_PORT (--grpc-port)", args.host, args.grpc_port))
+    listeners.append(("PORT (--http-port)", args.host, args.http_port))
+    if prometheus is not None:
+        listeners.append((f"PROMETHEUS_ADDR (--prometheus-addr) {args.prometheus_addr!r}", prometheus.host,
+                          prometheus.port))
+    return _shared_port(listeners)
+
+
+def _shared_port(listeners: Sequence[tuple[str, str, int]]) -> str | None:
+    """The first two of (setting, host, port) that would bind the same address, named; None if none do."""
+    for i, (name, host, port) in enumerate(listeners):
+        for other, other_host, other_port in listeners[:i]:
+            if port and port == other_port and (host == other_host or {host, other_host} & set(_ANY_HOST)):
+                return f"{other} and {name} are both port {port}: give each listener its own port"
+    return None
 
 
 def config_dir_from_runtime_env() -> Path:
-    """Upstream's layout: RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY."""
-    root = os.environ.get("RUNTIME_ROOT", "/srv/runtime_data/current")
+    """Upstream's layout: RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY. An empty variable counts as
+    unset, as every setting read through EnvDefaults (an empty RUNTIME_ROOT would otherwise mean the directory
+    the service happens to run in)."""
+    root = os.environ.get("RUNTIME_ROOT") or "/srv/runtime_data/current"
     sub = os.environ.get("RUNTIME_SUBDIRECTORY", "")
-    app = os.environ.get("RUNTIME_APPDIRECTORY", "config")
+    app = os.environ.get("RUNTIME_APPDIRECTORY") or "config"
     return Path(root, sub, app) if sub else Path(root, app)
 
 
@@ -719,11 +807,15 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     if refusals:
         parser.exit(2, "".join(f"{parser.prog}: error: {line}\n" for line in refusals))
     warnings += persecond_warnings
-    config_dir = Path(args.config_dir) if args.config_dir else config_dir_from_runtime_env()
+    config_dir = Path(args.config_dir) if args.config_dir is not None else config_dir_from_runtime_env()
+    # Without CONFIG_DIR the path comes from upstream's defaults: say so, the operator never typed it.
+    shown = repr(str(config_dir)) + ("" if args.config_dir is not None else
+                                     " (RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY, as neither "
+                                     "--config-dir nor CONFIG_DIR is set)")
     if not config_dir.is_dir():
-        parser.error(f"config directory {str(config_dir)!r} does not exist or is not a directory")
+        parser.error(f"config directory {shown} does not exist or is not a directory")
     if not os.access(config_dir, os.R_OK | os.X_OK):
-        parser.error(f"config directory {str(config_dir)!r} is not readable")
+        parser.error(f"config directory {shown} is not readable")
     persecond_url: PerSecondTarget | None = None
     if args.redis_persecond:
         if args.redis_persecond_url is None:
@@ -773,6 +865,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         warnings.append("USE_PROMETHEUS=true is ignored: DISABLE_STATS=true turns upstream's stats off, as "
                         "upstream (/metrics on PORT stays)")
         prometheus = None
+    if problem := _port_collision(args, prometheus):
+        startup_error(parser, problem)
     persecond_url = redis_urls.persecond
     return Settings(
         config_dir=config_dir,
@@ -835,11 +929,11 @@ def _go_duration(text: str) -> float:
     bare number of seconds."""
     value = text.strip()
     if re.fullmatch(r"\d+(?:\.\d+)?", value):
-        return float(value)
+        return _within_go_duration(float(value))
     parts = _GO_DURATION_PART.findall(value)
     if not parts or "".join(number + unit for number, unit in parts) != value:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (Go form: 24h, 1h30m, 90s; 0 for never)")
-    return sum(float(number) * _GO_UNITS[unit] for number, unit in parts)
+    return _within_go_duration(sum(float(number) * _GO_UNITS[unit] for number, unit in parts))
 
 
 def _add_tls_flags(env: EnvDefaults) -> None:
