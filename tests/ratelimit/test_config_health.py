@@ -181,3 +181,4 @@ def test_livez_answers_while_the_service_is_not_ready(
         time.sleep(0.1)
     assert answer[1].count("alive") == (2 if workers else 1)
     assert health(svc)[0] == 503  # still no config: not ready, yet alive
+    feed(blocking_config)  # the loader's read returns, so the service stops at once instead of being killed
