@@ -169,9 +169,11 @@ def parse_redis_url(url: str) -> RedisAddress:
     if not parsed.hostname:
         raise ValueError(f"redis url {masked_url(url)!r}: host is missing")
     try:
-        port = parsed.port or 6379
+        port = 6379 if parsed.port is None else parsed.port
     except ValueError as exc:
         raise ValueError(f"redis url {masked_url(url)!r}: invalid port") from exc
+    if port == 0:  # not "the default": a server never listens there
+        raise ValueError(f"redis url {masked_url(url)!r}: port must be 1-65535, got 0")
     path = parsed.path.lstrip("/")
     db = _parse_db(url, path) if path else 0
     password = unquote(parsed.password) if parsed.password else None
@@ -182,9 +184,14 @@ def parse_redis_url(url: str) -> RedisAddress:
     return RedisAddress(parsed.hostname, port, db, password, username, tls=tls)
 
 
+MAX_DB = 2**31 - 1  # SELECT takes a C int; the server's `databases` setting bounds it further
+
+
 def _parse_db(url: str, text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"redis url {masked_url(url)!r}: database must be a number, got {text!r}")
+    if int(text) > MAX_DB:
+        raise ValueError(f"redis url {masked_url(url)!r}: database {text} is out of range (at most {MAX_DB})")
     return int(text)
 
 

@@ -87,6 +87,10 @@ def test_commands_are_encoded_as_resp_arrays_of_bulk_strings() -> None:
     ("redis://127.0.0.1:99999/0", "invalid port"),
     ("redis:///0", "host is missing"),
     ("unix://", "unix socket path is empty"),
+    ("redis://127.0.0.1:0/0", "port must be 1-65535, got 0"),
+    ("redis://127.0.0.1:6379/99999999999999999999", "database 99999999999999999999 is out of range"),
+    ("redis://127.0.0.1:6379/\u00b2", "database must be a number"),
+    ("unix:///tmp/r.sock?db=99999999999", "is out of range"),
 ])
 def test_bad_urls_are_refused_naming_the_problem(url: str, problem: str) -> None:
     with pytest.raises(ValueError, match=re.escape(problem)):
