@@ -106,6 +106,15 @@ class Timeouts:
     ejection: float = 5.0  # base outlier ejection time
     http2_keepalive_interval: float = 10.0
     http2_keepalive_timeout: float = 2.0
+    # An idle connection to a model server is closed by Envoy after this. It must be shorter than the
+    # keep-alive timeout of every common model server, or the server closes a connection Envoy still counts as
+    # reusable and a request sent on it just then fails (503, UC; see model_cluster). uvicorn closes idle
+    # connections after 5 s (vLLM, KServe's Python server, most FastAPI servers), Node after 5 s, aiohttp's
+    # run_app after 75 s; Envoy's own default is 1 h. 4 s stays below all of them with a second of margin
+    # for Envoy's clock starting after the server's (the response's last byte still has to arrive). Its cost
+    # is one TCP connect (well under a millisecond in a cluster network) for a request after 4 s without traffic to that
+    # replica, next to the tens of milliseconds to seconds an inference takes; busy replicas are unaffected.
+    upstream_idle: float = 4.0
 
 
 DEFAULT_TIMEOUTS = Timeouts()
@@ -222,6 +231,9 @@ def route_rate_limits() -> list[Config]:
 # ------------------------------------------------------------------------------------------------ routes
 
 
+MODEL_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+
+
 def model_route(model: str, cluster: str | None = None, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Config:
     return {
         "name": f"model-{model}",
@@ -230,9 +242,17 @@ def model_route(model: str, cluster: str | None = None, timeouts: Timeouts = DEF
             "cluster": cluster or model_cluster_name(model),
             "timeout": duration(timeouts.route),
             "rate_limits": route_rate_limits(),
-            # A refused connection never reached the model: safe to try another replica.
+            # Only failures where the model server cannot have seen any of the request are retried: an
+            # inference is not idempotent (a second one costs GPU time and may be billed twice). A refused
+            # connection or stream never reached the model; reset-before-request retries a reset only while
+            # Envoy has not handed any request byte to the connection (Envoy >= 1.31; once one attempt has sent
+            # bytes, no later reset is retried by it; rare here, as Envoy writes the headers as soon as it has
+            # a connection, but safe). Plain `reset` and `5xx` would replay requests the
+            # server may have run. The keep-alive race (server closes an idle connection as Envoy reuses it)
+            # is prevented by the model cluster's idle timeout, not by a retry: over HTTP/1.1 Envoy has
+            # already written the request when it learns of the close.
             "retry_policy": {
-                "retry_on": "connect-failure,refused-stream",
+                "retry_on": MODEL_RETRY_ON,
                 "num_retries": 2,
                 "retry_host_predicate": [{
                     "name": "envoy.retry_host_predicates.previous_hosts",
@@ -649,8 +669,21 @@ def model_cluster(
     discovery: str = "STATIC",
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> Config:
-    """A model's replicas (KServe v2 over HTTP/1.1), probed on /v2/health/ready."""
+    """A model's replicas (KServe v2 over HTTP/1.1), probed on /v2/health/ready. Idle connections are closed
+    by Envoy before the model server's keep-alive timeout would close them (Timeouts.upstream_idle): a request
+    Envoy sends on a connection the server is closing at that moment fails with 503 and cannot be retried
+    safely (the route's retry policy), so the race must not happen at all."""
+    if not timeouts.upstream_idle > 0:  # Envoy reads 0 as "never close": the 1 h default's race again
+        raise ValueError(f"model cluster {model!r}: upstream idle timeout must be above 0 s, "
+                         f"got {timeouts.upstream_idle!r}")
     cluster = _base_cluster(model_cluster_name(model), endpoints, discovery, timeouts)
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": HTTP_OPTIONS_TYPE,
+            "common_http_protocol_options": {"idle_timeout": duration(timeouts.upstream_idle)},
+            "explicit_http_config": {"http_protocol_options": {}},
+        }
+    }
     cluster["health_checks"] = [_health_check(timeouts, {"http_health_check": {"path": MODEL_READY_PATH}})]
     return cluster
 

@@ -240,7 +240,9 @@ class GrpclibBackend:
         if server._server is not None:
             server._server.close()
         deadline = loop.time() + grace
-        while any(handler._tasks for handler in server._handlers) and loop.time() < deadline:
+        # grpclib keeps a finished call's task in _tasks until its next clean-up: only those not done are in flight.
+        while (any(not task.done() for handler in server._handlers for task in handler._tasks.values())
+               and loop.time() < deadline):
             await asyncio.sleep(0.02)
         server.close()
         try:

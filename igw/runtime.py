@@ -222,6 +222,31 @@ def add_common_flags(env: EnvDefaults) -> None:
     env.add("--log-level", "LOG_LEVEL", default="info", type=log_level, help="log level")
     env.add("--log-format", "LOG_FORMAT", default="text", type=log_format, help="text or json")
     env.add("--workers", "WORKERS", default=1, type=positive_int, help="processes sharing the ports (SO_REUSEPORT)")
+    _add_drain_flag(env)
+
+
+def drain_duration(text: str) -> float:
+    """--drain-seconds: a duration of at least 0 (a bare number is seconds, 250ms and 5s work too)."""
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"drain {text!r} must not be negative")
+    return parse_duration(text)
+
+
+def _add_drain_flag(env: EnvDefaults) -> None:
+    env.add("--drain-seconds", "IGW_DRAIN_SECONDS", default=0.0, type=drain_duration,
+            help="on SIGTERM/SIGINT, report NOT_SERVING (gRPC health) and 503 (/healthcheck) but keep serving "
+                 "this long before stopping, so Envoy's health checks move traffic away first; a second signal "
+                 "stops at once")
+
+
+def drain_seconds_of(argv: list[str]) -> float:
+    """--drain-seconds (or IGW_DRAIN_SECONDS) in a service's command line, which the service's own parser has
+    already checked: the services' Settings leave out what only the process plumbing (run_async, the --workers
+    supervisor) reads."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_drain_flag(EnvDefaults(parser))
+    known, _ = parser.parse_known_args(argv)
+    return float(known.drain_seconds)
 
 
 def log_level(text: str) -> str:
@@ -259,11 +284,12 @@ def service_main(
         from igw.workers import run_workers
 
         return run_workers(settings.workers, ["-m", module, *argv], settings.host, settings.http_port)
-    return run_async(lambda stop: serve(settings, stop))
+    return run_async(lambda stop: serve(settings, stop), drain_seconds_of(argv))
 
 
-def run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:
-    """Run main(stop_event) on uvloop; SIGTERM/SIGINT set the event for a clean shutdown."""
+def run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]], drain_seconds: float = 0.0) -> int:
+    """Run main(stop_event) on uvloop; SIGTERM/SIGINT set the event for a clean shutdown, after a drain of
+    `drain_seconds` (igw.service_runtime.drain_then_stop) when it is above 0; a second signal sets it at once."""
     try:
         import uvloop
 
@@ -274,8 +300,22 @@ def run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:
     async def wrapper() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        draining: list[asyncio.Task[None]] = []
+
+        def on_signal() -> None:
+            if drain_seconds > 0 and not draining:
+                from igw.service_runtime import drain_then_stop
+
+                draining.append(loop.create_task(drain_then_stop(drain_seconds, stop)))
+            else:
+                stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        return await main(stop)
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            return await main(stop)
+        finally:
+            for task in draining:
+                task.cancel()
 
     return runner(wrapper())

@@ -8,6 +8,7 @@ says why)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import ipaddress
@@ -263,6 +264,7 @@ class ServiceRuntime:
         self.http: asyncio.Server | None = None
         self.address = ""
         self.tasks: list[asyncio.Task[Any]] = []
+        self.draining = False
 
     async def start(self, host: str, grpc_port: int, http_port: int, health_check: HealthCheck) -> bool:
         """Bind and start both ports; False (after logging which port) if either cannot be bound."""
@@ -275,17 +277,43 @@ class ServiceRuntime:
         if worker_admin := os.environ.get(ADMIN_PORT_ENV):  # a worker of --workers N: igw/workers.py
             host, http_port = "127.0.0.1", int(worker_admin)
         try:
-            self.http = await start_admin_server(host, http_port, health_check)
+            self.http = await start_admin_server(host, http_port, self._readiness(health_check))
         except OSError as exc:
             self.log.error("cannot bind HTTP port %s:%d: %s", host, http_port, exc)
             await self.backend.stop(0)
             return False
         freeze_startup_objects()
+        _RUNNING.add(self)
         return True
 
+    def _readiness(self, health_check: HealthCheck) -> HealthCheck:
+        """/healthcheck: 503 while draining whatever the service's own check says, so a readiness probe (and
+        the --workers supervisor, which asks every worker) takes the process out of rotation too."""
+        async def readiness() -> tuple[bool, str]:
+            if self.draining:
+                return False, "draining: stopping soon (calls still served)"
+            return await health_check()
+
+        return readiness
+
     async def set_serving(self, serving: bool) -> None:
+        """Health for every service name. Once draining it stays NOT_SERVING: the services' probe loops set
+        it again every few hundred milliseconds and must not bring a stopping process back into rotation."""
+        serving = serving and not self.draining
         for name in self.names:
             await self.backend.set_status(name, serving)
+
+    async def drain(self, seconds: float) -> None:
+        """Go NOT_SERVING (gRPC health) and 503 (/healthcheck) but keep serving every call, new connections
+        included: Envoy keeps sending a host new calls until its active health checks have seen it fail
+        (interval x unhealthy threshold), and Kubernetes removes a pod from its endpoints only as it sends
+        SIGTERM, so a process that stopped at once would fail the calls of that gap."""
+        if self.draining:
+            return
+        self.draining = True
+        await self.set_serving(False)
+        self.log.info("stop signal: draining for %g s (health NOT_SERVING, /healthcheck 503, calls still served); "
+                      "a second signal stops at once", seconds)
 
     async def serve_until(self, stop: asyncio.Event, host: str, grpc_port: int, http_port: int,
                           health_check: HealthCheck | None = None, grace: float = 0.5) -> int:
@@ -304,6 +332,7 @@ class ServiceRuntime:
         self.tasks.append(asyncio.create_task(work))
 
     async def stop(self, grace: float = 1.0) -> None:
+        _RUNNING.discard(self)
         await self.set_serving(False)
         await self.backend.stop(grace)
         if self.http is not None:
@@ -311,3 +340,21 @@ class ServiceRuntime:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+# The runtimes serving in this process, which a stop signal drains (igw.runtime.run_async): the services
+# create theirs inside serve(), out of reach of the signal handler.
+_RUNNING: set[ServiceRuntime] = set()
+
+
+async def drain_then_stop(seconds: float, stop: asyncio.Event) -> None:
+    """What the first stop signal does with a drain period: drain every runtime serving, then set `stop`
+    after `seconds`, or as soon as something else sets it (a second signal). Nothing serving yet (a
+    signal during startup) means nothing to drain: stop at once."""
+    runtimes = list(_RUNNING)
+    for runtime in runtimes:
+        await runtime.drain(seconds)
+    if runtimes:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+    stop.set()

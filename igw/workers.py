@@ -10,7 +10,8 @@ port for all of them:
   `igw_worker_up{worker}`; sum by the other labels for the service's totals.
 - /healthcheck: 200 only when every worker answers 200, since the kernel sends each worker its share of
   connections whatever its state; the body has one line per worker. /livez likewise (a wedged worker
-  still gets its share of connections).
+  still gets its share of connections). From the first stop signal on /healthcheck answers 503 itself: the
+  workers drain (--drain-seconds), and the readiness probe must see it at once.
 A service may ask for more such endpoints (`MergedEndpoint`, e.g. the rate-limit service's USE_PROMETHEUS
 port): each worker serves its part on another loopback port of its own, and the supervisor merges them.
 """
@@ -42,7 +43,7 @@ from prometheus_client.samples import Sample
 ADMIN_PORT_ENV = "IGW_WORKER_ADMIN_PORT"
 WORKER_INDEX_ENV = "IGW_WORKER_INDEX"
 WORKER_TIMEOUT = 1.0  # seconds one worker has to answer a scrape or a health check
-STOP_GRACE_S = 15.0  # after a stop signal, workers still running this much later are killed
+STOP_GRACE_S = 15.0  # after a stop signal and the drain (--drain-seconds), workers still running are killed
 
 log = logging.getLogger("igw.workers")
 
@@ -114,9 +115,14 @@ class _WorkerProxy(BaseHTTPRequestHandler):
 
 
 class _AdminHandler(_WorkerProxy):
+    stopping: threading.Event  # set by the first stop signal (set per supervisor in run_workers)
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        if path == "/healthcheck" and self.stopping.is_set():
+            # Not ready from the signal on, whatever a worker that has not yet started its drain still says.
+            self._send(503, b"draining: stopping soon (calls still served)\n")
+        elif path == "/metrics":
             texts = [body if code == 200 else None for code, body in self.ask_workers("/metrics")]
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Merged(merge_expositions(texts)))
@@ -185,9 +191,12 @@ def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int,
     """Supervise n copies of this command (each with --workers 1) and serve their admin endpoints on
     admin_host:admin_port, and `endpoints`; return the first failure code (one worker failing stops them all)."""
     from igw.procs import free_port, set_parent_death_signal
+    from igw.runtime import drain_seconds_of
 
+    drain = drain_seconds_of(argv)  # each worker drains on the signal forwarded; the supervisor waits it out
+    stopping = threading.Event()
     ports = [free_port() for _ in range(n)]
-    handler = type("AdminHandler", (_AdminHandler,), {"worker_ports": ports})
+    handler = type("AdminHandler", (_AdminHandler,), {"worker_ports": ports, "stopping": stopping})
     started = [_start_http(admin_host, admin_port, handler, "HTTP port")]
     worker_env: list[dict[str, str]] = [{} for _ in range(n)]
     for endpoint in endpoints:
@@ -209,7 +218,8 @@ def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int,
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal kill_at
-        kill_at = kill_at or time.monotonic() + STOP_GRACE_S
+        stopping.set()
+        kill_at = kill_at or time.monotonic() + drain + STOP_GRACE_S
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
@@ -232,7 +242,7 @@ def run_workers(n: int, argv: list[str], admin_host: str, admin_port: int,
             if result is None:
                 if kill_at is not None and time.monotonic() > kill_at:
                     log.error("worker pid %d still running %.0f s after the stop signal; killing it",
-                              child.pid, STOP_GRACE_S)
+                              child.pid, drain + STOP_GRACE_S)
                     child.kill()
                 continue
             children.remove(child)

@@ -31,6 +31,9 @@ failure modes, rate-limit actions, gRPC clusters and access log are those the lo
 - Model pods stop without cutting requests: a preStop sleep keeps them serving until istiod has pushed
   the gateways an EDS update without them, and their grace period (like a dedicated gateway's drain)
   covers the longest request a tenant may make (route timeout, tier and tenant timeouts).
+- ext_proc and the rate-limit service stop without failing calls either: on SIGTERM they drain
+  (--drain-seconds: NOT_SERVING while still serving) until the gateways' active health checks have taken
+  them out of rotation, and their grace period covers that drain and the calls still in flight.
 - services.tls: ext_proc and the rate-limit service serve gRPC over TLS (mutual by default) from a
   mounted Secret, and every gateway's clusters to them carry an UpstreamTlsContext whose certificates
   come from Istio's gateway SDS (envoy_config.upstream_tls_sds_socket); the HTTP admin port (probes)
@@ -39,6 +42,7 @@ failure modes, rate-limit actions, gRPC clusters and access log are those the lo
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +76,7 @@ NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace b
 PRESTOP_SLEEP_SECONDS = 10
 MODELS_NETWORK_POLICY = "igw-models-from-gateways"
 DRAIN_MARGIN_SECONDS = 5  # on top of the longest request a stopping pod or gateway lets finish
+SERVICE_DRAIN_MARGIN_SECONDS = 2  # on top of the gateways' health-check detection time (a probe late on a busy proxy)
 
 try:
     _DUMPER: type = yaml.CSafeDumper
@@ -303,6 +308,11 @@ def _virtual_services(name: str, namespace: str, gateway_ref: str, hosts: tuple[
             for i, chunk in enumerate(chunks) if chunk]
 
 
+def _model_idle_timeout(cluster: Obj) -> str:
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    return str(options["common_http_protocol_options"]["idle_timeout"])
+
+
 def destination_rule(model: spec.Model) -> Obj:
     """Traffic policy of a model's Service, from the test bed's model cluster (envoy_config.model_cluster)."""
     local = envoy_config.model_cluster(model.name, [Endpoint(model.host, model.port)], discovery="STRICT_DNS")
@@ -316,7 +326,10 @@ def destination_rule(model: spec.Model) -> Obj:
             "connectionPool": {
                 "tcp": {"maxConnections": pool.max_connections, "connectTimeout": local["connect_timeout"]},
                 "http": {"http1MaxPendingRequests": pool.max_pending_requests, "http2MaxRequests": pool.max_requests,
-                         "maxRetries": local["circuit_breakers"]["thresholds"][0]["max_retries"]},
+                         "maxRetries": local["circuit_breakers"]["thresholds"][0]["max_retries"],
+                         # The gateway closes idle model connections before the model server's keep-alive
+                         # timeout does (uvicorn: 5 s), as the bed's cluster: see envoy_config.Timeouts.
+                         "idleTimeout": _model_idle_timeout(local)},
             },
             "outlierDetection": {
                 "splitExternalLocalOriginErrors": od["split_external_local_origin_errors"],
@@ -356,7 +369,7 @@ def _http_probe(path: str, port: int, period: int, failures: int) -> Obj:
             "failureThreshold": failures}
 
 
-def _deployment(name: str, namespace: str, labels: dict[str, str], replicas: int, container: Obj,
+def _deployment(name: str, namespace: str, labels: dict[str, str], replicas: int | None, container: Obj,
                 service_account: str | None = None, volumes: list[Obj] | None = None,
                 pod_annotations: dict[str, str] | None = None, spread: bool = True,
                 grace_seconds: int = 30) -> Obj:
@@ -375,10 +388,15 @@ def _deployment(name: str, namespace: str, labels: dict[str, str], replicas: int
     template_meta: Obj = {"labels": {LABEL_PART: "igw", **labels}}
     if pod_annotations:
         template_meta["annotations"] = pod_annotations
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, namespace, labels),
-            "spec": {"replicas": replicas, "selector": {"matchLabels": dict(labels)},
+    # replicas None: an HPA owns the count. Rendering one would make every `kubectl apply` (server-side with
+    # --force-conflicts, or a GitOps sync) reset the HPA's scale; the first rollout starts at Kubernetes' default
+    # of 1 and the HPA raises it to its minReplicas at its next sync.
+    dep_spec: Obj = {} if replicas is None else {"replicas": replicas}
+    dep_spec.update({"selector": {"matchLabels": dict(labels)},
                      "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-                     "template": {"metadata": template_meta, "spec": pod_spec}}}
+                     "template": {"metadata": template_meta, "spec": pod_spec}})
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, namespace, labels),
+            "spec": dep_spec}
 
 
 def _resources(svc: spec.ServiceSpec) -> Obj:
@@ -479,7 +497,7 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
     ext_container = _container(
         "ext-proc", s.image,
         ["python", "-m", "ext_proc", "--host", "0.0.0.0", "--grpc-port", str(EXT_PROC_GRPC_PORT),
-         "--http-port", str(EXT_PROC_HTTP_PORT)],
+         "--http-port", str(EXT_PROC_HTTP_PORT), "--drain-seconds", str(service_drain_seconds())],
         [("grpc", EXT_PROC_GRPC_PORT), ("http-admin", EXT_PROC_HTTP_PORT)], s.ext_proc, EXT_PROC_HTTP_PORT,
         [*redis_env, {"name": "IGW_KEY_SECRET", "valueFrom": {"secretKeyRef": {
             "name": "igw-key-secret", "key": "secret"}}}])
@@ -487,7 +505,8 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
     _with_tls(ext_container, ext_volumes, s.tls)
     objects += [
         _service_account("ext-proc", ns),
-        _deployment("ext-proc", ns, ext_labels, s.ext_proc.replicas, ext_container, "ext-proc", ext_volumes),
+        _deployment("ext-proc", ns, ext_labels, None, ext_container, "ext-proc", ext_volumes,
+                    grace_seconds=service_grace_seconds()),
         _service("ext-proc", ns, ext_labels, [_port("grpc", EXT_PROC_GRPC_PORT, "grpc"),
                                               _port("http-admin", EXT_PROC_HTTP_PORT, "http")], headless=True),
         _hpa("ext-proc", ns, s.ext_proc.replicas, s.ext_proc.max_replicas),
@@ -502,7 +521,7 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
         # Metrics are scraped from /metrics on the admin port: no statsd, which nothing in the pod receives.
         ["python", "-m", "ratelimit_svc", "--config-dir", RATELIMIT_CONFIG_DIR, "--merge-domain-config",
          "--host", "0.0.0.0", "--grpc-port", str(RATELIMIT_GRPC_PORT), "--http-port", str(RATELIMIT_HTTP_PORT),
-         "--use-statsd", "false"],
+         "--use-statsd", "false", "--drain-seconds", str(service_drain_seconds())],
         [("grpc", RATELIMIT_GRPC_PORT), ("http-admin", RATELIMIT_HTTP_PORT)], s.ratelimit, RATELIMIT_HTTP_PORT,
         [*redis_env, *([{"name": "REDIS_SHARDS", "value": ",".join(s.redis_shards)}] if s.redis_shards else [])])
     # The directory is watched for changes: a ConfigMap update swaps its symlink and the service reloads.
@@ -511,7 +530,8 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
     _with_tls(rl_container, rl_volumes, s.tls)
     objects += [
         _service_account("ratelimit", ns),
-        _deployment("ratelimit", ns, rl_labels, s.ratelimit.replicas, rl_container, "ratelimit", rl_volumes),
+        _deployment("ratelimit", ns, rl_labels, None, rl_container, "ratelimit", rl_volumes,
+                    grace_seconds=service_grace_seconds()),
         _service("ratelimit", ns, rl_labels, [_port("grpc", RATELIMIT_GRPC_PORT, "grpc"),
                                               _port("http-admin", RATELIMIT_HTTP_PORT, "http")], headless=True),
         _hpa("ratelimit", ns, s.ratelimit.replicas, s.ratelimit.max_replicas),
@@ -542,6 +562,32 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
         _pdb("replica-watcher", ns, w_labels),
     ]
     return objects
+
+
+def _seconds(duration: str) -> float:
+    """An Envoy Duration as envoy_config.duration writes it ('0.5s')."""
+    return float(duration.removesuffix("s"))
+
+
+def service_drain_seconds() -> int:
+    """--drain-seconds of ext_proc and the rate-limit service. A terminating pod leaves its headless Service's
+    DNS, but a STRICT_DNS cluster keeps a host gone from discovery for as long as its active health checks
+    pass, so a gateway sends the pod new calls until the checks have failed it. Envoy takes a NOT_SERVING
+    answer at once, but a probe that times out (a pod too busy to answer) counts only towards the unhealthy
+    threshold: so interval x threshold, plus one probe's timeout. Read from the cluster the gateways get
+    (envoy_config.service_cluster), so a change of interval or threshold there moves the drain with it."""
+    cluster = envoy_config.service_cluster("drain", [Endpoint("drain", 1)], discovery="STRICT_DNS")
+    (check,) = cluster["health_checks"]
+    detection = _seconds(check["interval"]) * check["unhealthy_threshold"] + _seconds(check["timeout"])
+    return math.ceil(detection) + SERVICE_DRAIN_MARGIN_SECONDS
+
+
+def service_grace_seconds() -> int:
+    """terminationGracePeriodSeconds of ext_proc and the rate-limit service: the drain, then the calls in
+    flight when it ends (Envoy gives the longest, one ext_proc message, at most ext_proc_max_message), plus
+    margin for the process's own stop. Shorter, Kubernetes would SIGKILL a pod still answering calls."""
+    longest_call = max(DEFAULT_TIMEOUTS.ext_proc_max_message, DEFAULT_TIMEOUTS.ratelimit)
+    return service_drain_seconds() + math.ceil(longest_call) + DRAIN_MARGIN_SECONDS
 
 
 def longest_request_seconds(policy: spec.Policy) -> int:
@@ -580,8 +626,18 @@ def model_objects(model: spec.Model, grace_seconds: int) -> list[Obj]:
         # terminating); only then does SIGTERM make the server close its port and finish what it holds.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
     }
+    placement = dep.placement
+    resources = {side: dict(values) for side, values in (("requests", placement.requests),
+                                                         ("limits", placement.limits)) if values}
+    if resources:  # none: BestEffort, as the policy asked (spec.Placement)
+        container["resources"] = resources
     deployment = _deployment(model.service, model.namespace, labels, dep.replicas, container,
                              grace_seconds=grace_seconds)
+    pod_spec = deployment["spec"]["template"]["spec"]
+    if placement.node_selector:
+        pod_spec["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        pod_spec["tolerations"] = [_toleration(t) for t in placement.tolerations]
     # Model servers never call the API server: no token in the pod (they run as the namespace's default account).
     deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] = False
     objects.append(deployment)
@@ -591,6 +647,18 @@ def model_objects(model: spec.Model, grace_seconds: int) -> list[Obj]:
     # A node drain takes one replica at a time, so a model keeps serving while its nodes are replaced.
     objects.append(_pdb(model.service, model.namespace, labels))
     return objects
+
+
+def _toleration(t: spec.Toleration) -> Obj:
+    out: Obj = {"key": t.key} if t.key else {}
+    out["operator"] = t.operator
+    if t.value:
+        out["value"] = t.value
+    if t.effect:
+        out["effect"] = t.effect
+    if t.seconds is not None:
+        out["tolerationSeconds"] = t.seconds
+    return out
 
 
 def namespace(name: str, labels: dict[str, str]) -> Obj:
@@ -608,11 +676,11 @@ def dedicated_gateway_objects(policy: spec.Policy, gw: spec.DedicatedGateway, na
     # On SIGTERM the proxy drains its listeners, then exits after terminationDrainDuration (Istio's default 5 s
     # would cut inference requests at every rollout or scale-down): let the longest request finish first.
     drain = longest_request_seconds(policy)
-    deployment = _deployment(gw.name, ns, labels, gw.replicas, container, gw.name,
+    deployment = _deployment(gw.name, ns, labels, None, container, gw.name,  # the HPA's below
                              pod_annotations={"inject.istio.io/templates": "gateway",
                                               "proxy.istio.io/config": f"terminationDrainDuration: {drain}s"},
                              grace_seconds=drain + DRAIN_MARGIN_SECONDS)
-    deployment["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] = "true"
+    deployment["spec"]["template"]["metadata"]["labels"].update(_injection_labels(gw.istio_revision))
     sa = _service_account(gw.name, ns)
     sa["automountServiceAccountToken"] = True
     tenants = [t.id for t in policy.tenants_of_gateway(gw.name)]
@@ -636,6 +704,13 @@ def dedicated_gateway_objects(policy: spec.Policy, gw: spec.DedicatedGateway, na
                              policy.services.tls, gw.enforcement, gw.name),
         access_log_envoy_filter(f"{gw.name}-igw-access-log", ns, labels_selector(gw)),
     ]
+
+
+def _injection_labels(revision: str | None) -> dict[str, str]:
+    """Pod labels that make Istio's injector fill in a dedicated gateway's proxy. sidecar.istio.io/inject needs a
+    default revision (or the `default` tag); a revisioned install with neither (canary upgrades) only injects
+    pods labelled istio.io/rev with one of its revisions or tags, and then ignores sidecar.istio.io/inject."""
+    return {"sidecar.istio.io/inject": "true"} if revision is None else {"istio.io/rev": revision}
 
 
 def labels_selector(gw: spec.DedicatedGateway) -> dict[str, str]:

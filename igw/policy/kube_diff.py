@@ -2,8 +2,9 @@
 
 The comparison is pure: a rendered object matches the live one when every field we render has the same
 value live (fields the API server or controllers add, such as status, uids, defaults, are ignored, as
-`kubectl apply` ignores them). Only reading the live objects is I/O, through the official `kubernetes`
-client's REST layer (kubeconfig, in-cluster account, or a plain URL such as `kubectl proxy`).
+`kubectl apply` ignores them), and so is the replica count of a Deployment an HPA of the same set scales: the
+HPA owns it, so a scaled Deployment is not drift. Only reading the live objects is I/O, through the official
+`kubernetes` client's REST layer (kubeconfig, in-cluster account, or a plain URL such as `kubectl proxy`).
 """
 
 from __future__ import annotations
@@ -103,16 +104,32 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def hpa_targets(objects: Iterable[Obj]) -> set[tuple[str | None, str]]:
+    """(namespace, name) of every Deployment an HPA among the objects scales."""
+    return {(o["metadata"].get("namespace"), o["spec"]["scaleTargetRef"]["name"]) for o in objects
+            if o["kind"] == "HorizontalPodAutoscaler" and o["spec"]["scaleTargetRef"].get("kind") == "Deployment"}
+
+
+def _without_hpa_replicas(obj: Obj, scaled: set[tuple[str | None, str]]) -> Obj:
+    """The object as far as we own it: an HPA-scaled Deployment's replica count is the HPA's (the renderer omits
+    it; manifests rendered before that, or by hand, may still carry one)."""
+    if obj["kind"] != "Deployment" or (obj["metadata"].get("namespace"), obj["metadata"]["name"]) not in scaled:
+        return obj
+    return {**obj, "spec": {k: v for k, v in obj["spec"].items() if k != "replicas"}}
+
+
 def compare(objects: Iterable[Obj], fetch: Fetch) -> KubeDiff:
     missing: list[str] = []
     changed: list[tuple[str, list[tuple[str, Any, Any]]]] = []
     same = 0
+    objects = list(objects)
+    scaled = hpa_targets(objects)
     for obj in objects:
         live = fetch(api_path(obj))
         if live is None:
             missing.append(object_name(obj))
             continue
-        diffs = differences(obj, live)
+        diffs = differences(_without_hpa_replicas(obj, scaled), live)
         if diffs:
             changed.append((object_name(obj), diffs))
         else:

@@ -18,6 +18,8 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,19 @@ OUR_SERVICES = {"ext_proc service": "ext-proc", "rate-limit service": "ratelimit
                 "replica watcher": "replica-watcher"}
 # Shares are weights; past this their sum loses precision or overflows and every limit of a model becomes 0.
 MAX_SHARE = 1_000_000
+# A Kubernetes resource quantity without a sign (a negative request or limit is refused by the API server anyway).
+QUANTITY = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+                      r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][-+]?[0-9]+)?$")
+_SUFFIX_SCALE = {"": Fraction(1), "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000),
+                 "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "T": Fraction(10**12),
+                 "P": Fraction(10**15), "E": Fraction(10**18), **{f"{p}i": Fraction(1024 ** (i + 1))
+                                                                   for i, p in enumerate("KMGTPE")}}
+NATIVE_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+# Label keys (node selectors, toleration keys) and the names of extended resources: [prefix/]name.
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = re.compile(rf"^({_DNS_SUBDOMAIN}/)?{_NAME}$")
+EXTENDED_RESOURCE = re.compile(rf"^{_DNS_SUBDOMAIN}/{_NAME}$")
 # Values reached again through YAML aliases: a few anchors reused are fine, an expansion bomb is not.
 MAX_ALIAS_EXPANSION = 1_000_000
 
@@ -262,6 +277,11 @@ def _explain(error: jsonschema.ValidationError, plain: _Plain) -> Iterator[Probl
                 else "write one SAN, without spaces or commas")
         yield Problem(plain.line(path), dotted(path), f"{error.instance!r} is not a valid {path[-1]}: {hint}")
         return
+    if kind == "pattern" and path and path[-1] == "istio_revision":
+        yield Problem(plain.line(path), dotted(path), f"{error.instance!r} is not a valid Istio revision: use the "
+                                                      "revision or revision tag as istioctl names it (lowercase "
+                                                      "letters, digits, '-', at most 63)")
+        return
     if kind == "enum" and path and path[-1] == "enforcement":
         yield Problem(plain.line(path), dotted(path), f"unknown enforcement {error.instance!r} "
                                                       f"(use one of: {', '.join(spec.ENFORCEMENTS)})")
@@ -297,6 +317,29 @@ _NAME_HINTS = {"tenants": _TENANT_HINT, "models": _MODEL_HINT, "aliases": _MODEL
 # --------------------------------------------------------------------------------- pass 3: meaning
 
 
+def quantity(text: str) -> Fraction | None:
+    """A Kubernetes quantity's value (exactly: '2500m' > '2' must compare right), None when it is not one."""
+    match = QUANTITY.match(text)
+    if match is None:
+        return None
+    suffix = match["suffix"] or ""
+    scale = Fraction(10) ** int(suffix[1:]) if suffix[:1] in ("e", "E") else _SUFFIX_SCALE[suffix]
+    return Fraction(Decimal(match["number"])) * scale
+
+
+def _resource_kind(name: str) -> str | None:
+    """native, extended or hugepages (the last two cannot be overcommitted); None for a name Kubernetes refuses."""
+    if name in NATIVE_RESOURCES:
+        return "native"
+    if name.startswith("hugepages-"):
+        return "hugepages" if quantity(name.removeprefix("hugepages-")) is not None else None
+    if EXTENDED_RESOURCE.match(name) and len(name.split("/", 1)[0]) <= 253:  # a DNS subdomain prefix
+        domain = name.split("/", 1)[0]
+        if domain != "kubernetes.io" and not domain.endswith(".kubernetes.io"):
+            return "extended"
+    return None
+
+
 def _service(data: dict[str, Any], replicas: int, cpu: str, memory: str) -> spec.ServiceSpec:
     n = data.get("replicas", replicas)
     return spec.ServiceSpec(replicas=n, max_replicas=max(n, data.get("max_replicas", max(n, 10))),
@@ -312,8 +355,88 @@ class _Checker:
     def problem(self, path: Path_, message: str) -> None:
         self.problems.append(Problem(self.plain.line(path), dotted(path), message))
 
+    def resources(self, data: dict[str, Any], path: Path_) -> tuple[dict[str, str], dict[str, str]]:
+        """requests, limits as quantity strings, after the checks the API server would make at apply time
+        (where the error would name a Deployment, not the policy line)."""
+        found: dict[str, dict[str, str]] = {}
+        values: dict[str, dict[str, Fraction]] = {}
+        for side in ("requests", "limits"):
+            found[side], values[side] = {}, {}
+            for name, raw in data.get(side, {}).items():
+                rpath: Path_ = (*path, side, name)
+                text = str(raw)
+                found[side][name] = text
+                kind = _resource_kind(name)
+                if kind is None:
+                    self.problem(rpath, f"unknown resource {name!r}: use cpu, memory, ephemeral-storage, "
+                                        "hugepages-<size>, or an extended resource as domain/name "
+                                        "(e.g. nvidia.com/gpu)")
+                    continue
+                value = quantity(text)
+                if value is None:
+                    self.problem(rpath, f"{text!r} is not a Kubernetes quantity (e.g. 500m, 2, 1.5, 512Mi, 8Gi, 1G)")
+                    continue
+                if kind == "extended" and value.denominator != 1:
+                    self.problem(rpath, f"{text!r}: extended resources are counted in whole units")
+                    continue
+                values[side][name] = value
+        for name, request in values["requests"].items():
+            rpath = (*path, "requests", name)
+            limit = values["limits"].get(name)
+            overcommittable = _resource_kind(name) == "native"
+            if limit is None:
+                if not overcommittable and name not in found["limits"]:
+                    self.problem(rpath, f"extended resources need a limit equal to the request: set limits.{name}: "
+                                        f"{found['requests'][name]} (or only the limit)")
+            elif not overcommittable and request != limit:
+                self.problem(rpath, f"request {found['requests'][name]} differs from the limit "
+                                    f"{found['limits'][name]}: Kubernetes cannot overcommit extended resources, so "
+                                    "requests must equal limits")
+            elif request > limit:
+                self.problem(rpath, f"request {found['requests'][name]} is above the limit {found['limits'][name]}")
+        return found["requests"], found["limits"]
+
+    def tolerations(self, data: list[dict[str, Any]], path: Path_) -> tuple[spec.Toleration, ...]:
+        out = []
+        for i, t in enumerate(data):
+            tpath: Path_ = (*path, i)
+            key, operator, effect = t.get("key", ""), t.get("operator", "Equal"), t.get("effect", "")
+            if key and not LABEL_KEY.match(key):
+                self.problem((*tpath, "key"), f"{key!r} is not a taint key ([prefix/]name, as a label key)")
+            if not key and operator != "Exists":
+                self.problem(tpath, "a toleration without a key matches every taint and needs operator: Exists")
+            if operator == "Exists" and t.get("value"):
+                self.problem((*tpath, "value"), "operator Exists matches any value: drop the value or use "
+                                                "operator Equal")
+            if "toleration_seconds" in t and effect != "NoExecute":
+                self.problem((*tpath, "toleration_seconds"), "only a NoExecute toleration has toleration_seconds "
+                                                             f"(effect is {effect or 'unset'})")
+            out.append(spec.Toleration(key=key, operator=operator, value=t.get("value", ""), effect=effect,
+                                       seconds=t.get("toleration_seconds")))
+        return tuple(out)
+
+    def placement(self, data: dict[str, Any], path: Path_, default: spec.Placement) -> spec.Placement:
+        """A deployment's resources, node selector and tolerations; each one it leaves out is the default's."""
+        requests, limits = (self.resources(data["resources"], (*path, "resources")) if "resources" in data
+                            else (default.requests, default.limits))
+        selector = data.get("node_selector")
+        for key, value in (selector or {}).items():
+            if not LABEL_KEY.match(key):
+                self.problem((*path, "node_selector", key), f"{key!r} is not a label key ([prefix/]name: letters, "
+                                                            "digits, '-', '_', '.', at most 63 after the prefix)")
+            elif value and not LABEL_VALUE.match(value):
+                self.problem((*path, "node_selector", key), f"{value!r} is not a label value (at most 63 letters, "
+                                                            "digits, '-', '_', '.')")
+        tolerations = (self.tolerations(data["tolerations"], (*path, "tolerations")) if "tolerations" in data
+                       else default.tolerations)
+        return spec.Placement(requests=requests, limits=limits,
+                              node_selector=dict(selector) if selector is not None else dict(default.node_selector),
+                              tolerations=tolerations)
+
     def models(self) -> dict[str, spec.Model]:
         out = {}
+        default_placement = self.placement(self.data.get("defaults", {}).get("deployment", {}),
+                                           ("defaults", "deployment"), spec.Placement())
         services: dict[tuple[str, str], str] = {}
         for name, m in self.data["models"].items():
             path: Path_ = ("models", name)
@@ -349,7 +472,8 @@ class _Checker:
                     image=dep["image"], args=tuple(dep.get("args", ())), replicas=dep.get("replicas", 1),
                     container_port=dep.get("container_port", m.get("port", spec.DEFAULT_MODEL_PORT)),
                     prewarm_path=dep.get("prewarm_path", spec.DEFAULT_PREWARM_PATH),
-                    startup_seconds=dep.get("startup_seconds", 600)),
+                    startup_seconds=dep.get("startup_seconds", 600),
+                    placement=self.placement(dep, (*path, "deployment"), default_placement)),
                 line=self.plain.line(path) or 0,
             )
         return out
@@ -490,7 +614,8 @@ def _gateway(data: dict[str, Any]) -> spec.Gateway:
     return spec.Gateway(name=data.get("name", "igw"), namespace=data.get("namespace", "istio-system"),
                         selector=dict(data.get("selector", {"istio": "ingressgateway"})),
                         hosts=tuple(data.get("hosts", ("*",))), port=data.get("port", 80),
-                        enforcement=data.get("enforcement", spec.DEFAULT_ENFORCEMENT))
+                        enforcement=data.get("enforcement", spec.DEFAULT_ENFORCEMENT),
+                        istio_revision=data.get("istio_revision"))
 
 
 def _services_tls(data: dict[str, Any] | None, check: _Checker) -> spec.ServicesTls | None:
@@ -522,7 +647,8 @@ def load_policy(file: str, text: str) -> spec.Policy:
         name: spec.DedicatedGateway(name=name, namespace=g["namespace"], hosts=tuple(g.get("hosts", ("*",))),
                                     port=g.get("port", 80), replicas=g.get("replicas", 2),
                                     max_replicas=max(g.get("replicas", 2), g.get("max_replicas", 5)),
-                                    enforcement=g.get("enforcement", gateway.enforcement))
+                                    enforcement=g.get("enforcement", gateway.enforcement),
+                                    istio_revision=g.get("istio_revision", gateway.istio_revision))
         for name, g in data.get("dedicated_gateways", {}).items()
     }
     tenants, allowed = check.tenants(models, aliases, gateways)

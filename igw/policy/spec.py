@@ -45,6 +45,29 @@ class Tenant:
 
 
 @dataclass(frozen=True, slots=True)
+class Toleration:
+    """A pod toleration (Kubernetes' fields; the loader has checked their combinations)."""
+
+    key: str = ""
+    operator: str = "Equal"
+    value: str = ""
+    effect: str = ""  # empty: every effect
+    seconds: int | None = None  # NoExecute only: how long the pod stays once tainted
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """What a model's pods ask of the scheduler. Empty requests and limits leave the pod BestEffort: the first
+    evicted under node pressure and never given a GPU, so a policy of real models sets them (per model or in
+    defaults.deployment). Quantities are Kubernetes quantity strings, checked at load."""
+
+    requests: dict[str, str] = field(default_factory=dict)
+    limits: dict[str, str] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
     image: str
     args: tuple[str, ...]
@@ -54,6 +77,7 @@ class Deployment:
     # replica count that sizes quotas) only once warm. Point it at the model server's warm-up endpoint.
     prewarm_path: str
     startup_seconds: int
+    placement: Placement = field(default_factory=Placement)  # defaults.deployment resolved in
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +153,9 @@ class Gateway:
     hosts: tuple[str, ...]
     port: int
     enforcement: str = DEFAULT_ENFORCEMENT
+    # The Istio revision (or revision tag) that injects dedicated gateways without their own; None: the
+    # default revision. The shared gateway is Istio's own install and is not affected.
+    istio_revision: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +167,7 @@ class DedicatedGateway:
     replicas: int
     max_replicas: int
     enforcement: str = DEFAULT_ENFORCEMENT  # loader default: the shared gateway's
+    istio_revision: str | None = None  # loader default: gateway.istio_revision; None: the default revision
 
     @property
     def selector(self) -> dict[str, str]:

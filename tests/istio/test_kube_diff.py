@@ -69,11 +69,37 @@ def test_server_set_fields_are_not_differences() -> None:
         assert differences(obj, live_version(obj)) == [], obj["kind"]
 
 
+def deployment(name: str) -> dict:
+    return next(o for o in rendered() if o["kind"] == "Deployment" and o["metadata"]["name"] == name)
+
+
 def test_a_changed_rendered_field_is_reported_with_both_values() -> None:
-    obj = next(o for o in rendered() if o["kind"] == "Deployment")
+    obj = deployment("replica-watcher")  # no HPA: its replica count is the policy's
     live = live_version(obj)
     live["spec"]["replicas"] = 7
     assert differences(obj, live) == [("spec.replicas", 7, obj["spec"]["replicas"])]
+
+
+def test_a_deployment_scaled_by_its_hpa_is_not_drift(api_server: tuple[str, dict[str, dict]]) -> None:
+    url, objects = api_server
+    for obj in rendered():
+        objects[api_path(obj)] = live_version(obj)
+    objects[api_path(deployment("ext-proc"))]["spec"]["replicas"] = 7  # the HPA scaled it out
+    assert compare(rendered(), kube_fetcher(api_server=url)).empty
+
+
+def test_a_replica_count_rendered_for_an_hpa_target_is_not_compared() -> None:
+    # Manifests from before the HPA owned the count (or written by hand) still carry spec.replicas.
+    obj = deployment("ext-proc")
+    obj["spec"]["replicas"] = 2
+    live = live_version(obj)
+    live["spec"]["replicas"] = 7
+    hpa = next(o for o in rendered() if o["kind"] == "HorizontalPodAutoscaler"
+               and o["spec"]["scaleTargetRef"]["name"] == "ext-proc")
+    fetched = {api_path(obj): live, api_path(hpa): live_version(hpa)}
+    result = compare([obj, hpa], fetched.get)
+    assert result.empty and result.same == 2
+    assert not compare([obj], fetched.get).empty  # without its HPA the count is the manifest's
 
 
 def test_cluster_in_sync_has_no_differences(api_server: tuple[str, dict[str, dict]]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from igw import envoy_config
 from igw.commands.policy import RENDER_MARK
 from igw.policy import istio
 from igw.policy.kube_schema import MAX_OBJECT_BYTES, validate_object, validate_objects
@@ -93,6 +94,21 @@ def test_each_model_gets_a_least_request_destination_rule_with_outlier_detection
     assert logistic["connectionPool"]["http"]["http2MaxRequests"] == 512
     assert logistic["outlierDetection"]["consecutiveGatewayErrors"] == 3
     assert logistic["outlierDetection"]["minHealthPercent"] == 0
+
+
+def test_model_destination_rules_close_idle_connections_as_the_bed_does(demo) -> None:
+    bed = envoy_config.DEFAULT_TIMEOUTS.upstream_idle
+    rules = [o for f in ("30-models.yaml", "40-dedicated-secure-gw.yaml") for o in demo.get(f, [])
+             if o["kind"] == "DestinationRule"]
+    assert rules
+    assert {r["spec"]["trafficPolicy"]["connectionPool"]["http"]["idleTimeout"] for r in rules} == {
+        envoy_config.duration(bed)}
+
+
+def test_model_routes_retry_resets_only_before_the_request_was_sent(demo) -> None:
+    routes = [r for o in all_objects(demo) if o["kind"] == "VirtualService" for r in o["spec"]["http"]]
+    assert routes
+    assert {r["retries"]["retryOn"] for r in routes} == {"connect-failure,refused-stream,reset-before-request"}
 
 
 def test_routes_match_the_model_header_and_keep_dedicated_tenants_off_the_shared_gateway(demo) -> None:
@@ -215,3 +231,34 @@ def test_service_pods_leave_rotation_on_a_dependency_outage_and_restart_only_whe
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthcheck"  # 503 while Redis or the API is out
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"  # 200 while the process answers
     assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+
+
+def _service_pod(demo: dict[str, list[dict]], name: str) -> dict:
+    return next(o for o in demo["10-services.yaml"]
+                if o["kind"] == "Deployment" and o["metadata"]["name"] == name)["spec"]["template"]["spec"]
+
+
+def _drain_seconds(pod: dict) -> float:
+    args = pod["containers"][0]["args"]
+    return float(args[args.index("--drain-seconds") + 1])
+
+
+def _gateway_detection_seconds() -> float:
+    """How long after a service turns NOT_SERVING a gateway may still send it new calls: the health checks of
+    the gRPC clusters every gateway gets, interval x unhealthy threshold, plus a probe's timeout."""
+    (check,) = envoy_config.service_cluster("x", [envoy_config.Endpoint("x", 1)], discovery="STRICT_DNS")[
+        "health_checks"]
+    return float(check["interval"][:-1]) * check["unhealthy_threshold"] + float(check["timeout"][:-1])
+
+
+@pytest.mark.parametrize("name", ["ext-proc", "ratelimit"])
+def test_grpc_service_pods_drain_until_the_gateways_health_checks_have_taken_them_out(demo, name: str) -> None:
+    assert _drain_seconds(_service_pod(demo, name)) > _gateway_detection_seconds()
+
+
+@pytest.mark.parametrize("name", ["ext-proc", "ratelimit"])
+def test_grpc_service_pods_are_given_the_drain_and_the_longest_call_before_being_killed(demo, name: str) -> None:
+    pod = _service_pod(demo, name)
+    timeouts = envoy_config.DEFAULT_TIMEOUTS
+    longest_call = max(timeouts.ext_proc_max_message, timeouts.ratelimit)
+    assert pod["terminationGracePeriodSeconds"] > _drain_seconds(pod) + longest_call

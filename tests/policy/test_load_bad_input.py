@@ -118,3 +118,102 @@ def test_a_limit_0_override_does_not_count_as_a_way_to_call_the_model() -> None:
         "tier: free", "tier: free\n    share: 0")
     (line,) = errors(text)
     assert "every tenant has share 0" in line
+
+
+# ------------------------------------------------------------------ model deployments: resources, placement
+
+DEPLOYMENT = "    deployment:\n      image: bert:1\n"  # bert's; resources etc. follow from line 21
+
+
+def deployment_errors(block: str) -> list[str]:
+    return errors(BASE + DEPLOYMENT + block)
+
+
+@pytest.mark.parametrize("quantity", ["8GB", "-1Gi", "one", "1.2.3", "8 Gi"])
+def test_a_bad_quantity_names_the_model_and_the_field(quantity: str) -> None:
+    block = f"      resources:\n        requests:\n          memory: {quantity}\n"
+    assert deployment_errors(block) == [
+        f"policy.yaml:23: models.bert.deployment.resources.requests.memory: {quantity!r} is not a Kubernetes "
+        "quantity (e.g. 500m, 2, 1.5, 512Mi, 8Gi, 1G)"]
+
+
+def test_a_request_above_its_limit_is_an_error() -> None:
+    block = "      resources:\n        requests:\n          memory: 16Gi\n        limits:\n          memory: 8Gi\n"
+    assert deployment_errors(block) == [
+        "policy.yaml:23: models.bert.deployment.resources.requests.memory: request 16Gi is above the limit 8Gi"]
+
+
+def test_a_cpu_request_in_millicores_above_a_whole_limit_is_an_error() -> None:
+    block = "      resources:\n        requests: {cpu: 2500m}\n        limits: {cpu: 2}\n"
+    (line,) = deployment_errors(block)
+    assert line.startswith("policy.yaml:22: models.bert.deployment.resources.requests.cpu: request 2500m is above")
+
+
+def test_a_gpu_request_must_equal_its_limit() -> None:
+    block = "      resources:\n        requests: {nvidia.com/gpu: 1}\n        limits: {nvidia.com/gpu: 2}\n"
+    assert deployment_errors(block) == [
+        "policy.yaml:22: models.bert.deployment.resources.requests.nvidia.com/gpu: request 1 differs from the "
+        "limit 2: Kubernetes cannot overcommit extended resources, so requests must equal limits"]
+
+
+def test_a_gpu_request_without_a_limit_is_an_error() -> None:
+    block = "      resources:\n        requests: {nvidia.com/gpu: 1}\n"
+    assert deployment_errors(block) == [
+        "policy.yaml:22: models.bert.deployment.resources.requests.nvidia.com/gpu: extended resources need a "
+        "limit equal to the request: set limits.nvidia.com/gpu: 1 (or only the limit)"]
+
+
+def test_a_fraction_of_a_gpu_is_an_error() -> None:
+    block = "      resources:\n        limits: {nvidia.com/gpu: 500m}\n"
+    assert deployment_errors(block) == [
+        "policy.yaml:22: models.bert.deployment.resources.limits.nvidia.com/gpu: '500m': extended resources are "
+        "counted in whole units"]
+
+
+def test_an_unqualified_resource_name_is_an_error_with_a_hint() -> None:
+    block = "      resources:\n        limits: {gpu: 1}\n"
+    (line,) = deployment_errors(block)
+    assert line.startswith("policy.yaml:22: models.bert.deployment.resources.limits.gpu: unknown resource 'gpu'")
+    assert "nvidia.com/gpu" in line
+
+
+def test_a_bad_default_quantity_names_the_defaults_field() -> None:
+    text = BASE.replace("version: 1\n", "version: 1\ndefaults:\n  deployment:\n    resources:\n"
+                                        "      limits: {memory: 1GiB}\n")
+    (line,) = errors(text)
+    assert line.startswith("policy.yaml:5: defaults.deployment.resources.limits.memory: '1GiB' is not a Kubernetes "
+                           "quantity")
+
+
+def test_an_exists_toleration_with_a_value_is_an_error() -> None:
+    block = "      tolerations:\n        - {key: gpu, operator: Exists, value: a100}\n"
+    assert deployment_errors(block) == [
+        "policy.yaml:22: models.bert.deployment.tolerations[0].value: operator Exists matches any value: "
+        "drop the value or use operator Equal"]
+
+
+def test_toleration_seconds_need_the_no_execute_effect() -> None:
+    block = "      tolerations:\n        - {key: gpu, effect: NoSchedule, toleration_seconds: 30}\n"
+    assert deployment_errors(block) == [
+        "policy.yaml:22: models.bert.deployment.tolerations[0].toleration_seconds: only a NoExecute "
+        "toleration has toleration_seconds (effect is NoSchedule)"]
+
+
+def test_a_toleration_without_a_key_must_use_exists() -> None:
+    block = "      tolerations:\n        - {operator: Equal, value: x}\n"
+    (line,) = deployment_errors(block)
+    assert line.startswith("policy.yaml:22: models.bert.deployment.tolerations[0]: a toleration without a key "
+                           "matches every taint")
+
+
+def test_a_node_selector_key_that_is_no_label_key_is_an_error() -> None:
+    block = "      node_selector: {'gpu type': a100}\n"
+    (line,) = deployment_errors(block)
+    assert line.startswith("policy.yaml:21: models.bert.deployment.node_selector.gpu type: 'gpu type' is not a "
+                           "label key")
+
+
+def test_an_istio_revision_must_be_a_dns_label() -> None:
+    text = BASE.replace("version: 1\n", "version: 1\ngateway:\n  istio_revision: Canary_1\n")
+    (line,) = errors(text)
+    assert line.startswith("policy.yaml:3: gateway.istio_revision: 'Canary_1' is not a valid Istio revision")

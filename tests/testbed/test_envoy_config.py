@@ -192,9 +192,36 @@ def test_each_model_routes_to_its_cluster_with_the_rate_limit_actions_and_anythi
 
 def test_a_model_route_retries_refused_connections_on_another_replica_of_the_same_cluster() -> None:
     route = envoy_config.routes_of(envoy_config.route_config(["a"])["virtual_hosts"][0])[0]["route"]
-    assert route["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
+    assert route["retry_policy"]["retry_on"] == "connect-failure,refused-stream,reset-before-request"
     assert route["retry_policy"]["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
     assert route["cluster"] == "model-a"
+
+
+def test_a_model_route_never_retries_a_request_the_model_server_may_have_read() -> None:
+    # An inference is not idempotent: only failures before any request byte left Envoy may be retried.
+    route = envoy_config.model_route("a")["route"]
+    conditions = set(route["retry_policy"]["retry_on"].split(","))
+    assert conditions <= {"connect-failure", "refused-stream", "reset-before-request"}
+    assert "retriable_status_codes" not in route["retry_policy"]
+
+
+def test_model_clusters_close_idle_connections_before_common_model_server_keep_alive_timeouts() -> None:
+    for path in envoy_config.committed_files():
+        clusters = yaml.safe_load(path.read_text())["static_resources"]["clusters"]
+        models = [c for c in clusters if c["name"].startswith("model-")]
+        assert models, path
+        for cluster in models:
+            options = cluster["typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            assert options["common_http_protocol_options"]["idle_timeout"] == "4s", (path, cluster["name"])
+            assert options["explicit_http_config"] == {"http_protocol_options": {}}  # still HTTP/1.1
+
+
+@pytest.mark.parametrize("idle", [0.0, -1.0])
+def test_a_model_idle_timeout_that_would_keep_connections_forever_is_refused_by_name(idle: float) -> None:
+    timeouts = envoy_config.Timeouts(upstream_idle=idle)
+    with pytest.raises(ValueError, match="upstream idle timeout must be above 0 s"):
+        envoy_config.model_cluster("a", [envoy_config.Endpoint("127.0.0.1", 1234)], timeouts=timeouts)
 
 
 def test_routes_of_reads_a_plain_route_list_too() -> None:
