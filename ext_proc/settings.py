@@ -61,7 +61,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, EnvDefaults]:
     env.add("--host", "GRPC_HOST", default=os.environ.get("HOST") or "0.0.0.0", type=non_empty("host"),
             help="address to bind (falls back to env HOST)")
     env.add("--grpc-port", "GRPC_PORT", default=9002, type=parse_port, help="gRPC port")
-    env.add("--http-port", "HTTP_PORT", default=9003, type=parse_port, help="HTTP port for /healthcheck and /metrics")
+    env.add("--http-port", "HTTP_PORT", default=9003, type=parse_port,
+            help="HTTP port for /healthcheck, /livez and /metrics")
     env.add("--key-secret", "IGW_KEY_SECRET", default=DEFAULT_KEY_SECRET, type=non_empty("key secret"),
             help="HMAC secret API keys are hashed with; must match the one `igw keys issue` used")
     env.add("--cache-ttl", "CACHE_TTL", default=10.0, type=positive_duration,

@@ -10,7 +10,7 @@ Choices that matter (and why):
   those headers exist, and the router sends the request to the model's cluster.
 - ext_proc fails closed (failure_mode_allow false): it authenticates callers and strips spoofed
   x-igw-* headers, so letting requests through when it is down would skip authentication and trust
-  whatever tenant header a client sent. A failure answers 503 (status_on_error).
+  whatever tenant header a client sent. A failure answers 503 (status_on_error), a missed message_timeout 504.
 - The rate limit fails open (failure_mode_deny false): a rate-limit outage should not take inference
   down; callers were already authenticated, and the filter's error stats show the gap.
 - Two rate-limit modes (`RATE_LIMIT_MODES`): "rls" asks the rate-limit service per request

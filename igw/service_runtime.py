@@ -1,5 +1,5 @@
 """What every service process does around its gRPC servicers: bind the gRPC port, serve the standard
-health service (what Envoy's active health checks ask), serve /healthcheck and /metrics, and go
+health service (what Envoy's active health checks ask), serve /healthcheck, /livez and /metrics, and go
 NOT_SERVING before it stops so Envoy drains it first. One implementation for ext_proc and the rate-limit
 service, so both behave the same to Envoy and to operators, whichever gRPC framework carries them
 (grpc.aio for the rate-limit service's unary calls, grpclib for ext_proc's streams: igw/grpclib_server.py

@@ -512,7 +512,8 @@ def build_parser(redis_type: str = "single", persecond_type: str = "single") -> 
             help="where counters live: redis (shared by replicas) or memory (this process only)")
     env.add("--host", "GRPC_HOST", default="0.0.0.0", help="address to bind")
     env.add("--grpc-port", "GRPC_PORT", default=8081, type=parse_port, help="gRPC port")
-    env.add("--http-port", "PORT", default=8080, type=parse_port, help="HTTP port for /healthcheck and /metrics")
+    env.add("--http-port", "PORT", default=8080, type=parse_port,
+            help="HTTP port for /healthcheck, /livez and /metrics")
     env.add("--redis-timeout", "REDIS_TIMEOUT", default=0.25, type=_duration,
             help="per-call Redis deadline; a slower Redis makes the call fail (or pass with --fail-open)")
     env.add("--fail-open", "FAIL_OPEN", default=False, type=parse_bool,

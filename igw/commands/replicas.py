@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     env.add("--ttl", "IGW_REPLICAS_TTL", default=15, type=_ttl, help="expiry of each model's key")
     env.add("--publisher", "IGW_REPLICAS_PUBLISHER", default="", help="identity written with each count")
     env.add("--http-port", "IGW_REPLICAS_HTTP_PORT", default=0, type=port_or_zero,
-            help="serve /healthcheck and /metrics on this port (0: off)")
+            help="serve /healthcheck, /livez and /metrics on this port (0: off)")
     env.add("--log-level", "LOG_LEVEL", default="info", type=log_level, help="log level")
     env.add("--log-format", "LOG_FORMAT", default="text", type=log_format, help="text or json")
     watch.set_defaults(func=_watch, _watch_env=env)

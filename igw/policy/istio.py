@@ -546,7 +546,7 @@ def service_objects(policy: spec.Policy, config_maps: list[str]) -> list[Obj]:
         watcher_sa,
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": _meta("igw-replica-watcher"),
          "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                    "verbs": ["get", "list", "watch"]}]},
+                    "verbs": ["list", "watch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
          "metadata": _meta("igw-replica-watcher"),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "igw-replica-watcher"},
