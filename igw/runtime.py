@@ -25,6 +25,9 @@ from typing import Any, NoReturn, Protocol
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
+MAX_DURATION_S = 2**63 / 1e9  # Go's longest time.Duration (about 292 years), as upstream's settings allow
+
+
 def parse_duration(text: str) -> float:
     """'250ms', '2s', '1m', or a bare number of seconds, as upstream's Go durations mostly are."""
     match = _DURATION.match(text)
@@ -32,8 +35,10 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 250ms, 2s, 1m)")
     value, unit = float(match.group(1)), match.group(2) or "s"
     seconds = value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
-    if not math.isfinite(seconds):  # hundreds of digits parse as inf, which every consumer chokes on later
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: too large")
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_S:
+        # Hundreds of digits parse as inf, and absurd finite values overflow timers and Redis TTLs later.
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: too large (at most 2562047h47m16.854775807s, Go's longest duration)")
     return seconds
 
 

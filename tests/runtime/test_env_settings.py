@@ -56,6 +56,12 @@ def test_a_duration_too_long_to_represent_is_refused() -> None:
         parse_duration("9" * 400)  # float() makes it inf, which no consumer can store or sleep on
 
 
+def test_a_duration_past_gos_longest_is_refused_and_gos_longest_is_accepted() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="too large"):
+        parse_duration("9999999999999999h")  # finite, but overflows timers and Redis TTLs downstream
+    assert parse_duration("2562047h") == 2562047 * 3600
+
+
 @pytest.mark.parametrize("module", ["ext_proc", "ratelimit_svc"])
 def test_a_bad_environment_variable_is_one_line_without_the_usage_text(module: str) -> None:
     env = {"PATH": "/usr/bin:/bin", "WORKERS": "0"}
