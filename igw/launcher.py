@@ -57,11 +57,7 @@ SERVICE_ENV = {"PYTHONUNBUFFERED": "1"}
 READY_TIMEOUT = 30.0
 DEFAULT_MAX_MODEL_REPLICAS = 6
 PUBLISH_INTERVAL = 1.0  # seconds between readiness rounds of the replica publisher
-
-# Tenants seeded next to `demo` (igw.testbed_seed): `demo-half` holds half of demo's adaptive share in the
-# demo policy; `demo-restricted` may call the first demo model only (the demo's 403 case).
-DEMO_HALF_TENANT = "demo-half"
-RESTRICTED_TENANT = "demo-restricted"
+PUBLISH_PROBE_TIMEOUT = 0.3  # a model server slower than this to answer its readiness probe counts as not ready
 
 
 @dataclass(frozen=True)
@@ -490,7 +486,8 @@ class GatewayBed:
         servers = [ModelServer(model, ep.address, f"http://127.0.0.1:{ep.port}{envoy_config.MODEL_READY_PATH}")
                    for model in self.topology.models for ep in self.topology.model_endpoints(model)]
         self._publisher = ReadinessPublisher(self.topology.redis_url, servers, interval=PUBLISH_INTERVAL,
-                                             probe_timeout=0.3, publisher=f"igw-bed/{self.topology.admin.port}")
+                                             probe_timeout=PUBLISH_PROBE_TIMEOUT,
+                                             publisher=f"igw-bed/{self.topology.admin.port}")
         self.publish_replicas()
         # Our own loop around poll_once (not publisher.start()): add/remove publish from the caller's thread,
         # and the lock keeps a round probed before a change from being written after it.
@@ -547,24 +544,10 @@ class GatewayBed:
         self.procs[name].wait_ready(lambda: http_ok(url), self.options.ready_timeout, f"healthy on {url}")
 
     def _seed(self) -> dict[str, Any]:
-        """The demo tenant (igw.testbed_seed), then demo-half and demo-restricted with their own keys."""
-        from ext_proc import store
-        from igw.testbed_seed import DEMO_DEPARTMENT, DEMO_TIER, seed_demo
+        """The demo tenant, then demo-half and demo-restricted with their own keys (igw.testbed_seed)."""
+        from igw.testbed_seed import seed_bed
 
-        demo = seed_demo(self.topology.redis_url, list(self.topology.models))
-        tenants = {demo["tenant_id"]: {"tenant_id": demo["tenant_id"], "api_key": demo["api_key"],
-                                       "key_id": demo["key_id"], "models": "*"}}
-        extra = {DEMO_HALF_TENANT: "*", RESTRICTED_TENANT: next(iter(self.topology.models))}
-        client = store.connect(self.topology.redis_url)
-        try:
-            for tenant_id, models in extra.items():
-                store.create_tenant(client, tenant_id, department=DEMO_DEPARTMENT, tier=DEMO_TIER, models=models)
-                issued = store.issue_key(client, tenant_id)
-                tenants[tenant_id] = {"tenant_id": tenant_id, "api_key": issued.key, "key_id": issued.key_id,
-                                      "models": models}
-        finally:
-            client.close()
-        self._tenants = tenants
+        demo, self._tenants = seed_bed(self.topology.redis_url, list(self.topology.models))
         return demo
 
     def _start_envoy(self) -> None:

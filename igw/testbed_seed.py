@@ -18,6 +18,10 @@ DEMO_DEPARTMENT = "demo"
 DEMO_TIER = "standard"
 # Aliases seeded when their model is served; the demo shows that aliases route to the canonical model.
 DEMO_ALIASES = {"linear": "demo-linear", "logistic": "demo-logistic"}
+# Tenants seeded next to `demo` by seed_bed: `demo-half` holds half of demo's adaptive share in the demo
+# policy; `demo-restricted` may call the first demo model only (the demo's 403 case).
+DEMO_HALF_TENANT = "demo-half"
+RESTRICTED_TENANT = "demo-restricted"
 # Models whose requests ext_proc reads before routing (JSON checked): exercises the body path.
 INSPECT_BODY_MODELS = frozenset({"demo-logistic"})
 
@@ -49,6 +53,27 @@ def seed_demo(redis_url: str, models: Sequence[str], *, tenant_id: str = DEMO_TE
         "aliases": aliases,
     }
 
+
+
+def seed_bed(redis_url: str, models: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """What every test bed holds (`igw up`, and compose's seed job): the demo tenant, models and aliases
+    (seed_demo), then demo-half and demo-restricted with a key each. Returns (seed_demo's answer, tenant id ->
+    its id, clear key, key id and allowed models)."""
+    from ext_proc import store
+
+    demo = seed_demo(redis_url, list(models))
+    tenants = {demo["tenant_id"]: {"tenant_id": demo["tenant_id"], "api_key": demo["api_key"],
+                                   "key_id": demo["key_id"], "models": "*"}}
+    client = store.connect(redis_url)
+    try:
+        for tenant_id, allowed in {DEMO_HALF_TENANT: "*", RESTRICTED_TENANT: models[0]}.items():
+            store.create_tenant(client, tenant_id, department=DEMO_DEPARTMENT, tier=DEMO_TIER, models=allowed)
+            issued = store.issue_key(client, tenant_id)
+            tenants[tenant_id] = {"tenant_id": tenant_id, "api_key": issued.key, "key_id": issued.key_id,
+                                  "models": allowed}
+    finally:
+        client.close()
+    return demo, tenants
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m igw.testbed_seed",
