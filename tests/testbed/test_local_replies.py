@@ -300,3 +300,49 @@ def test_a_model_servers_own_503_passes_unchanged(bed: Bed) -> None:
     assert (response.status_code, response.content, response.headers["content-type"]) == (
         503, OWN_503_BODY, OWN_503_TYPE)
     assert "x-request-id" not in response.headers
+
+
+# ------------------------------------------------- Envoy's own 408 and 413, from a gateway with tighter limits
+
+HEADERS_TIMEOUT = 1.0  # seconds; short so that waiting for the 408 stays quick
+BUFFER_LIMIT = 1024  # bytes the buffer filter put in front of the bed's filters accepts
+BUFFER_FILTER = {"name": "envoy.filters.http.buffer", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": BUFFER_LIMIT}}
+
+
+@pytest.fixture(scope="module")
+def strict_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The bed's bootstrap, local_reply_config included, with a 1 s request_headers_timeout and Envoy's buffer
+    filter in front of the bed's filters: the bed itself does not make these replies in a test's time (its headers
+    timeout is 10 s, and its only buffering filter is ext_proc, whose over-limit body was reported in review to
+    end in a 408 after stream_idle_timeout, not a 413). Both replies come before any upstream is asked, so
+    nothing needs to listen behind this Envoy."""
+    work = tmp_path_factory.mktemp("local-replies-strict")
+    topology = free_topology(MODELS)
+    timeouts = dataclasses.replace(TIMEOUTS, request_headers=HEADERS_TIMEOUT)
+    config = envoy_config.bootstrap(topology, access_log_path=str(work / "access.log"), timeouts=timeouts)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [BUFFER_FILTER, *hcm["http_filters"]]
+    path = work / "envoy-strict.yaml"
+    path.write_text(envoy_config.render_yaml(config, "local replies test, tighter limits"))
+    envoy = ManagedProcess("envoy-strict", [envoy_binary(), *envoy_args(str(path), base_id=topology.admin.port)],
+                           log_dir=work).start()
+    try:
+        envoy.wait_ready(lambda: http_ok(f"{topology.admin_url}/ready"), 20, "ready")
+        yield topology.gateway_url
+    finally:
+        envoy.stop()
+
+
+def test_headers_not_finished_in_time_get_408_request_timeout(strict_url: str) -> None:
+    # Headers begun, never ended: request_headers_timeout answers before any header is processed.
+    status, headers, body = _raw(strict_url, b"POST /v2/models/alpha/infer HTTP/1.1\r\nhost: gw\r\nx-request-id: lr")
+    assert (status, headers["content-type"], json.loads(body)) == (
+        408, JSON, json.loads(envoy_config.local_reply_body(envoy_config.local_reply("request_timeout"))))
+
+
+def test_a_body_over_envoys_buffer_limit_gets_413_request_too_large(strict_url: str) -> None:
+    response = httpx.post(f"{strict_url}/v2/models/alpha/infer", content=b" " * (4 * BUFFER_LIMIT), timeout=10,
+                          headers={"content-type": JSON, "x-request-id": "lr-test-4"})
+    _assert_json_error(response, 413, "request_too_large", "lr-test-4")
+    assert response.json() == json.loads(envoy_config.local_reply_body(envoy_config.local_reply("request_too_large")))
