@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
+from igw.gateway_client import infer_body
 from igw.procs import ManagedProcess, free_port, http_ok, python_module
 
 _counter = itertools.count()
@@ -74,3 +81,40 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+class SteadyLoad:
+    """One client sending through the gateway, `pause` seconds apart (~100/s by default), recording (send
+    time, status) of every request; status 0 is a transport error."""
+
+    def __init__(self, url: str, key: str, pause: float = 0.01) -> None:
+        self.url, self.key, self.pause = url, key, pause
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="steady-load", daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5, headers={"authorization": f"Bearer {self.key}"}) as client:
+            while not self._stop.is_set():
+                sent = time.time()
+                try:
+                    status = client.post(self.url, json=infer_body()).status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.samples.append((sent, status))
+                self._stop.wait(self.pause)
+
+    def failures(self, since: float, until: float = float("inf")) -> list[tuple[float, int]]:
+        return [(t, s) for t, s in list(self.samples) if since <= t < until and s != 200]
+
+    def count(self, since: float) -> int:
+        return sum(1 for t, _ in list(self.samples) if t >= since)
+
+    @contextmanager
+    def running(self) -> Iterator[SteadyLoad]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join(10)

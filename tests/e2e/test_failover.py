@@ -10,54 +10,14 @@ with 503 (ext_proc fails closed); the rate-limit service fails open, so its deat
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
-import httpx
-
-from igw.gateway_client import infer_body
 from igw.launcher import GatewayBed
 from tests.e2e.observe import metric
+from tests.helpers import SteadyLoad
 
 WINDOW_S = 3.0
-
-
-class SteadyLoad:
-    """One client sending back to back (~100/s), recording (send time, status) of every request."""
-
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key = url, key
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="e2e-steady-load", daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=5, headers={"authorization": f"Bearer {self.key}"}) as client:
-            while not self._stop.is_set():
-                sent = time.time()
-                try:
-                    status = client.post(self.url, json=infer_body()).status_code
-                except httpx.HTTPError:
-                    status = 0
-                self.samples.append((sent, status))
-                self._stop.wait(0.01)
-
-    def failures(self, since: float, until: float = float("inf")) -> list[tuple[float, int]]:
-        return [(t, s) for t, s in list(self.samples) if since <= t < until and s != 200]
-
-    def count(self, since: float) -> int:
-        return sum(1 for t, _ in list(self.samples) if t >= since)
-
-    @contextmanager
-    def running(self) -> Iterator[SteadyLoad]:
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join(10)
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,17 +19,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ext_proc import store
 from ext_proc.server import SERVICE_NAME as EXT_PROC_SERVICE
-from igw.gateway_client import infer_body
 from igw.launcher import BedOptions, GatewayBed
 from igw.policy.istio import service_drain_seconds
 from tests.ext_proc.helpers import ExtProcClient, request_headers
-from tests.helpers import Service, ServiceFactory, assert_one_line_error
+from tests.helpers import Service, ServiceFactory, SteadyLoad, assert_one_line_error
 from tests.ratelimit.rls_client import OK, RlsClient
 
 CONFIG = """
@@ -215,33 +212,6 @@ def draining_bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ga
                     os.kill(proc.pid, signal.SIGTERM)
 
 
-class Load:
-    """One client sending requests through Envoy, `pause` seconds apart, recording (send time, status) of each."""
-
-    def __init__(self, url: str, key: str, pause: float) -> None:
-        self.url, self.key, self.pause = url, key, pause
-        self.samples: list[tuple[float, int]] = []
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="drain-load", daemon=True)
-
-    def run(self) -> None:
-        with httpx.Client(timeout=5, headers={"authorization": f"Bearer {self.key}"}) as client:
-            while not self.done.is_set():
-                sent = time.time()
-                try:
-                    status = client.post(self.url, json=infer_body()).status_code
-                except httpx.HTTPError:
-                    status = 0
-                self.samples.append((sent, status))
-                self.done.wait(self.pause)
-
-    def count(self, since: float) -> int:
-        return sum(1 for t, _ in list(self.samples) if t >= since)
-
-    def failures(self, since: float) -> list[tuple[float, int]]:
-        return [(t, status) for t, status in list(self.samples) if t >= since and status != 200]
-
-
 def _e2e_key(redis_url: str) -> str:
     client = store.connect(redis_url)
     try:
@@ -270,18 +240,13 @@ def test_through_envoy_a_rate_limit_replica_stopped_with_a_drain_fails_no_call(d
     state = draining_bed.state
     url = f"{state['gateway_url']}/v2/models/{state['demo_models'][0]}/infer"
     stopped = draining_bed.procs["ratelimit-1"]
-    load = Load(url, _e2e_key(state["redis_url"]), pause=0.005)
-    load.thread.start()
-    try:
+    with SteadyLoad(url, _e2e_key(state["redis_url"]), pause=0.005).running() as load:
         wait_until(lambda: load.count(0) > 20, "the load to get going")
         signalled_at = time.time()
         os.kill(stopped.pid, signal.SIGTERM)
         assert stopped.proc is not None and stopped.proc.wait(60) == 0, stopped.tail()
         exited_at = time.time()
         wait_until(lambda: load.count(exited_at) > 50, "50 requests sent after the replica exited")
-    finally:
-        load.done.set()
-        load.thread.join(10)
     calls = _rate_limit_calls(state["envoy_admin_url"])
     assert load.count(signalled_at) > 50 and calls.get("ok", 0) > 50, calls
     assert calls.get("error", 0) == 0, calls
