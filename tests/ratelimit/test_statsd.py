@@ -103,6 +103,11 @@ def test_counters_and_response_times_are_sent_as_upstreams_statsd_lines(
     client.close()
     lines = statsd.wait_for(lambda lines: counts(lines).get(f"{STAT}.one_v.total_hits") == 3
                             and len([line for line in lines if line.startswith(TIMER)]) == 3)
+    assert_two_within_one_over(lines)
+
+
+def assert_two_within_one_over(lines: list[str]) -> None:
+    """The lines of three calls on `one_v` (limit 2): what upstream's statsd store sends for them."""
     sent = counts(lines)
     assert sent[f"{STAT}.one_v.over_limit"] == 1
     assert sent[f"{STAT}.one_v.within_limit"] == 2
